@@ -1,0 +1,54 @@
+"""Batches: dynamic right padding, main rows and KL rows padded to one common length.
+
+One common length lets the module run the reference model over main and KL rows in one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kto_lightning.data.tokenize import Example
+
+
+def _pad(sequences: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict:
+    """(prompt ids, completion ids) pairs -> input_ids, attention_mask, completion_mask (B, L)."""
+    batch = len(sequences)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    completion_mask = torch.zeros((batch, length), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(sequences):
+        ids = prompt + completion
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        completion_mask[row, len(prompt) : len(ids)] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+    }
+
+
+class KTOCollator:
+    """Collate Examples into tensors.
+
+    Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) for the rows themselves,
+    `labels` (B,) bool, and with `with_kl` the same three tensors prefixed `kl_` for the rows built
+    from each prompt and its partner's completion.
+    """
+
+    def __init__(self, pad_token_id: int, with_kl: bool = True) -> None:
+        self.pad_token_id = pad_token_id
+        self.with_kl = with_kl
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        main = [(e.prompt_ids, e.completion_ids) for e in examples]
+        kl = [(e.prompt_ids, e.kl_completion_ids) for e in examples] if self.with_kl else []
+        length = max(len(p) + len(c) for p, c in main + kl)
+        batch = _pad(main, length, self.pad_token_id)
+        if self.with_kl:
+            batch.update({f"kl_{k}": v for k, v in _pad(kl, length, self.pad_token_id).items()})
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+        return batch

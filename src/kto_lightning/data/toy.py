@@ -1,0 +1,90 @@
+"""The bundled toy task: answer a question helpfully (desirable) or dismissively (undesirable).
+
+It is generated from templates with a fixed seed, so it needs no download and is the same on every
+machine. A desirable completion opens politely, states the fact the question asked for, and closes
+kindly; an undesirable one brushes the question off or refuses. The two share no template, so a tiny
+model learns to tell them apart in a few hundred steps, while topics, openers and closers vary
+enough that validation rows are not copies of training rows.
+"""
+
+from __future__ import annotations
+
+import random
+
+TOPICS = [
+    ("the moon", "it circles the earth about once every twenty seven days"),
+    ("bees", "they turn flower nectar into honey and store it in wax combs"),
+    ("rainbows", "sunlight splits into colours inside falling drops of rain"),
+    ("volcanoes", "molten rock rises from deep below and erupts through the crust"),
+    ("the heart", "it pumps blood through the body about seventy times a minute"),
+    ("penguins", "they are birds that swim very well but cannot fly"),
+    ("tides", "the pull of the moon lifts the oceans twice a day"),
+    ("bread", "yeast makes gas bubbles that let the dough rise"),
+    ("lightning", "it is a huge spark between charged clouds and the ground"),
+    ("owls", "they hunt at night and can turn their heads very far"),
+    ("glaciers", "they are rivers of ice that creep slowly downhill"),
+    ("the sun", "it is a star that shines by fusing hydrogen into helium"),
+    ("coral reefs", "tiny animals build them from limestone over many years"),
+    ("snow", "water vapour freezes into six sided crystals in cold clouds"),
+    ("maps", "they shrink the land onto paper using a fixed scale"),
+    ("whales", "they are mammals that breathe air through a blowhole"),
+    ("deserts", "they get very little rain and can be cold at night"),
+    ("magnets", "they pull on iron because of aligned electron spins"),
+    ("echoes", "sound bounces off a far wall and returns to your ears"),
+    ("seeds", "they hold a young plant and food for its first days"),
+    ("clocks", "gears or a crystal count out even ticks of time"),
+    ("ants", "they live in colonies and follow scent trails to food"),
+    ("comets", "they are balls of ice and dust that grow tails near the sun"),
+    ("bicycles", "pedals turn a chain that drives the back wheel"),
+    ("thunder", "air heated by lightning expands so fast that it booms"),
+    ("mushrooms", "they are the fruit of fungi that live in the soil"),
+    ("fog", "it is a cloud that forms close to the ground"),
+    ("the wind", "air moves from high pressure toward low pressure"),
+    ("frogs", "they start life as tadpoles that live in water"),
+    ("islands", "they are land surrounded on every side by water"),
+]
+
+QUESTIONS = [
+    "Can you tell me about {topic}?",
+    "What should I know about {topic}?",
+    "Please explain {topic} to me.",
+    "I am curious about {topic}. What is one fact?",
+    "Could you share something interesting about {topic}?",
+    "Give me a short fact about {topic}.",
+]
+
+OPENERS = ["Sure!", "Happy to help.", "Great question.", "Of course.", "Gladly."]
+CLOSERS = [
+    "I hope that helps.",
+    "Let me know if you want more.",
+    "Thanks for asking.",
+    "Enjoy learning about it.",
+    "Feel free to ask again.",
+]
+DISMISSALS = [
+    "Look it up yourself.",
+    "Why would I care about {topic}?",
+    "That is a boring question.",
+    "Ask someone else, not me.",
+    "No. Figure it out on your own.",
+    "Whatever, {topic} is not worth my time.",
+    "I will not answer that.",
+    "Stop asking me about {topic}.",
+]
+
+
+def toy_rows(num_rows: int = 1200, seed: int = 0) -> list[dict]:
+    """Rows `{prompt, completion, label}`, half desirable and half undesirable, shuffled."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        topic, fact = rng.choice(TOPICS)
+        prompt = rng.choice(QUESTIONS).format(topic=topic)
+        desirable = i % 2 == 0
+        if desirable:
+            completion = f"{rng.choice(OPENERS)} {fact.capitalize()}. {rng.choice(CLOSERS)}"
+        else:
+            completion = rng.choice(DISMISSALS).format(topic=topic)
+        rows.append({"prompt": prompt, "completion": completion, "label": desirable})
+    rng.shuffle(rows)
+    return rows

@@ -1,0 +1,20 @@
+"""Errors a user can fix. The entry point prints their message alone, without a traceback.
+
+Every message names the thing to change: the config key, the file, the row, the column, the value.
+"""
+
+
+class KTOError(Exception):
+    """Base class for problems in the user's config, data or environment."""
+
+
+class ConfigError(KTOError, ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+class DataError(KTOError, ValueError):
+    """The training data is unusable; the message names the file, row, column or value."""
+
+
+class ModelLoadError(KTOError, OSError):
+    """A model or tokenizer could not be loaded; the message says where it was looked for."""

@@ -1,0 +1,182 @@
+"""Log-probabilities of completions under a causal LM, without materialising (N, V) logits.
+
+`compute_logprobs` is the naive reference (full logits in hand). `token_logprobs_chunked` runs the
+LM head over chunks of rows in a custom autograd Function that recomputes each chunk's logits in
+backward, so the peak extra memory is chunk_size x V instead of N x V. `sequence_logprobs` is what
+the trainer calls: backbone -> hidden states of the positions that predict completion tokens ->
+chunked head -> per-sequence sums.
+
+Dtypes: all softmax math is done in float32, or in float64 when the inputs are float64 (so that
+gradient checks can be tight); the returned log-probs have that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16/fp16/fp32 -> fp32, fp64 -> fp64
+
+
+def compute_logprobs(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sequence sums of log p(target): the naive path, with the full logits in hand.
+
+    logits (B, T, V) are already aligned with targets (B, T): logits[:, t] predicts targets[:, t].
+    mask (B, T) bool or 0/1 selects the summed positions (None = all); masked targets may hold any
+    value (e.g. -100). Returns (B,) float32 (float64 for float64 logits). Only the (B, T) logsumexp
+    is kept in float32; float32 logits are not copied.
+    """
+    logits = logits.to(_math_dtype(logits.dtype))  # no-op for fp32 logits
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    mask = mask.bool()
+    safe_targets = targets.masked_fill(~mask, 0)  # (B, T), valid gather indices
+    target_logits = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    token_lp = target_logits - torch.logsumexp(logits, dim=-1)  # (B, T)
+    # where, not multiply: a NaN/inf at a masked (e.g. padding) position must not leak into sums.
+    return torch.where(mask, token_lp, torch.zeros_like(token_lp)).sum(-1)  # (B,)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
+    """(c, H) -> float32 (c, V) logits (after softcap) and tanh(raw / softcap) (or None)."""
+    raw = F.linear(h, weight, bias)  # (c, V) in the model dtype (or the autocast dtype)
+    logits = raw.to(_math_dtype(h.dtype))  # (c, V) float32 / float64
+    if softcap is None:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return softcap * t, t
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
+        n = hidden.shape[0]
+        out_dtype = _math_dtype(hidden.dtype)
+        token_lp = hidden.new_empty(n, dtype=out_dtype)  # (N,)
+        lse = hidden.new_empty(n, dtype=out_dtype)  # (N,) saved for backward
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits, _ = _chunk_logits(hidden[s:e], weight, bias, softcap)  # (c, V)
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            token_lp[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            del logits  # only one chunk of logits alive at a time
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        dev = hidden.device.type  # recompute under the same autocast state as forward
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return token_lp
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N,)
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None  # (N, H)
+        acc = _math_dtype(weight.dtype)  # accumulate over chunks in >= float32
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None  # (V, H)
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None  # (V,)
+        dev, enabled, ac_dtype = ctx.autocast
+        n = hidden.shape[0]
+        with torch.autocast(dev, dtype=ac_dtype, enabled=enabled):
+            for s in range(0, n, ctx.chunk_size):
+                e = min(s + ctx.chunk_size, n)
+                h = hidden[s:e]  # (c, H)
+                logits, t = _chunk_logits(h, weight, bias, ctx.softcap)  # (c, V)
+                go = grad_out[s:e, None].to(logits.dtype)  # (c, 1)
+                # d lp / d logits = onehot(target) - softmax; reuse the logits buffer in place.
+                g = logits.sub_(lse[s:e, None]).exp_().mul_(-go)  # (c, V)
+                g.scatter_add_(1, targets[s:e, None], go)
+                if t is not None:
+                    g.mul_(1 - t * t)  # through softcap * tanh(raw / softcap)
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(weight.dtype)  # matmuls in the model dtype
+                if need_h:
+                    grad_h[s:e] = (g @ weight).to(hidden.dtype)  # (c, V) @ (V, H)
+                if need_w:
+                    grad_w += (g.T @ h.to(weight.dtype)).to(acc)  # (V, c) @ (c, H)
+                del logits, t, g
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def token_logprobs_chunked(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """log p(targets) for N positions without materialising the (N, V) logits at once.
+
+    hidden (N, H), weight (V, H) (the LM head, possibly tied to the input embeddings; it may or may
+    not require grad), targets (N,) long, bias (V,) or None -> (N,) float32 (float64 if hidden is
+    float64). Per chunk of rows: logits = hidden_chunk @ weight.T (+ bias) in the model dtype, then
+    float32, then optionally softcap * tanh(logits / softcap), float32 logsumexp, gather. Only the
+    inputs and the (N,) logsumexp are saved; backward recomputes each chunk. Peak extra memory is
+    about chunk_size x V float32 in forward and backward.
+
+    Precision: fp32 inputs match the naive full-logits computation to ~1e-6 (tested at 1e-5).
+    bf16 inputs are exactly as precise as the naive path run on the same bf16 logits; against a
+    float32 reference they differ by the bf16 rounding of the logits (tested: |err| <= 0.05 +
+    0.02 * |ref| for O(1) logits, V=300).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head (e.g. LlamaModel inside LlamaForCausalLM)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    candidates = [get_decoder() if callable(get_decoder) else None]
+    candidates += [getattr(model, "base_model", None), getattr(model, "model", None)]
+    for module in candidates:
+        if isinstance(module, torch.nn.Module) and module is not model:
+            return module
+    raise TypeError(f"cannot find the backbone (decoder without LM head) of {type(model).__name__}")
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-sequence sum of log p(token) over completion tokens only: (B, L) each -> (B,) float32.
+
+    completion_mask is 1 on the completion tokens themselves (0 on prompt and padding); token t is
+    predicted by the hidden state at t - 1, so the first token is never a target. Positions come
+    from attention_mask (cumsum - 1), so left- and right-padded batches give the same numbers.
+    Models that rescale logits other than by final_logit_softcapping are not supported.
+    """
+    # position_ids: (B, L), 0 at the first real token whatever the padding side.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = _backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
+    select = completion_mask[:, 1:].bool()  # (B, L-1): next token t+1 is a completion token
+    batch_idx, pos_idx = select.nonzero(as_tuple=True)  # (N,), (N,)
+    hidden_sel = hidden[batch_idx, pos_idx]  # (N, H): states at t-1 ...
+    targets = input_ids[:, 1:][batch_idx, pos_idx]  # (N,): ... predicting token t
+    head = model.get_output_embeddings()  # Linear(H, V), weight (V, H)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    token_lp = token_logprobs_chunked(
+        hidden_sel,
+        head.weight,
+        targets,
+        chunk_size,
+        bias=getattr(head, "bias", None),
+        softcap=softcap,
+    )  # (N,)
+    sums = token_lp.new_zeros(input_ids.shape[0])  # (B,)
+    return sums.index_add(0, batch_idx, token_lp)  # (B,)

@@ -1,0 +1,106 @@
+"""KTO metrics as sums and counts, so that ranks and steps combine count-weighted.
+
+A batch yields one vector of sums (`batch_sums`); vectors add across steps and ranks; `finalize`
+turns the total into means. Averaging per-rank averages would weight a rank with 3 desirable rows
+the same as one with 30; adding sums and counts does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc
+
+# Order of the entries in a sums vector.
+FIELDS = (
+    "loss_sum",
+    "rows",
+    "loss_desirable_sum",
+    "desirable",
+    "loss_undesirable_sum",
+    "undesirable",
+    "reward_desirable_sum",
+    "reward_undesirable_sum",
+    "logp_desirable_sum",
+    "logp_undesirable_sum",
+    "correct",
+    "kl_sum",
+    "kl_count",
+)
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+
+def batch_sums(
+    losses: Tensor,
+    rewards: Tensor,
+    policy_logps: Tensor,
+    labels: Tensor,
+    kl_sum: Tensor,
+    kl_count: Tensor,
+    threshold: Tensor | float = 0.0,
+) -> Tensor:
+    """One batch's sums, a float32 vector ordered as FIELDS. Inputs are (B,); the rest scalars.
+
+    A row counts as correct when its implied reward lies on the side of `threshold` that its
+    label asks for (desirable: above, undesirable: below; ties are wrong). The module passes the
+    loss's own decision boundary, beta * z_ref, as the threshold.
+    """
+    d = labels.float()
+    u = 1.0 - d
+    losses, rewards, policy_logps = (t.detach().float() for t in (losses, rewards, policy_logps))
+    correct = torch.where(labels, rewards > threshold, rewards < threshold).float()
+    return torch.stack(
+        [
+            losses.sum(),
+            d.new_tensor(float(len(labels))),
+            (losses * d).sum(),
+            d.sum(),
+            (losses * u).sum(),
+            u.sum(),
+            (rewards * d).sum(),
+            (rewards * u).sum(),
+            (policy_logps * d).sum(),
+            (policy_logps * u).sum(),
+            correct.sum(),
+            kl_sum.detach().float().reshape(()),
+            kl_count.detach().float().reshape(()),
+        ]
+    )
+
+
+def _ratio(sums: Tensor, num: str, den: str) -> Tensor:
+    # NaN, not 0, when a batch has no row of a class: a dashboard then shows a gap, not a lie.
+    count = sums[_INDEX[den]]
+    return torch.where(count > 0, sums[_INDEX[num]] / count.clamp(min=1), torch.nan)
+
+
+def finalize(sums: Tensor) -> dict[str, Tensor]:
+    """Means from a (possibly reduced, possibly accumulated) sums vector."""
+    chosen = _ratio(sums, "reward_desirable_sum", "desirable")
+    rejected = _ratio(sums, "reward_undesirable_sum", "undesirable")
+    kl = _ratio(sums, "kl_sum", "kl_count")
+    return {
+        "loss": _ratio(sums, "loss_sum", "rows"),
+        "loss/desirable": _ratio(sums, "loss_desirable_sum", "desirable"),
+        "loss/undesirable": _ratio(sums, "loss_undesirable_sum", "undesirable"),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracy": _ratio(sums, "correct", "rows"),
+        # The reference point as the loss uses it: clamped at zero; 0 when no KL rows were seen.
+        "kl": torch.nan_to_num(kl, nan=0.0).clamp(min=0.0),
+        "logps/chosen": _ratio(sums, "logp_desirable_sum", "desirable"),
+        "logps/rejected": _ratio(sums, "logp_undesirable_sum", "undesirable"),
+        "count/desirable": sums[_INDEX["desirable"]],
+        "count/undesirable": sums[_INDEX["undesirable"]],
+    }
+
+
+def reward_auroc(rewards: Tensor, labels: Tensor) -> Tensor:
+    """AUROC of the implied reward as a score for the label; 0.5 when all rewards tie.
+
+    NaN when only one class is present (AUROC is undefined then).
+    """
+    if labels.all() or not labels.any():
+        return torch.tensor(torch.nan)
+    return binary_auroc(rewards.float(), labels.long())

@@ -1,0 +1,271 @@
+"""Policy, reference and tokenizer construction.
+
+A model config (`conf/model/*.yaml`) builds one of the sources below; each knows how to make a
+tokenizer and a policy. The reference model starts as an exact frozen copy of the policy.
+
+- `TinyLlama`: a Llama-architecture model initialised at random from a handful of sizes, with a
+  byte-level tokenizer that needs no download. The embedded default and the tests use it.
+- `Pretrained`: a Hugging Face checkpoint, by hub name or local path (the same code path).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from kto_lightning.errors import ConfigError, ModelLoadError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+BYTE_VOCAB_SIZE = 256 + 3  # every byte, then BOS, EOS, PAD
+
+# A minimal chat template for the byte-level tokenizer, so conversational data also works on the
+# tiny model. Role headers are plain text; the assistant turn ends with EOS.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<' + message['role'] + '>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>\n' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSource(Protocol):
+    """What a `model` config builds: a tokenizer and a trainable policy."""
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    def load_policy(self) -> PreTrainedModel: ...
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table, so every byte is a visible vocabulary entry."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per UTF-8 byte (ids 0-255 are the byte values) plus BOS/EOS/PAD.
+
+    It needs no training and no download, encodes any text without unknown tokens, and has a chat
+    template, which makes it the tokenizer of the tiny default model and of the tests.
+    """
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    for special in (BOS, EOS, PAD):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Padding needs an id; reuse EOS when the tokenizer has none (attention masks hide it)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                "the tokenizer has neither a pad token nor an EOS token; set one on the tokenizer "
+                "saved at model.tokenizer_name_or_path"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class TinyLlama:
+    """A randomly initialised Llama of a few layers, with the byte-level tokenizer.
+
+    Args:
+        vocab_size: embedding rows; at least 259 (the byte tokenizer's size).
+        hidden_size: width of the residual stream.
+        num_layers: decoder layers.
+        num_heads: attention heads (hidden_size must divide evenly).
+        dropout: attention dropout probability.
+        max_seq_len: largest position the model supports.
+        intermediate_size: MLP width; None means 4 x hidden_size.
+    """
+
+    vocab_size: int = BYTE_VOCAB_SIZE
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.0
+    max_seq_len: int = 256
+    intermediate_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < BYTE_VOCAB_SIZE:
+            raise ConfigError(
+                f"model.vocab_size must be at least {BYTE_VOCAB_SIZE} (the byte-level "
+                f"tokenizer's size), got {self.vocab_size}"
+            )
+        for key in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def config(self) -> LlamaConfig:
+        tokenizer_ids = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size or 4 * self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=self.max_seq_len,
+            attention_dropout=self.dropout,
+            tie_word_embeddings=False,
+            **tokenizer_ids,
+        )
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return byte_level_tokenizer()
+
+    def load_policy(self) -> PreTrainedModel:
+        # Random init follows the global seed, which train.py sets before calling this.
+        return LlamaForCausalLM(self.config())
+
+
+@dataclass
+class Pretrained:
+    """A Hugging Face causal LM, by hub name or by local directory (one code path for both).
+
+    Args:
+        name_or_path: a hub id such as "TinyLlama/TinyLlama-1.1B-Chat-v1.0", or a local folder
+            written by `save_pretrained`.
+        revision: hub branch, tag or commit.
+        tokenizer_name_or_path: where the tokenizer lives, when not beside the weights.
+        dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own).
+        trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
+        attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the default.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    tokenizer_name_or_path: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(
+                f"model.dtype must be one of {[*_DTYPES, 'auto']}, got {self.dtype!r}"
+            )
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        source = self.tokenizer_name_or_path or self.name_or_path
+        _check_reachable(
+            source,
+            "model.tokenizer_name_or_path" if self.tokenizer_name_or_path else "model.name_or_path",
+        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not load the tokenizer from {source!r}: {error}") from None
+        return ensure_pad_token(tokenizer)
+
+    def load_policy(self) -> PreTrainedModel:
+        _check_reachable(self.name_or_path, "model.name_or_path")
+        kwargs: dict = {
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            "dtype": "auto" if self.dtype == "auto" else _DTYPES[self.dtype],
+            "use_safetensors": True,
+        }
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        try:
+            return AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"could not load the model from model.name_or_path={self.name_or_path!r}: {error}"
+            ) from None
+
+
+def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
+    """The frozen reference: an exact copy of the policy as it is before training."""
+    reference = copy.deepcopy(policy)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _check_reachable(name_or_path: str, key: str) -> None:
+    """Fail at once, in one sentence, when a hub name is neither cached nor reachable.
+
+    Without this, transformers retries for about a minute and prints a page of tracebacks.
+    """
+    if Path(name_or_path).expanduser().exists():
+        return
+    if _is_cached(name_or_path):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    if not offline and _can_connect(host):
+        return
+    reason = "HF_HUB_OFFLINE is set" if offline else f"the hub ({host}) cannot be reached"
+    raise ModelLoadError(
+        f"{key}={name_or_path!r} is not a local folder, it is not in the Hugging Face cache, and "
+        f"{reason}. Download it where there is network (`hf download {name_or_path}`) and point "
+        f"{key} at the folder, or copy the cache (HF_HOME) to this machine."
+    )
+
+
+def _is_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed id is "not cached"; the load itself reports it properly
+        return False
+    return isinstance(found, str)
+
+
+def _can_connect(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,199 @@
+"""KTOModule: the policy, its frozen reference, the KTO loss and the metrics.
+
+The module orchestrates; the maths lives elsewhere. One training step:
+    policy    log-probs of the main rows (with grad)
+    policy    log-probs of the KL rows (no grad; `mismatched` estimator only)
+    reference log-probs of main and KL rows in one batched forward (no grad)
+    z_ref from (sum, count) all-reduced across ranks -> kto_loss -> metrics as sums and counts
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from kto_lightning.distributed import all_reduce_sum, gather_cat, world_size
+from kto_lightning.logprobs import sequence_logprobs
+from kto_lightning.losses import (
+    KTOLossConfig,
+    kl_statistics,
+    kto_loss,
+    reference_point_from_statistics,
+)
+from kto_lightning.metrics import batch_sums, finalize, reward_auroc
+from kto_lightning.optim import parameter_groups
+
+REFERENCE_PREFIX = "reference."
+# Shown in the progress bar under short names; the loggers get the full names.
+PROGRESS_BAR = {"loss": "loss", "kl": "kl", "rewards/margins": "margin"}
+
+
+class KTOModule(L.LightningModule):
+    """Train `policy` with KTO against the frozen `reference`.
+
+    Args:
+        policy: the causal LM being trained.
+        reference: the frozen reference model (an untrained copy of the policy).
+        loss: the loss hyperparameters (beta, class weights, reference-point estimator).
+        optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
+        scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
+        logprob_chunk_size: rows of the LM head computed at once when scoring completions.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        loss: KTOLossConfig,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.reference = reference.eval().requires_grad_(False)
+        self.loss_config = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.logprob_chunk_size = logprob_chunk_size
+        # The reference point: APO-zero needs none, whatever estimator the config names.
+        self.estimator = loss.estimator if loss.loss_type == "kto" else "zero"
+        self._val_sums: Tensor | None = None
+        self._val_rewards: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    def train(self, mode: bool = True) -> KTOModule:
+        # Lightning puts the whole module in train mode at the start of fit; the reference stays
+        # in eval mode so that its dropout never fires.
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    # ---------------------------------------------------------------- forward passes
+    def _logps(self, model: nn.Module, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
+        return sequence_logprobs(
+            model,
+            batch[f"{prefix}input_ids"],
+            batch[f"{prefix}attention_mask"],
+            batch[f"{prefix}completion_mask"],
+            chunk_size=self.logprob_chunk_size,
+        )
+
+    def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
+        """The four log-prob vectors a KTO step needs; KL ones are None unless `mismatched`."""
+        with_kl = self.estimator == "mismatched"
+        policy_logps = self._logps(self.policy, batch)
+        kl_policy_logps = kl_reference_logps = None
+        with torch.no_grad():
+            if with_kl:
+                kl_policy_logps = self._logps(self.policy, batch, "kl_")
+                # One batched reference forward over main and KL rows (the collator pads both to
+                # one length for this).
+                keys = ("input_ids", "attention_mask", "completion_mask")
+                both = {k: torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys}
+                reference_logps, kl_reference_logps = self._logps(self.reference, both).chunk(2)
+            else:
+                reference_logps = self._logps(self.reference, batch)
+        return {
+            "policy": policy_logps,
+            "reference": reference_logps,
+            "kl_policy": kl_policy_logps,
+            "kl_reference": kl_reference_logps,
+        }
+
+    # ---------------------------------------------------------------- the shared step
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the loss to backpropagate, the local metric sums and the rewards."""
+        logps = self.forward_logps(batch)
+        labels = batch["labels"]
+        kl_sum, kl_count = kl_statistics(
+            self.estimator,
+            logps["policy"],
+            logps["reference"],
+            logps["kl_policy"],
+            logps["kl_reference"],
+        )
+        rows = kl_sum.new_tensor(float(len(labels)))
+        # One all-reduce for the reference point and the global row count: every rank then uses
+        # the same z_ref, and the loss is normalised by the global number of rows.
+        global_kl_sum, global_kl_count, global_rows = all_reduce_sum(
+            torch.stack([kl_sum, kl_count, rows])
+        )
+        z_ref = reference_point_from_statistics(global_kl_sum, global_kl_count)
+        out = kto_loss(logps["policy"], logps["reference"], labels, z_ref, self.loss_config)
+        # Gradient averaging across ranks divides by the world size; multiplying it back makes the
+        # result the exact mean over all rows of all ranks, even when ranks hold unequal batches.
+        loss = out.losses.sum() * world_size() / global_rows
+        sums = batch_sums(
+            out.losses,
+            out.rewards,
+            logps["policy"],
+            labels,
+            kl_sum,
+            kl_count,
+            threshold=self.loss_config.beta * out.reference_point,
+        )
+        return loss, sums, out.rewards
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=False)
+        for name, short in PROGRESS_BAR.items():
+            self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, sums, _ = self._step(batch)
+        # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
+        metrics = finalize(all_reduce_sum(sums))
+        self._log_metrics("train", metrics, batch_size=len(batch["labels"]))
+        return loss
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+        self._val_rewards, self._val_labels = [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, sums, rewards = self._step(batch)
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        self._val_rewards.append(rewards.float())
+        self._val_labels.append(batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums is None:
+            return
+        metrics = finalize(all_reduce_sum(self._val_sums))
+        rewards = gather_cat(torch.cat(self._val_rewards))
+        labels = gather_cat(torch.cat(self._val_labels).to(torch.uint8)).bool()
+        metrics["rewards/auroc"] = reward_auroc(rewards, labels).to(self.device)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=False, prog_bar=name == "rewards/auroc")
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(parameter_groups(self.policy))
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The reference never changes and can be rebuilt from the model config: keep it out.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Put the live reference weights back so that strict loading still checks every policy key.
+        for key, value in self.reference.state_dict().items():
+            checkpoint["state_dict"][REFERENCE_PREFIX + key] = value

@@ -1,0 +1,167 @@
+"""Entry point: compose the config, build everything, fit, summarise; returns the sweep objective.
+
+python -m kto_lightning.train                               # tiny model + bundled task, CPU
+python -m kto_lightning.train model=llama1b loss.beta=0.1   # a real model
+python -m kto_lightning.train -m loss.beta=0.05,0.1,0.3     # a sweep
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kto_lightning.errors import ConfigError, KTOError
+from kto_lightning.losses import KTOLossConfig
+from kto_lightning.models import ModelSource, make_reference
+from kto_lightning.module import KTOModule
+
+log = logging.getLogger("kto_lightning")
+
+
+def config_dir() -> Path:
+    """`conf/` of a source checkout, else the copy packed into the installed wheel."""
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Build every entry of a group that holds several named objects (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None]
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
+
+
+def _summary(
+    before: dict[str, float], after: dict[str, float], seconds: float, trainer: L.Trainer
+) -> str:
+    rows = [
+        ("validation reward AUROC", "val/rewards/auroc", "{:.3f}"),
+        ("validation reward accuracy", "val/rewards/accuracy", "{:.3f}"),
+        ("validation reward margin", "val/rewards/margins", "{:+.3f}"),
+        ("validation KL reference point", "val/kl", "{:.4f}"),
+        ("validation loss", "val/loss", "{:.4f}"),
+    ]
+    lines = [
+        f"KTO training finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
+        f"{trainer.current_epoch} epoch(s)"
+    ]
+    width = max(len(label) for label, _, _ in rows)
+    for label, key, fmt in rows:
+        if key not in after:
+            continue
+        start = fmt.format(before[key]) if key in before else "n/a"
+        lines.append(f"  {label:<{width}}  {start} -> {fmt.format(after[key])}")
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath:
+        lines.append(f"  checkpoints: {checkpoint.dirpath}")
+    lines.append(f"  run directory: {trainer.default_root_dir}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built from the config but not yet fitted."""
+
+    trainer: L.Trainer
+    module: KTOModule
+    datamodule: L.LightningDataModule
+
+
+def build(cfg: DictConfig) -> Run:
+    """Seed, then build model, data, module and trainer from `cfg`."""
+    L.seed_everything(cfg.seed, workers=True)
+    source: ModelSource = instantiate(cfg.model)
+    loss_config: KTOLossConfig = instantiate(cfg.loss)
+    tokenizer = source.load_tokenizer()
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, with_kl=loss_config.needs_kl_rows)
+    policy = source.load_policy()
+    module = KTOModule(
+        policy=policy,
+        reference=make_reference(policy),
+        loss=loss_config,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        logprob_chunk_size=cfg.logprob_chunk_size,
+    )
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        strategy=instantiate(cfg.strategy),
+        callbacks=_instantiate_group(cfg.get("callbacks")),
+        logger=loggers or False,
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return Run(trainer, module, datamodule)
+
+
+def train(cfg: DictConfig, run: Run | None = None) -> float | None:
+    """Build from `cfg` (unless given `run`), fit, print a summary; returns `cfg.objective`."""
+    run = run or build(cfg)
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    before: dict[str, float] = {}
+    if cfg.validate_before_training:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        before = _scalars(trainer.callback_metrics)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    seconds = time.perf_counter() - start
+    after = _scalars(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        log.info("%s", _summary(before, after, seconds, trainer))
+
+    objective = cfg.get("objective")
+    if not objective:
+        return None
+    if objective not in after:
+        raise ConfigError(
+            f"objective={objective!r} was not logged; logged metrics: {sorted(after)}"
+        )
+    value = after[objective]
+    return value if math.isfinite(value) else None
+
+
+def user_error(error: BaseException) -> KTOError | None:
+    """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KTOError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    # The reference model is in eval mode on purpose; Lightning warns about any such module.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    try:
+        return train(cfg)
+    except Exception as error:
+        problem = user_error(error)
+        if problem is None:
+            raise
+        # A problem the user can fix: one clear line, no traceback.
+        log.error("%s", problem)
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
