@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc
 
 # Order of the entries in a sums vector.
 FIELDS = (
@@ -103,4 +102,14 @@ def reward_auroc(rewards: Tensor, labels: Tensor) -> Tensor:
     """
     if labels.all() or not labels.any():
         return torch.tensor(torch.nan)
-    return binary_auroc(rewards.float(), labels.long())
+    # Mann-Whitney U with average ranks for ties, in float64. torchmetrics' binary_auroc would
+    # squash scores outside [0, 1] through a float32 sigmoid, which ties every reward above ~17.
+    scores = rewards.detach().double().flatten().cpu()
+    positive = labels.detach().flatten().cpu().bool()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of the last member of each tie group
+    average_rank = (ends - (counts.double() - 1) / 2)[inverse]
+    n_pos = positive.sum().double()
+    n_neg = positive.numel() - n_pos
+    u = average_rank[positive].sum() - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).float()

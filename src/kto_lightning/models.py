@@ -133,6 +133,10 @@ class TinyLlama:
         for key in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ConfigError(
+                f"model.intermediate_size must be >= 1 or null, got {self.intermediate_size}"
+            )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
@@ -238,6 +242,11 @@ def _check_reachable(name_or_path: str, key: str) -> None:
     """
     if Path(name_or_path).expanduser().exists():
         return
+    if _looks_local(name_or_path):
+        raise ModelLoadError(
+            f"{key}={name_or_path!r}: no such folder. Point {key} at a folder written by "
+            "save_pretrained, or at a Hugging Face hub id such as 'org/name'."
+        )
     if _is_cached(name_or_path):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -250,6 +259,16 @@ def _check_reachable(name_or_path: str, key: str) -> None:
         f"{key}={name_or_path!r} is not a local folder, it is not in the Hugging Face cache, and "
         f"{reason}. Download it where there is network (`hf download {name_or_path}`) and point "
         f"{key} at the folder, or copy the cache (HF_HOME) to this machine."
+    )
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """A path no hub id can be: absolute, starting with . or ~, or more than one '/' deep."""
+    return (
+        Path(name_or_path).is_absolute()
+        or name_or_path.startswith((".", "~"))
+        or "\\" in name_or_path
+        or name_or_path.count("/") > 1
     )
 
 

@@ -9,6 +9,7 @@ The module orchestrates; the maths lives elsewhere. One training step:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from kto_lightning.distributed import all_reduce_sum, gather_cat, world_size
+from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import sequence_logprobs
 from kto_lightning.losses import (
     KTOLossConfig,
@@ -172,14 +174,21 @@ class KTOModule(L.LightningModule):
         labels = gather_cat(torch.cat(self._val_labels).to(torch.uint8)).bool()
         metrics["rewards/auroc"] = reward_auroc(rewards, labels).to(self.device)
         for name, value in metrics.items():
-            self.log(f"val/{name}", value, sync_dist=False, prog_bar=name == "rewards/auroc")
+            self.log(f"val/{name}", value, sync_dist=False)
+        self.log("val_auroc", metrics["rewards/auroc"], prog_bar=True, logger=False)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(parameter_groups(self.policy))
         if self.scheduler_factory is None:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ConfigError(
+                "the learning-rate schedule needs a finite run: set trainer.max_steps or "
+                "trainer.max_epochs, or scheduler=null"
+            )
+        total_steps = int(total_steps)
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total_steps)
         return {
             "optimizer": optimizer,

@@ -30,7 +30,9 @@ def warmup_schedule(
     decay: str = "linear",
     min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
-    """Linear warmup from 0, then `decay` down to `min_lr_ratio` x the peak at `total_steps`.
+    """Linear warmup to the peak, then `decay` down to `min_lr_ratio` x the peak at `total_steps`.
+
+    Step s of w warmup steps runs at (s + 1) / (w + 1) of the peak, so no step has a zero rate.
 
     Args:
         optimizer: the optimizer whose learning rate is scheduled.

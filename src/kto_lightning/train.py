@@ -85,6 +85,8 @@ class Run:
 
 def build(cfg: DictConfig) -> Run:
     """Seed, then build model, data, module and trainer from `cfg`."""
+    # The reference model is in eval mode on purpose; Lightning warns about any such module.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
     loss_config: KTOLossConfig = instantiate(cfg.loss)
@@ -149,8 +151,6 @@ def user_error(error: BaseException) -> KTOError | None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # The reference model is in eval mode on purpose; Lightning warns about any such module.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
         return train(cfg)
     except Exception as error:

@@ -76,6 +76,8 @@ class KTODataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}")
         self.tokenizer = tokenizer
         self.source = source
         self.val_source = val_source
@@ -88,7 +90,10 @@ class KTODataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.toy_rows = toy_rows
+        self.with_kl = with_kl
         self.collator = KTOCollator(tokenizer.pad_token_id, with_kl=with_kl)
+        # One generator for the whole run: a reloaded dataloader continues the shuffle stream.
+        self._shuffle_generator = torch.Generator().manual_seed(seed)
         self.train_set: ExampleDataset | None = None
         self.val_set: ExampleDataset | None = None
 
@@ -103,7 +108,13 @@ class KTODataModule(L.LightningDataModule):
         )
         if dropped:
             log.warning("%s: dropped %d row(s) left with no completion tokens", name, dropped)
-        return ExampleDataset(assign_kl_partners(examples, self.max_length, seed))
+        if not self.with_kl:  # no KL rows are used, so pairing (and its requirements) is skipped
+            return ExampleDataset(examples)
+        try:
+            examples = assign_kl_partners(examples, self.max_length, seed)
+        except DataError as error:
+            raise DataError(f"{name} set: {error}") from None
+        return ExampleDataset(examples)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -141,7 +152,7 @@ class KTODataModule(L.LightningDataModule):
             shuffle=True,
             collate_fn=self.collator,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=self._shuffle_generator,
             drop_last=len(self.train_set) > self.batch_size,
         )
 

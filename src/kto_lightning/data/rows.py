@@ -68,7 +68,10 @@ def read_jsonl(
         raise DataError(f"data file not found: {path}")
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only: JSON Lines separates records by newlines, and str.splitlines would
+        # also break at U+2028, U+0085 and others, which json.dumps(ensure_ascii=False) leaves
+        # unescaped inside strings. "utf-8-sig" drops a byte-order mark some editors write.
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error})") from None
     for number, line in enumerate(lines, start=1):

@@ -21,6 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.data.rows import Row
 from kto_lightning.errors import ConfigError, DataError
 
+# Random draws per example before assign_kl_partners lists the eligible partners explicitly.
+_DRAWS = 64
+
 
 @dataclass(frozen=True)
 class Example:
@@ -50,6 +53,8 @@ def tokenize_rows(
 ) -> tuple[list[Example], int]:
     """Tokenize and truncate; returns the kept examples and how many rows were dropped."""
     check_lengths(max_length, max_prompt_length)
+    if not rows:  # a fast tokenizer fails on an empty batch
+        return [], 0
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"]
@@ -69,9 +74,9 @@ def tokenize_rows(
 def assign_kl_partners(examples: Sequence[Example], max_length: int, seed: int) -> list[Example]:
     """Give every example the completion of another example whose completion differs from its own.
 
-    The partner is drawn at random (seeded) among examples with a different completion, so an
+    The partner completion is cut to fit beside the example's own prompt, and is drawn at random
+    (seeded) among the completions that still differ from the example's own after that cut, so an
     example is never paired with its own completion, whatever the sampler or batch size later.
-    The partner completion is cut to fit beside the example's own prompt.
     """
     if len(examples) < 2:
         raise DataError(
@@ -88,16 +93,24 @@ def assign_kl_partners(examples: Sequence[Example], max_length: int, seed: int) 
     n = len(examples)
     paired = []
     for i, example in enumerate(examples):
-        j = rng.randrange(n)
-        while keys[j] == keys[i]:  # terminates: at least one other completion exists
-            j = rng.randrange(n)
+        # Compare the partner completion as it will be used, cut to fit beside this prompt: two
+        # completions that differ only past the cut would otherwise give a copy of the row itself.
         room = max_length - len(example.prompt_ids)
-        paired.append(
-            Example(
-                example.prompt_ids,
-                example.completion_ids,
-                example.label,
-                examples[j].completion_ids[:room],
-            )
-        )
+        own = example.completion_ids[:room]
+        partner = None
+        for _ in range(_DRAWS):  # rejection sampling: quick unless most completions equal this one
+            candidate = examples[rng.randrange(n)].completion_ids[:room]
+            if candidate != own:
+                partner = candidate
+                break
+        if partner is None:
+            others = [c for e in examples if (c := e.completion_ids[:room]) != own]
+            if not others:
+                raise DataError(
+                    f"example {i}: every completion cut to the {room} token(s) left beside its "
+                    "prompt equals its own, so it has no unrelated completion for the KL "
+                    "estimate; raise data.max_length or lower data.max_prompt_length"
+                )
+            partner = rng.choice(others)
+        paired.append(Example(example.prompt_ids, example.completion_ids, example.label, partner))
     return paired

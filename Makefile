@@ -1,0 +1,36 @@
+# kto_lightning developer commands. `make` or `make help` lists them.
+PYTHON ?= python
+# The CPU build on machines without a GPU; see README.md for a CUDA build.
+TORCH ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev train test lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## Install torch, then the package (editable)
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e .
+
+install-dev: ## Install torch, then the package with test and lint tools
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e ".[dev]"
+
+train: install ## Train the embedded default (tiny model, bundled task, CPU); ARGS="key=value ..."
+	$(PYTHON) -m kto_lightning.train $(ARGS)
+
+test: install-dev ## Run the test suite
+	$(PYTHON) -m pytest
+
+lint: ## ruff lint and format check
+	ruff check src tests
+	ruff format --check src tests
+
+format: ## Apply ruff fixes and formatting
+	ruff check --fix src tests
+	ruff format src tests
+
+clean: ## Remove run outputs and caches
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,46 @@
+"""Shared fixtures: composing the real Hydra config with test overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from kto_lightning.train import config_dir
+
+# A few steps on a small slice of the toy task: seconds on a CPU.
+FAST = [
+    "data.toy_rows=160",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Tests never touch the network or the user's caches.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml with overrides, writing into a temporary run directory."""
+
+    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[*(FAST if fast else []), f"paths.output_dir={tmp_path}", *overrides],
+            )
+
+    return _make

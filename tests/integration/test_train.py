@@ -1,0 +1,163 @@
+"""The entry point end to end on a tiny model, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kto_lightning.models import TinyLlama, byte_level_tokenizer
+from kto_lightning.train import build, train
+
+METRICS = [
+    "loss",
+    "loss/desirable",
+    "loss/undesirable",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "kl",
+    "logps/chosen",
+    "logps/rejected",
+    "count/desirable",
+    "count/undesirable",
+]
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _logged_columns(run_dir: Path) -> set[str]:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # A column counts as logged when at least one row has a value for it.
+    return {k for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+def test_training_moves_the_policy_only_and_logs_every_metric(make_config, tmp_path) -> None:
+    run = build(make_config())
+    policy_before = _snapshot(run.module.policy)
+    reference_before = _snapshot(run.module.reference)
+
+    objective = train(make_config(), run=run)
+
+    policy_after = run.module.policy.state_dict()
+    changed = [k for k in policy_before if not torch.equal(policy_before[k], policy_after[k])]
+    assert len(changed) == len(policy_before), "every policy tensor should have moved"
+    for key, value in run.module.reference.state_dict().items():
+        torch.testing.assert_close(value, reference_before[key], rtol=0, atol=0)
+    assert all(not p.requires_grad for p in run.module.reference.parameters())
+    assert not run.module.reference.training
+
+    optimizer = run.trainer.optimizers[0]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in run.module.policy.parameters()}
+    assert not optimized & {id(p) for p in run.module.reference.parameters()}
+
+    checkpoint = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    keys = checkpoint["state_dict"].keys()
+    assert not [k for k in keys if k.startswith("reference.")]
+    assert {f"policy.{k}" for k in policy_after} == set(keys)
+
+    columns = _logged_columns(tmp_path)
+    for stage in ("train", "val"):
+        missing = [m for m in METRICS if f"{stage}/{m}" not in columns]
+        assert not missing, f"{stage} metrics not logged: {missing}"
+    assert {"val/rewards/auroc", "val/rewards/accuracy"} <= columns
+    assert objective is not None and 0.0 <= objective <= 1.0
+
+
+def test_checkpoint_restores_the_policy_and_keeps_the_reference(make_config, tmp_path) -> None:
+    run = build(make_config())
+    train(make_config(), run=run)
+    trained = _snapshot(run.module.policy)
+
+    fresh = build(make_config("trainer.max_epochs=2"))
+    reference = _snapshot(fresh.module.reference)
+    fresh.trainer.fit(
+        fresh.module,
+        datamodule=fresh.datamodule,
+        ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"),
+    )
+    # Resumed from the end of epoch 1, trained one more epoch: the policy moved on from `trained`,
+    # while the reference is the rebuilt one, untouched by loading.
+    for key, value in fresh.module.reference.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    moved = fresh.module.policy.state_dict()
+    assert any(not torch.equal(trained[k], moved[k]) for k in trained)
+    assert fresh.trainer.global_step == 2 * run.trainer.global_step
+
+
+def test_apo_zero_and_batch_estimator_train(make_config) -> None:
+    for overrides in (["loss=apo_zero_unpaired"], ["loss.estimator=batch"]):
+        run = build(make_config(*overrides, "callbacks=none"))
+        run.datamodule.setup("fit")
+        batch = next(iter(run.datamodule.train_dataloader()))
+        assert "kl_input_ids" not in batch, "no KL rows are built when no estimator needs them"
+        before = _snapshot(run.module.policy)
+        assert train(make_config(*overrides), run=run) is not None
+        after = run.module.policy.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_local_pretrained_model_trains(make_config, tmp_path) -> None:
+    model_dir = tmp_path / "saved_model"
+    torch.manual_seed(0)
+    TinyLlama(hidden_size=32, num_layers=1).load_policy().save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+
+    run = build(make_config("model=local", f"model.name_or_path={model_dir}"))
+    assert run.module.policy.config.hidden_size == 32
+    before = _snapshot(run.module.policy)
+    train(make_config("model=local", f"model.name_or_path={model_dir}"), run=run)
+    after = run.module.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
+    return subprocess.run(
+        [sys.executable, "-m", "kto_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
+    result = _cli("debug=fast", "data.toy_rows=160", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "KTO training finished" in output
+    assert "validation reward AUROC" in output
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
+    result = _cli("model=llama1b", "loss.beta=0.1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "model.name_or_path='TinyLlama/TinyLlama-1.1B-Chat-v1.0'" in result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("loss.beta=-1", "loss.beta"), ("data.max_prompt_length=200", "data.max_prompt_length")],
+)
+def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: str) -> None:
+    result = _cli(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert key in result.stderr

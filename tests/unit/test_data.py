@@ -1,0 +1,710 @@
+"""Tests for kto_lightning.data: reading rows, tokenization, KL pairing, collation, the data module.
+
+The byte-level tokenizer makes every expectation hand-checkable: ids 0-255 are the UTF-8 bytes,
+BOS=256, EOS=257, PAD=258.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from kto_lightning.data import (
+    Example,
+    KTOCollator,
+    KTODataModule,
+    Row,
+    assign_kl_partners,
+    read_jsonl,
+    tokenize_rows,
+    toy_rows,
+)
+from kto_lightning.data.rows import parse_label
+from kto_lightning.data.tokenize import check_lengths
+from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.models import byte_level_tokenizer
+
+BOS, EOS, PAD = 256, 257, 258
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+def b(text: str) -> list[int]:
+    """The byte tokenizer's ids for `text`, written out independently of the tokenizer."""
+    return list(text.encode("utf-8"))
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def record(prompt: str, completion: str, label: object) -> str:
+    return json.dumps({"prompt": prompt, "completion": completion, "label": label})
+
+
+# ------------------------------------------------------------------------------------ parse_label
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        (-1, False),
+        (1.0, True),
+        ("true", True),
+        ("False", False),
+        (" TRUE ", True),
+        ("1", True),
+        ("0", False),
+        ("+1", True),
+        ("-1", False),
+        ("yes", True),
+        ("no", False),
+        ("desirable", True),
+        ("undesirable", False),
+    ],
+)
+def test_parse_label_accepts(value, expected):
+    assert parse_label(value, "here") is expected
+
+
+@pytest.mark.parametrize("value", [2, 0.5, "maybe", None, "", [1]])
+def test_parse_label_rejects_naming_where_and_value(value):
+    with pytest.raises(DataError) as info:
+        parse_label(value, "train.jsonl, line 7, column 'label'")
+    message = str(info.value)
+    assert "train.jsonl, line 7, column 'label'" in message
+    assert repr(value) in message
+
+
+# ------------------------------------------------------------------------------------ read_jsonl
+
+
+def test_read_jsonl_good_file(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [record("Q1", "A1", True), record("Q2", "A2", -1), record("Q3", "A3", "+1")],
+    )
+    assert read_jsonl(path) == [
+        Row("Q1", "A1", True),
+        Row("Q2", "A2", False),
+        Row("Q3", "A3", True),
+    ]
+
+
+def test_read_jsonl_custom_columns(tmp_path):
+    line = json.dumps({"q": "Why?", "a": "Because.", "ok": 0, "extra": 1})
+    path = write_lines(tmp_path / "data.jsonl", [line])
+    assert read_jsonl(path, "q", "a", "ok") == [Row("Why?", "Because.", False)]
+
+
+def test_read_jsonl_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "train.jsonl"
+    with pytest.raises(DataError, match="not found") as info:
+        read_jsonl(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_jsonl_malformed_line_names_the_line(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [record("Q1", "A1", 1), record("Q2", "A2", 0), '{"prompt": "Q3", "completion": '],
+    )
+    with pytest.raises(DataError, match="line 3: malformed JSON") as info:
+        read_jsonl(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_jsonl_line_numbers_count_skipped_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), "", "   ", "not json"])
+    with pytest.raises(DataError, match="line 4: malformed JSON"):
+        read_jsonl(path)
+
+
+def test_read_jsonl_blank_lines_are_skipped(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl", ["", record("Q1", "A1", 1), "  ", "", record("Q2", "A2", 0)]
+    )
+    assert read_jsonl(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
+
+
+def test_read_jsonl_non_object_line(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), "[1, 2]"])
+    with pytest.raises(DataError, match=r"line 2: expected a JSON object, got \[1, 2\]"):
+        read_jsonl(path)
+
+
+def test_read_jsonl_missing_column_names_it_and_lists_the_columns(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [record("Q1", "A1", 1), json.dumps({"prompt": "Q2", "completion": "A2", "rating": 1})],
+    )
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path}, line 2" in message
+    assert "missing column 'label'" in message
+    assert "['completion', 'prompt', 'rating']" in message
+    assert "data.label_column" in message
+
+
+@pytest.mark.parametrize(
+    ("line", "column"),
+    [
+        ({"prompt": "", "completion": "A", "label": 1}, "prompt"),
+        ({"prompt": "Q", "completion": "   ", "label": 1}, "completion"),
+        ({"prompt": 5, "completion": "A", "label": 1}, "prompt"),
+        ({"prompt": "Q", "completion": None, "label": 1}, "completion"),
+    ],
+)
+def test_read_jsonl_empty_or_non_text_field_names_line_and_column(tmp_path, line, column):
+    path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), json.dumps(line)])
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path}, line 2" in message
+    assert f"column {column!r} is empty or not text" in message
+
+
+def test_read_jsonl_bad_label_names_line_column_and_value(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl", [record("Q1", "A1", 1), record("Q2", "A2", "maybe")]
+    )
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path}, line 2, column 'label'" in message
+    assert "'maybe'" in message
+
+
+def test_read_jsonl_non_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    line = json.dumps({"prompt": "caf\u00e9", "completion": "ok", "label": 1}, ensure_ascii=False)
+    path.write_bytes(line.encode("latin-1"))  # \xe9 alone is not UTF-8
+    with pytest.raises(DataError, match="not UTF-8") as info:
+        read_jsonl(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_read_jsonl_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match="holds no rows") as info:
+        read_jsonl(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw; they are not record breaks.
+    text = "one\u2028two\x85three"
+    line = json.dumps({"prompt": text, "completion": "A", "label": 1}, ensure_ascii=False)
+    path = write_lines(tmp_path / "data.jsonl", [line, record("Q2", "A2", 0)])
+    assert read_jsonl(path) == [Row(text, "A", True), Row("Q2", "A2", False)]
+
+
+def test_read_jsonl_crlf_and_byte_order_mark(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    content = record("Q1", "A1", 1) + "\r\n" + record("Q2", "A2", 0) + "\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    assert read_jsonl(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
+
+
+# ------------------------------------------------------------------------------------ tokenize
+
+
+def test_tokenize_prompt_gets_bos_and_completion_gets_eos(tokenizer):
+    rows = [Row("ab", "cd", True), Row("\u00e9", "x y", False)]
+    examples, dropped = tokenize_rows(rows, tokenizer, max_length=32, max_prompt_length=16)
+    assert dropped == 0
+    assert examples == [
+        Example([BOS, 97, 98], [99, 100, EOS], True),
+        Example([BOS, 0xC3, 0xA9], [120, 32, 121, EOS], False),
+    ]
+
+
+def test_tokenize_truncates_the_prompt_from_the_left_keeping_bos(tokenizer):
+    examples, _ = tokenize_rows(
+        [Row("abcdef", "z", True)], tokenizer, max_length=32, max_prompt_length=4
+    )
+    # Room for BOS and the last 3 prompt bytes, "def".
+    assert examples[0].prompt_ids == [BOS, 100, 101, 102]
+    assert examples[0].completion_ids == [122, EOS]
+
+
+def test_tokenize_prompt_of_exactly_max_prompt_length_is_untouched(tokenizer):
+    examples, _ = tokenize_rows(
+        [Row("abc", "z", True)], tokenizer, max_length=32, max_prompt_length=4
+    )
+    assert examples[0].prompt_ids == [BOS, 97, 98, 99]
+
+
+def test_tokenize_truncates_the_completion_from_the_right(tokenizer):
+    examples, _ = tokenize_rows(
+        [Row("ab", "wxyz", True), Row("ab", "wx", True)],
+        tokenizer,
+        max_length=6,
+        max_prompt_length=3,
+    )
+    # Prompt [BOS, a, b] leaves 3 tokens: "wxy" (EOS cut off); "wx" + EOS fits exactly.
+    assert examples[0].completion_ids == [119, 120, 121]
+    assert examples[1].completion_ids == [119, 120, EOS]
+
+
+def test_tokenize_completion_room_grows_when_the_prompt_is_short(tokenizer):
+    examples, _ = tokenize_rows(
+        [Row("a", "wxyz", True)], tokenizer, max_length=6, max_prompt_length=3
+    )
+    assert examples[0].prompt_ids == [BOS, 97]
+    assert examples[0].completion_ids == [119, 120, 121, 122]
+
+
+@pytest.mark.parametrize(("max_length", "max_prompt_length"), [(2, 1), (5, 1), (5, 4), (9, 3)])
+def test_tokenize_length_guarantees(tokenizer, max_length, max_prompt_length):
+    rows = [
+        Row(p, c, i % 2 == 0)
+        for i, (p, c) in enumerate(
+            [
+                ("q", "a"),
+                ("a long prompt here", "x"),
+                ("q", "a long completion"),
+                ("\u00e9\u00e9", "\u2713"),
+            ]
+        )
+    ]
+    examples, dropped = tokenize_rows(rows, tokenizer, max_length, max_prompt_length)
+    # max_prompt_length < max_length leaves at least one completion token, and the byte
+    # tokenizer has an EOS, so no row can end up empty.
+    assert dropped == 0
+    assert len(examples) == len(rows)
+    for example, row in zip(examples, rows, strict=True):
+        assert example.prompt_ids[0] == BOS
+        assert len(example.prompt_ids) <= max_prompt_length
+        assert len(example.completion_ids) >= 1
+        assert len(example.prompt_ids) + len(example.completion_ids) <= max_length
+        assert example.label == row.label
+        # The kept tokens are the prompt's end and the completion's start.
+        prompt_tail = example.prompt_ids[1:]
+        assert prompt_tail == b(row.prompt)[len(b(row.prompt)) - len(prompt_tail) :]
+        full = [*b(row.completion), EOS]
+        assert example.completion_ids == full[: len(example.completion_ids)]
+
+
+def test_tokenize_max_prompt_length_one_keeps_only_bos(tokenizer):
+    examples, _ = tokenize_rows(
+        [Row("abc", "de", True)], tokenizer, max_length=3, max_prompt_length=1
+    )
+    assert examples[0].prompt_ids == [BOS]
+    assert examples[0].completion_ids == [100, 101]
+
+
+class _NoEosTokenizer:
+    """A tokenizer without BOS/EOS that ignores '#': a completion of only '#' has no tokens."""
+
+    bos_token_id = None
+    eos_token_id = None
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(ch) for ch in text if ch != "#"] for text in texts]}
+
+
+def test_tokenize_drops_and_counts_rows_left_without_completion_tokens():
+    rows = [Row("ab", "##", True), Row("ab", "cd", False), Row("q", "#", True)]
+    examples, dropped = tokenize_rows(rows, _NoEosTokenizer(), max_length=8, max_prompt_length=4)
+    assert dropped == 2
+    assert examples == [Example([97, 98], [99, 100], False)]
+
+
+def test_tokenize_no_rows(tokenizer):
+    assert tokenize_rows([], tokenizer, max_length=8, max_prompt_length=4) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    ("max_length", "max_prompt_length", "key"),
+    [
+        (1, 1, "data.max_length"),
+        (8, 0, "data.max_prompt_length"),
+        (8, 8, "data.max_prompt_length"),
+        (8, 9, "data.max_prompt_length"),
+    ],
+)
+def test_check_lengths_errors_name_the_key(tokenizer, max_length, max_prompt_length, key):
+    with pytest.raises(ConfigError, match=key):
+        check_lengths(max_length, max_prompt_length)
+    with pytest.raises(ConfigError, match=key):
+        tokenize_rows([Row("a", "b", True)], tokenizer, max_length, max_prompt_length)
+
+
+# ------------------------------------------------------------------------------------ KL partners
+
+
+def ex(prompt: list[int], completion: list[int], label: bool = True) -> Example:
+    return Example(prompt, completion, label)
+
+
+def partners(examples: list[Example]) -> list[list[int]]:
+    return [e.kl_completion_ids for e in examples]
+
+
+def test_kl_partner_is_never_the_own_completion_with_many_duplicates():
+    # 90 of 100 examples share one completion; each of those must be paired with one of the 10.
+    same = [7, 7, EOS]
+    examples = [ex([BOS, i % 50], same, i % 2 == 0) for i in range(90)]
+    examples += [ex([BOS, 1], [i, EOS]) for i in range(10)]
+    minority = {(i, EOS) for i in range(10)}
+    for seed in range(5):
+        paired = assign_kl_partners(examples, max_length=64, seed=seed)
+        for original, example in zip(examples, paired, strict=True):
+            assert example.kl_completion_ids != example.completion_ids
+            # Everything else is carried over unchanged.
+            assert example.prompt_ids == original.prompt_ids
+            assert example.completion_ids == original.completion_ids
+            assert example.label == original.label
+        for example in paired[:90]:
+            assert tuple(example.kl_completion_ids) in minority
+
+
+def test_kl_partner_is_another_examples_completion():
+    examples = [ex([BOS], [i, i + 1, EOS]) for i in range(20)]
+    completions = [e.completion_ids for e in examples]
+    for example in assign_kl_partners(examples, max_length=64, seed=3):
+        assert example.kl_completion_ids in completions
+        assert example.kl_completion_ids != example.completion_ids
+
+
+def test_kl_pairing_is_deterministic_per_seed():
+    examples = [ex([BOS, i], [i, EOS]) for i in range(50)]
+    first = partners(assign_kl_partners(examples, 64, seed=0))
+    assert partners(assign_kl_partners(examples, 64, seed=0)) == first
+    assert partners(assign_kl_partners(examples, 64, seed=1)) != first
+
+
+def test_kl_partner_is_cut_to_fit_beside_the_prompt():
+    long = [*range(10), EOS]
+    examples = [ex([BOS, 1, 2, 3], [5, EOS]), ex([BOS], long)]
+    paired = assign_kl_partners(examples, max_length=6, seed=0)
+    # Example 0 has 6 - 4 = 2 tokens of room: the first two of the long completion.
+    assert paired[0].kl_completion_ids == [0, 1]
+    assert paired[1].kl_completion_ids == [5, EOS]
+    for example in paired:
+        assert len(example.prompt_ids) + len(example.kl_completion_ids) <= 6
+
+
+def test_kl_partner_that_equals_the_own_completion_after_the_cut_is_not_used():
+    # [7, 8, 9, EOS] cut to the 2 tokens beside example 0's prompt is [7, 8]: its own completion.
+    examples = [ex([BOS, 1, 2, 3], [7, 8]), ex([BOS], [7, 8, 9, EOS]), ex([BOS], [5, EOS])]
+    for seed in range(10):
+        paired = assign_kl_partners(examples, max_length=6, seed=seed)
+        assert paired[0].kl_completion_ids == [5, EOS]
+
+
+def test_kl_pairing_error_when_no_partner_differs_after_the_cut():
+    examples = [ex([BOS, 1, 2, 3], [7, 8]), ex([BOS], [7, 8, 9, EOS])]
+    with pytest.raises(DataError, match="example 0") as info:
+        assign_kl_partners(examples, max_length=6, seed=0)
+    assert "data.max_length" in str(info.value)
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_kl_pairing_needs_two_examples(count):
+    with pytest.raises(DataError, match="at least 2 examples"):
+        assign_kl_partners([ex([BOS], [1, EOS])] * count, 64, seed=0)
+
+
+def test_kl_pairing_error_when_all_completions_are_identical():
+    examples = [ex([BOS, i], [1, EOS]) for i in range(5)]
+    with pytest.raises(DataError, match="same completion"):
+        assign_kl_partners(examples, 64, seed=0)
+
+
+# ------------------------------------------------------------------------------------ collator
+
+
+def collator_examples() -> list[Example]:
+    return [
+        Example([BOS, 1, 2], [3, EOS], True, [4, 5, 6, 7, 8, EOS]),  # main 5, KL 9
+        Example([BOS, 9], [10, 11, 12, 13, EOS], False, [14]),  # main 7, KL 3
+    ]
+
+
+def test_collator_pads_main_and_kl_rows_to_one_length():
+    batch = KTOCollator(pad_token_id=PAD)(collator_examples())
+    P = PAD
+    assert_close(
+        batch["input_ids"],
+        torch.tensor(
+            [
+                [BOS, 1, 2, 3, EOS, P, P, P, P],
+                [BOS, 9, 10, 11, 12, 13, EOS, P, P],
+            ]
+        ),
+    )
+    assert_close(
+        batch["attention_mask"],
+        torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0, 0]]),
+    )
+    assert_close(
+        batch["completion_mask"],
+        torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0, 0]]).bool(),
+    )
+    assert_close(
+        batch["kl_input_ids"],
+        torch.tensor(
+            [
+                [BOS, 1, 2, 4, 5, 6, 7, 8, EOS],
+                [BOS, 9, 14, P, P, P, P, P, P],
+            ]
+        ),
+    )
+    assert_close(
+        batch["kl_attention_mask"],
+        torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0, 0]]),
+    )
+    assert_close(
+        batch["kl_completion_mask"],
+        torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0, 0, 0, 0]]).bool(),
+    )
+    assert batch["labels"].dtype == torch.bool
+    assert batch["labels"].tolist() == [True, False]
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["completion_mask"].dtype == torch.bool
+
+
+def test_collator_masks_recover_the_tokens():
+    examples = collator_examples()
+    batch = KTOCollator(pad_token_id=PAD)(examples)
+    for row, example in enumerate(examples):
+        ids = batch["input_ids"][row]
+        assert ids[batch["completion_mask"][row]].tolist() == example.completion_ids
+        assert ids[batch["attention_mask"][row].bool()].tolist() == (
+            example.prompt_ids + example.completion_ids
+        )
+        assert (ids[~batch["attention_mask"][row].bool()] == PAD).all()
+        kl_ids = batch["kl_input_ids"][row]
+        assert kl_ids[batch["kl_completion_mask"][row]].tolist() == example.kl_completion_ids
+
+
+def test_collator_without_kl_omits_kl_keys_and_pads_to_the_main_rows():
+    batch = KTOCollator(pad_token_id=PAD, with_kl=False)(collator_examples())
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "labels"}
+    assert batch["input_ids"].shape == (2, 7)
+    assert batch["input_ids"][0].tolist() == [BOS, 1, 2, 3, EOS, PAD, PAD]
+
+
+# ------------------------------------------------------------------------------------ data module
+
+
+def numbered_rows(path: Path, count: int, start: int = 0) -> Path:
+    """A JSON-lines file whose prompts are all different, so rows can be told apart."""
+    return write_lines(
+        path,
+        [record(f"Question {i}?", f"Answer {i % 7}.", i % 2) for i in range(start, start + count)],
+    )
+
+
+def decoded_prompts(dataset, tokenizer) -> list[str]:
+    return [tokenizer.decode(e.prompt_ids, skip_special_tokens=True) for e in dataset.examples]
+
+
+def make_datamodule(tokenizer, **overrides) -> KTODataModule:
+    settings = dict(
+        source="toy",
+        toy_rows=60,
+        val_fraction=0.2,
+        max_length=96,
+        max_prompt_length=48,
+        batch_size=4,
+        seed=0,
+    )
+    settings.update(overrides)
+    dm = KTODataModule(tokenizer, **settings)
+    dm.setup("fit")
+    return dm
+
+
+def test_datamodule_toy_split_sizes(tokenizer):
+    dm = make_datamodule(tokenizer)
+    assert len(dm.train_set) == 48
+    assert len(dm.val_set) == 12
+
+
+def test_datamodule_split_is_seeded_and_disjoint(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 40)
+    every = {f"Question {i}?" for i in range(40)}
+
+    def split(seed):
+        dm = make_datamodule(tokenizer, source=str(path), val_fraction=0.25, seed=seed)
+        return decoded_prompts(dm.train_set, tokenizer), decoded_prompts(dm.val_set, tokenizer)
+
+    train, val = split(seed=0)
+    assert len(train) == 30
+    assert len(val) == 10
+    assert set(train).isdisjoint(val)
+    assert set(train) | set(val) == every
+    assert split(seed=0) == (train, val)
+    assert set(split(seed=1)[1]) != set(val)
+
+
+def test_datamodule_toy_is_the_same_for_the_same_seed(tokenizer):
+    first = make_datamodule(tokenizer, seed=5)
+    second = make_datamodule(tokenizer, seed=5)
+    other = make_datamodule(tokenizer, seed=6)
+    assert first.train_set.examples == second.train_set.examples
+    assert first.val_set.examples == second.val_set.examples
+    assert first.train_set.examples != other.train_set.examples
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_datamodule_every_train_batch_has_unrelated_kl_rows(tokenizer, batch_size):
+    dm = make_datamodule(tokenizer, batch_size=batch_size)
+    loader = dm.train_dataloader()
+    batches = 0
+    for batch in loader:
+        batches += 1
+        assert len(batch["labels"]) == batch_size
+        for row in range(batch_size):
+            own = batch["input_ids"][row][batch["completion_mask"][row]].tolist()
+            kl = batch["kl_input_ids"][row][batch["kl_completion_mask"][row]].tolist()
+            assert kl
+            assert kl != own
+            # The KL row keeps the row's own prompt.
+            prompt = batch["attention_mask"][row].bool() & ~batch["completion_mask"][row]
+            kl_prompt = batch["kl_attention_mask"][row].bool() & ~batch["kl_completion_mask"][row]
+            assert batch["input_ids"][row][prompt].tolist() == (
+                batch["kl_input_ids"][row][kl_prompt].tolist()
+            )
+    assert batches == 48 // batch_size
+
+
+def test_datamodule_train_loader_is_shuffled_and_seeded(tokenizer):
+    dm = make_datamodule(tokenizer, batch_size=48)
+    first = next(iter(dm.train_dataloader()))["input_ids"]
+    in_order = KTOCollator(PAD)(dm.train_set.examples)["input_ids"]
+    assert not torch.equal(first, in_order)
+    # Same seed, fresh data module: the same order.
+    twin = make_datamodule(tokenizer, batch_size=48)
+    assert torch.equal(first, next(iter(twin.train_dataloader()))["input_ids"])
+    # A reloaded loader continues the shuffle stream instead of replaying the first epoch.
+    assert not torch.equal(first, next(iter(dm.train_dataloader()))["input_ids"])
+
+
+def test_datamodule_val_loader_keeps_order_and_eval_batch_size(tokenizer):
+    dm = make_datamodule(tokenizer, eval_batch_size=5)
+    batches = list(dm.val_dataloader())
+    assert [len(b["labels"]) for b in batches] == [5, 5, 2]
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert labels == [e.label for e in dm.val_set.examples]
+
+
+def test_datamodule_jsonl_source(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 20)
+    dm = make_datamodule(tokenizer, source=str(path), val_fraction=0.1)
+    assert len(dm.train_set) == 18
+    assert len(dm.val_set) == 2
+    example = dm.train_set.examples[0]
+    assert example.prompt_ids[0] == BOS
+    assert example.completion_ids[-1] == EOS
+    assert tokenizer.decode(example.prompt_ids, skip_special_tokens=True).startswith("Question ")
+
+
+def test_datamodule_val_source(tokenizer, tmp_path):
+    train = numbered_rows(tmp_path / "train.jsonl", 10)
+    val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
+    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val), val_fraction=0.0)
+    assert sorted(decoded_prompts(dm.train_set, tokenizer)) == sorted(
+        f"Question {i}?" for i in range(10)
+    )
+    assert decoded_prompts(dm.val_set, tokenizer) == [f"Question {i}?" for i in range(100, 104)]
+
+
+def test_datamodule_without_kl_rows(tokenizer, tmp_path):
+    train = numbered_rows(tmp_path / "train.jsonl", 10)
+    val = numbered_rows(tmp_path / "val.jsonl", 1, start=100)
+    # One validation row cannot be paired, but without KL rows it need not be.
+    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val), with_kl=False)
+    batch = next(iter(dm.train_dataloader()))
+    assert not any(key.startswith("kl_") for key in batch)
+    assert len(dm.val_set) == 1
+
+
+def test_datamodule_kl_pairing_error_names_the_split(tokenizer, tmp_path):
+    train = numbered_rows(tmp_path / "train.jsonl", 10)
+    val = numbered_rows(tmp_path / "val.jsonl", 1, start=100)
+    with pytest.raises(DataError, match=r"validation set: .*at least 2 examples"):
+        make_datamodule(tokenizer, source=str(train), val_source=str(val))
+
+
+def test_datamodule_too_few_rows_to_split(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 2)
+    with pytest.raises(DataError, match=r"data\.val_fraction") as info:
+        make_datamodule(tokenizer, source=str(path), val_fraction=0.5)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"val_fraction": 0.0}, "data.val_fraction"),
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"val_fraction": -0.1}, "data.val_fraction"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size"),
+        ({"max_prompt_length": 96}, "data.max_prompt_length"),
+        ({"max_length": 1, "max_prompt_length": 1}, "data.max_length"),
+    ],
+)
+def test_datamodule_bad_settings_name_the_key(tokenizer, overrides, key):
+    settings = {"source": "toy", "max_length": 96, "max_prompt_length": 48, **overrides}
+    with pytest.raises(ConfigError, match=key):
+        KTODataModule(tokenizer, **settings)
+
+
+def test_datamodule_missing_source_file(tokenizer, tmp_path):
+    path = tmp_path / "missing.jsonl"
+    dm = KTODataModule(tokenizer, source=str(path))
+    with pytest.raises(DataError, match="not found"):
+        dm.setup("fit")
+
+
+# ------------------------------------------------------------------------------------ toy task
+
+
+def test_toy_rows_are_balanced():
+    for count in (100, 101):
+        rows = toy_rows(count, seed=0)
+        assert len(rows) == count
+        assert sum(r["label"] for r in rows) == (count + 1) // 2
+
+
+def test_toy_rows_are_deterministic_per_seed():
+    assert toy_rows(50, seed=1) == toy_rows(50, seed=1)
+    assert toy_rows(50, seed=1) != toy_rows(50, seed=2)
+
+
+def test_toy_desirable_and_undesirable_completions_are_disjoint():
+    rows = toy_rows(600, seed=0)
+    desirable = {r["completion"] for r in rows if r["label"]}
+    undesirable = {r["completion"] for r in rows if not r["label"]}
+    assert desirable.isdisjoint(undesirable)
+    assert len(desirable) > 10
+    assert len(undesirable) > 10
+
+
+def test_toy_rows_are_valid_rows():
+    for row in toy_rows(40, seed=3):
+        assert set(row) == {"prompt", "completion", "label"}
+        assert isinstance(row["label"], bool)
+        Row(**row)
+        assert row["prompt"].strip()
+        assert row["completion"].strip()

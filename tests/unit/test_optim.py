@@ -1,0 +1,146 @@
+"""Tests for kto_lightning.optim: weight-decay groups and the warmup schedule, hand-computed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from kto_lightning.errors import ConfigError
+from kto_lightning.optim import parameter_groups, warmup_schedule
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.embed = nn.Embedding(5, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_parameter_groups_exempt_1d_params_from_decay():
+    net = Net()
+    decay, no_decay = parameter_groups(net)
+    assert ids(decay["params"]) == ids([net.linear.weight, net.embed.weight])
+    assert ids(no_decay["params"]) == ids([net.linear.bias, net.norm.weight, net.norm.bias])
+    assert "weight_decay" not in decay
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_parameter_groups_leave_out_frozen_params():
+    net = Net()
+    grouped = ids(p for group in parameter_groups(net) for p in group["params"])
+    assert grouped.isdisjoint(ids(net.frozen.parameters()))
+
+
+def test_adamw_decays_only_the_matrices():
+    net = Net()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.AdamW(parameter_groups(net), lr=0.1, weight_decay=0.5)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    # With zero gradients AdamW's only change is the decoupled decay: p *= 1 - lr * wd = 0.95.
+    for name, p in net.named_parameters():
+        expected = (
+            before[name] * 0.95 if name in ("linear.weight", "embed.weight") else before[name]
+        )
+        assert_close(p.detach(), expected, msg=name)
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+
+def lr_factors(steps: int, **kwargs) -> list[float]:
+    """The learning rate (peak 1.0) at steps 0..steps-1, read from the optimizer."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = warmup_schedule(optimizer, **kwargs)
+    factors = []
+    for _ in range(steps):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+def test_linear_warmup_then_linear_decay():
+    factors = lr_factors(13, total_steps=10, warmup_steps=2, decay="linear")
+    # Warmup: (step + 1) / 3; then 1 - (step - 2) / 8, reaching 0 at step 10 and staying there.
+    expected = [1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0, 0.0, 0.0]
+    assert_close(torch.tensor(factors), torch.tensor(expected))
+
+
+def test_linear_decay_to_a_floor():
+    factors = lr_factors(11, total_steps=10, warmup_steps=2, decay="linear", min_lr_ratio=0.2)
+    assert_close(factors[2], 1.0)
+    assert_close(factors[6], 0.2 + 0.8 * 0.5)
+    assert_close(factors[10], 0.2)
+
+
+def test_cosine_decay():
+    factors = lr_factors(11, total_steps=10, warmup_steps=2, decay="cosine")
+    assert_close(factors[0], 1 / 3)
+    assert_close(factors[2], 1.0)
+    assert_close(factors[4], 0.5 * (1 + math.cos(math.pi / 4)))  # 0.8536
+    assert_close(factors[6], 0.5)
+    assert_close(factors[10], 0.0)
+
+
+def test_cosine_decay_to_a_floor():
+    factors = lr_factors(11, total_steps=10, warmup_steps=2, decay="cosine", min_lr_ratio=0.1)
+    assert_close(factors[6], 0.1 + 0.9 * 0.5)
+    assert_close(factors[10], 0.1)
+
+
+def test_constant_after_warmup():
+    factors = lr_factors(30, total_steps=10, warmup_steps=3, decay="constant")
+    assert_close(factors[:4], [0.25, 0.5, 0.75, 1.0])
+    assert factors[4:] == [1.0] * 26
+
+
+def test_warmup_ratio_sets_the_warmup_length():
+    # 25% of 20 steps = 5 warmup steps: 1/6 ... 5/6, then 1.0.
+    factors = lr_factors(7, total_steps=20, warmup_ratio=0.25, decay="constant")
+    assert_close(factors, [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0])
+
+
+def test_warmup_steps_override_the_ratio():
+    factors = lr_factors(3, total_steps=10, warmup_steps=0, warmup_ratio=0.5, decay="linear")
+    assert_close(factors, [1.0, 0.9, 0.8])
+
+
+def test_no_warmup_with_ratio_zero():
+    factors = lr_factors(2, total_steps=4, warmup_ratio=0.0, decay="linear")
+    assert_close(factors, [1.0, 0.75])
+
+
+def test_zero_total_steps_is_treated_as_one():
+    factors = lr_factors(2, total_steps=0, decay="linear")
+    assert_close(factors, [1.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"decay": "exponential"}, "scheduler.decay"),
+        ({"warmup_ratio": 1.0}, "scheduler.warmup_ratio"),
+        ({"warmup_ratio": -0.1}, "scheduler.warmup_ratio"),
+        ({"min_lr_ratio": 1.5}, "scheduler.min_lr_ratio"),
+        ({"min_lr_ratio": -0.1}, "scheduler.min_lr_ratio"),
+        ({"warmup_steps": -1}, "scheduler.warmup_steps"),
+    ],
+)
+def test_schedule_errors_name_the_key(kwargs, key):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match=key):
+        warmup_schedule(optimizer, total_steps=10, **kwargs)
