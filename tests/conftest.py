@@ -44,3 +44,12 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
             )
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `datasets` reads HF_HOME once, at import; point its cache at this test's folder directly so
+    # no test writes to (or reads a stale tokenization from) the user's cache.
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))

@@ -11,12 +11,9 @@ tokenizer and a policy. The reference model starts as an exact frozen copy of th
 from __future__ import annotations
 
 import copy
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -32,6 +29,7 @@ from transformers import (
 )
 
 from kto_lightning.errors import ConfigError, ModelLoadError
+from kto_lightning.hub import looks_local, unavailable_reason
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BYTE_VOCAB_SIZE = 256 + 3  # every byte, then BOS, EOS, PAD
@@ -41,7 +39,7 @@ BYTE_VOCAB_SIZE = 256 + 3  # every byte, then BOS, EOS, PAD
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<' + message['role'] + '>\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<assistant>\n' }}{% endif %}"
 )
@@ -236,39 +234,23 @@ def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
 
 
 def _check_reachable(name_or_path: str, key: str) -> None:
-    """Fail at once, in one sentence, when a hub name is neither cached nor reachable.
-
-    Without this, transformers retries for about a minute and prints a page of tracebacks.
-    """
+    """Fail at once, in one sentence, when a hub name is neither local, cached nor reachable."""
     if Path(name_or_path).expanduser().exists():
         return
-    if _looks_local(name_or_path):
+    if looks_local(name_or_path):
         raise ModelLoadError(
             f"{key}={name_or_path!r}: no such folder. Point {key} at a folder written by "
             "save_pretrained, or at a Hugging Face hub id such as 'org/name'."
         )
     if _is_cached(name_or_path):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    if not offline and _can_connect(host):
+    reason = unavailable_reason()
+    if reason is None:
         return
-    reason = "HF_HUB_OFFLINE is set" if offline else f"the hub ({host}) cannot be reached"
     raise ModelLoadError(
         f"{key}={name_or_path!r} is not a local folder, it is not in the Hugging Face cache, and "
         f"{reason}. Download it where there is network (`hf download {name_or_path}`) and point "
         f"{key} at the folder, or copy the cache (HF_HOME) to this machine."
-    )
-
-
-def _looks_local(name_or_path: str) -> bool:
-    """A path no hub id can be: absolute, starting with . or ~, or more than one '/' deep."""
-    return (
-        Path(name_or_path).is_absolute()
-        or name_or_path.startswith((".", "~"))
-        or "\\" in name_or_path
-        or name_or_path.count("/") > 1
     )
 
 
@@ -280,11 +262,3 @@ def _is_cached(repo_id: str) -> bool:
     except Exception:  # a malformed id is "not cached"; the load itself reports it properly
         return False
     return isinstance(found, str)
-
-
-def _can_connect(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False

@@ -57,6 +57,11 @@ class KTOModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
+        if not loss.weights_resolved:
+            raise ConfigError(
+                "the loss still has an 'auto' class weight; resolve it with "
+                "KTOLossConfig.with_class_counts(n_desirable, n_undesirable) first"
+            )
         self.policy = policy
         self.reference = reference.eval().requires_grad_(False)
         self.loss_config = loss

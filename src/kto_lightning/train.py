@@ -92,6 +92,20 @@ def build(cfg: DictConfig) -> Run:
     loss_config: KTOLossConfig = instantiate(cfg.loss)
     tokenizer = source.load_tokenizer()
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, with_kl=loss_config.needs_kl_rows)
+    # Data first: a bad row stops the run before a large model is loaded, and the class counts
+    # are needed to resolve `auto` class weights.
+    datamodule.setup("fit")
+    loss_config, notes = loss_config.with_class_counts(*datamodule.label_counts)
+    for note in notes:
+        log.warning("%s", note)
+    log.info(
+        "loss: %s, beta=%g, desirable_weight=%.4g, undesirable_weight=%.4g, estimator=%s",
+        loss_config.loss_type,
+        loss_config.beta,
+        loss_config.desirable_weight,
+        loss_config.undesirable_weight,
+        loss_config.estimator,
+    )
     policy = source.load_policy()
     module = KTOModule(
         policy=policy,
@@ -108,8 +122,12 @@ def build(cfg: DictConfig) -> Run:
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=loggers or False,
     )
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    # Log the weights the loss uses, not "auto".
+    hparams["loss"]["desirable_weight"] = loss_config.desirable_weight
+    hparams["loss"]["undesirable_weight"] = loss_config.undesirable_weight
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hparams)
     return Run(trainer, module, datamodule)
 
 

@@ -1,4 +1,4 @@
-"""Tests for kto_lightning.data: reading rows, tokenization, KL pairing, collation, the data module.
+"""Tests for kto_lightning.data: reading files, tokenizing, KL pairing, collating, the data module.
 
 The byte-level tokenizer makes every expectation hand-checkable: ids 0-255 are the UTF-8 bytes,
 BOS=256, EOS=257, PAD=258.
@@ -7,8 +7,10 @@ BOS=256, EOS=257, PAD=258.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from torch.testing import assert_close
@@ -19,16 +21,23 @@ from kto_lightning.data import (
     KTODataModule,
     Row,
     assign_kl_partners,
-    read_jsonl,
     tokenize_rows,
     toy_rows,
 )
+from kto_lightning.data.formats import Schema, normalise
 from kto_lightning.data.rows import parse_label
+from kto_lightning.data.sources import load_source
 from kto_lightning.data.tokenize import check_lengths
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.models import byte_level_tokenizer
+from kto_lightning.models import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 
 BOS, EOS, PAD = 256, 257, 258
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # datasets reads HF_HOME once, at import, so the conftest's HF_HOME does not reach it.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
 @pytest.fixture(scope="module")
@@ -88,137 +97,172 @@ def test_parse_label_rejects_naming_where_and_value(value):
     assert repr(value) in message
 
 
-# ------------------------------------------------------------------------------------ read_jsonl
+# ------------------------------------------------------------------------------------ reading files
+# A local file is read by load_source and brought to {prompt, completion, label} by normalise;
+# errors name the file and its line (while reading) or its row, counted from 1 (while normalising).
 
 
-def test_read_jsonl_good_file(tmp_path):
+def read(path: Path, schema: Schema | None = None) -> list[Row]:
+    rows, fmt, chat = normalise(load_source(str(path)), schema or Schema(), str(path), seed=0)
+    assert (fmt, chat) == ("unpaired", False)
+    out = [Row(row["prompt"], row["completion"], row["label"]) for row in rows]
+    assert all(type(row.label) is bool for row in out)  # not 1/0 carried over from the file
+    return out
+
+
+def test_read_good_file(tmp_path):
     path = write_lines(
         tmp_path / "data.jsonl",
         [record("Q1", "A1", True), record("Q2", "A2", -1), record("Q3", "A3", "+1")],
     )
-    assert read_jsonl(path) == [
+    assert read(path) == [
         Row("Q1", "A1", True),
         Row("Q2", "A2", False),
         Row("Q3", "A3", True),
     ]
 
 
-def test_read_jsonl_custom_columns(tmp_path):
+def test_read_integer_labels_become_bools(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), record("Q2", "A2", 0)])
+    assert read(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
+
+
+def test_read_custom_columns(tmp_path):
     line = json.dumps({"q": "Why?", "a": "Because.", "ok": 0, "extra": 1})
     path = write_lines(tmp_path / "data.jsonl", [line])
-    assert read_jsonl(path, "q", "a", "ok") == [Row("Why?", "Because.", False)]
+    schema = Schema(prompt_column="q", completion_column="a", label_column="ok")
+    assert read(path, schema) == [Row("Why?", "Because.", False)]
 
 
-def test_read_jsonl_missing_file_names_the_path(tmp_path):
+def test_read_missing_file_names_the_path(tmp_path):
     path = tmp_path / "nowhere" / "train.jsonl"
     with pytest.raises(DataError, match="not found") as info:
-        read_jsonl(path)
+        read(path)
     assert str(path) in str(info.value)
 
 
-def test_read_jsonl_malformed_line_names_the_line(tmp_path):
+def test_read_malformed_line_names_the_line(tmp_path):
     path = write_lines(
         tmp_path / "data.jsonl",
         [record("Q1", "A1", 1), record("Q2", "A2", 0), '{"prompt": "Q3", "completion": '],
     )
     with pytest.raises(DataError, match="line 3: malformed JSON") as info:
-        read_jsonl(path)
+        read(path)
     assert str(path) in str(info.value)
 
 
-def test_read_jsonl_line_numbers_count_skipped_blank_lines(tmp_path):
+def test_read_line_numbers_count_blank_lines(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), "", "   ", "not json"])
     with pytest.raises(DataError, match="line 4: malformed JSON"):
-        read_jsonl(path)
+        read(path)
 
 
-def test_read_jsonl_blank_lines_are_skipped(tmp_path):
+def test_read_blank_lines_are_skipped(tmp_path):
     path = write_lines(
         tmp_path / "data.jsonl", ["", record("Q1", "A1", 1), "  ", "", record("Q2", "A2", 0)]
     )
-    assert read_jsonl(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
+    assert read(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
 
 
-def test_read_jsonl_non_object_line(tmp_path):
+def test_read_non_object_line(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), "[1, 2]"])
     with pytest.raises(DataError, match=r"line 2: expected a JSON object, got \[1, 2\]"):
-        read_jsonl(path)
+        read(path)
 
 
-def test_read_jsonl_missing_column_names_it_and_lists_the_columns(tmp_path):
+def test_read_missing_column_names_it_and_lists_the_columns(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [json.dumps({"prompt": f"Q{i}", "completion": f"A{i}", "rating": 1}) for i in range(2)],
+    )
+    with pytest.raises(DataError) as info:
+        read(path, Schema(format="unpaired"))
+    message = str(info.value)
+    assert f"{path}: missing column 'label'" in message
+    assert "['completion', 'prompt', 'rating']" in message
+    assert "data.label_column" in message
+    # Left to tell the shape itself, it lists the columns it found and the ones it looked for.
+    with pytest.raises(DataError) as info:
+        read(path)
+    message = str(info.value)
+    assert f"{path}: cannot tell the data's shape" in message
+    assert "['completion', 'prompt', 'rating']" in message
+    assert "'prompt'/'completion'/'label'" in message
+
+
+def test_read_column_missing_from_one_row_names_the_row(tmp_path):
+    # A JSON-lines file's columns are those of all its rows; a row without one reads as null.
     path = write_lines(
         tmp_path / "data.jsonl",
         [record("Q1", "A1", 1), json.dumps({"prompt": "Q2", "completion": "A2", "rating": 1})],
     )
     with pytest.raises(DataError) as info:
-        read_jsonl(path)
+        read(path)
     message = str(info.value)
-    assert f"{path}, line 2" in message
-    assert "missing column 'label'" in message
-    assert "['completion', 'prompt', 'rating']" in message
-    assert "data.label_column" in message
+    assert f"{path}, row 2, column 'label'" in message
+    assert "None" in message
 
 
 @pytest.mark.parametrize(
-    ("line", "column"),
+    ("line", "column", "value"),
     [
-        ({"prompt": "", "completion": "A", "label": 1}, "prompt"),
-        ({"prompt": "Q", "completion": "   ", "label": 1}, "completion"),
-        ({"prompt": 5, "completion": "A", "label": 1}, "prompt"),
-        ({"prompt": "Q", "completion": None, "label": 1}, "completion"),
+        ({"prompt": "", "completion": "A", "label": 1}, "prompt", "''"),
+        ({"prompt": "Q", "completion": "   ", "label": 1}, "completion", "'   '"),
+        ({"prompt": 5, "completion": "A", "label": 1}, "prompt", "5"),
+        ({"prompt": "Q", "completion": None, "label": 1}, "completion", "None"),
     ],
 )
-def test_read_jsonl_empty_or_non_text_field_names_line_and_column(tmp_path, line, column):
+def test_read_empty_or_non_text_field_names_row_and_column(tmp_path, line, column, value):
     path = write_lines(tmp_path / "data.jsonl", [record("Q1", "A1", 1), json.dumps(line)])
     with pytest.raises(DataError) as info:
-        read_jsonl(path)
+        read(path)
     message = str(info.value)
-    assert f"{path}, line 2" in message
-    assert f"column {column!r} is empty or not text" in message
+    assert f"{path}, row 2, column {column!r}: empty or not text ({value})" in message
 
 
-def test_read_jsonl_bad_label_names_line_column_and_value(tmp_path):
+def test_read_bad_label_names_row_column_and_value(tmp_path):
     path = write_lines(
         tmp_path / "data.jsonl", [record("Q1", "A1", 1), record("Q2", "A2", "maybe")]
     )
     with pytest.raises(DataError) as info:
-        read_jsonl(path)
+        read(path)
     message = str(info.value)
-    assert f"{path}, line 2, column 'label'" in message
+    assert f"{path}, row 2, column 'label'" in message
     assert "'maybe'" in message
 
 
-def test_read_jsonl_non_utf8(tmp_path):
+def test_read_non_utf8_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     line = json.dumps({"prompt": "caf\u00e9", "completion": "ok", "label": 1}, ensure_ascii=False)
-    path.write_bytes(line.encode("latin-1"))  # \xe9 alone is not UTF-8
-    with pytest.raises(DataError, match="not UTF-8") as info:
-        read_jsonl(path)
+    # \xe9 alone is not UTF-8.
+    path.write_bytes((record("Q1", "A1", 0) + "\n" + line + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match="line 2: bytes that are not UTF-8") as info:
+        read(path)
     assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
-def test_read_jsonl_empty_file(tmp_path, content):
+def test_read_empty_file(tmp_path, content):
     path = tmp_path / "empty.jsonl"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match="holds no rows") as info:
-        read_jsonl(path)
+    with pytest.raises(DataError, match="the file is empty") as info:
+        read(path)
     assert str(path) in str(info.value)
 
 
-def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+def test_read_keeps_unicode_line_separators_inside_strings(tmp_path):
     # json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw; they are not record breaks.
     text = "one\u2028two\x85three"
     line = json.dumps({"prompt": text, "completion": "A", "label": 1}, ensure_ascii=False)
     path = write_lines(tmp_path / "data.jsonl", [line, record("Q2", "A2", 0)])
-    assert read_jsonl(path) == [Row(text, "A", True), Row("Q2", "A2", False)]
+    assert read(path) == [Row(text, "A", True), Row("Q2", "A2", False)]
 
 
-def test_read_jsonl_crlf_and_byte_order_mark(tmp_path):
+def test_read_crlf_and_byte_order_mark(tmp_path):
     path = tmp_path / "windows.jsonl"
     content = record("Q1", "A1", 1) + "\r\n" + record("Q2", "A2", 0) + "\r\n"
     path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
-    assert read_jsonl(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
+    assert read(path) == [Row("Q1", "A1", True), Row("Q2", "A2", False)]
 
 
 # ------------------------------------------------------------------------------------ tokenize
@@ -638,11 +682,12 @@ def test_datamodule_without_kl_rows(tokenizer, tmp_path):
     assert len(dm.val_set) == 1
 
 
-def test_datamodule_kl_pairing_error_names_the_split(tokenizer, tmp_path):
+def test_datamodule_kl_pairing_error_names_the_validation_source(tokenizer, tmp_path):
     train = numbered_rows(tmp_path / "train.jsonl", 10)
     val = numbered_rows(tmp_path / "val.jsonl", 1, start=100)
-    with pytest.raises(DataError, match=r"validation set: .*at least 2 examples"):
+    with pytest.raises(DataError, match="at least 2 rows, got 1") as info:
         make_datamodule(tokenizer, source=str(train), val_source=str(val))
+    assert str(info.value).startswith(f"{val}: ")
 
 
 def test_datamodule_too_few_rows_to_split(tokenizer, tmp_path):
@@ -675,6 +720,204 @@ def test_datamodule_missing_source_file(tokenizer, tmp_path):
     dm = KTODataModule(tokenizer, source=str(path))
     with pytest.raises(DataError, match="not found"):
         dm.setup("fit")
+
+
+def test_datamodule_label_counts_and_summary(tokenizer, tmp_path):
+    train = numbered_rows(tmp_path / "train.jsonl", 10)  # labels 0, 1, 0, ...: 5 of each
+    val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
+    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val))
+    assert dm.label_counts == (5, 5)
+    summary = dm.summaries["train"]
+    assert (summary.format, summary.conversational) == ("unpaired", False)
+    assert (summary.rows_read, summary.kept, summary.dropped) == (10, 10, {})
+    assert (dm.summaries["validation"].desirable, dm.summaries["validation"].undesirable) == (2, 2)
+    assert sorted(dm.train_set.labels) == [False] * 5 + [True] * 5
+
+
+# ------------------------------------------------------------------------------------ bad input
+# What a user's data can get wrong, as setup() reports it.
+
+
+def chat_rows(path: Path, count: int, start: int = 0) -> Path:
+    return write_lines(
+        path,
+        [
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"Question {i}?"}],
+                    "completion": [{"role": "assistant", "content": f"Answer {i % 7}."}],
+                    "label": i % 2 == 0,
+                }
+            )
+            for i in range(start, start + count)
+        ],
+    )
+
+
+def test_datamodule_conversations_need_a_chat_template(tmp_path):
+    path = chat_rows(tmp_path / "chat.jsonl", 10)
+    plain = byte_level_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(DataError) as info:
+        make_datamodule(plain, source=str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert "no chat template" in message
+    assert "data.chat_template" in message
+    # data.chat_template supplies one.
+    fixed = byte_level_tokenizer()
+    fixed.chat_template = None
+    dm = make_datamodule(fixed, source=str(path), chat_template=BYTE_CHAT_TEMPLATE)
+    assert dm.summaries["train"].conversational
+    example = dm.train_set.examples[0]
+    assert tokenizer_text(fixed, example.prompt_ids).startswith("<user>\nQuestion ")
+    assert tokenizer_text(fixed, example.prompt_ids).endswith("?\n<assistant>\n")
+
+
+def tokenizer_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_datamodule_fewer_rows_than_one_batch(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 10)  # 8 training rows after the split
+    with pytest.raises(DataError) as info:
+        make_datamodule(tokenizer, source=str(path), val_fraction=0.2, batch_size=9)
+    message = str(info.value)
+    assert str(path) in message
+    assert "8 training rows are fewer than one batch" in message
+    assert "data.batch_size=9" in message
+    make_datamodule(tokenizer, source=str(path), val_fraction=0.2, batch_size=8)  # exactly one
+
+
+def test_datamodule_single_class_data_trains_with_a_warning(tokenizer, tmp_path, caplog):
+    path = write_lines(
+        tmp_path / "rows.jsonl", [record(f"Q{i}?", f"A{i}.", True) for i in range(10)]
+    )
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        dm = make_datamodule(tokenizer, source=str(path))
+    assert dm.label_counts == (8, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("train set has no undesirable rows" in w for w in warnings), warnings
+    assert any("validation set has no undesirable rows" in w for w in warnings), warnings
+
+
+def test_datamodule_long_prompt_is_cut_from_the_left_with_a_warning(tokenizer, tmp_path, caplog):
+    long_prompt = "".join(f"{i:03d}" for i in range(40))  # 120 bytes, more than max_length
+    train = write_lines(
+        tmp_path / "train.jsonl",
+        [record(long_prompt, "end.", 1)] + [record(f"Q{i}?", f"A{i}.", i % 2) for i in range(7)],
+    )
+    val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        dm = make_datamodule(
+            tokenizer,
+            source=str(train),
+            val_source=str(val),
+            max_length=64,
+            max_prompt_length=16,
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "train set: 1 prompt(s) longer than data.max_prompt_length=16 were cut from the left" in w
+        for w in warnings
+    ), warnings
+    assert dm.summaries["train"].prompts_truncated == 1
+    assert dm.summaries["validation"].prompts_truncated == 0
+    cut = [e for e in dm.train_set.examples if e.completion_ids == [*b("end."), EOS]]
+    assert len(cut) == 1
+    # BOS stays in front of the prompt's last 15 bytes.
+    assert cut[0].prompt_ids == [BOS, *b(long_prompt)[-15:]]
+
+
+def test_datamodule_bad_row_names_the_file_and_row(tokenizer, tmp_path):
+    rows = [record(f"Q{i}", f"A{i}", i % 2) for i in range(10)]
+    rows[6] = record("Q6", "A6", "maybe")
+    train = write_lines(tmp_path / "train.jsonl", rows)
+    val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
+    with pytest.raises(DataError, match=f"{train}, row 7, column 'label'"):
+        make_datamodule(tokenizer, source=str(train), val_source=str(val))
+
+
+def test_datamodule_bad_row_in_a_held_out_split_names_the_file_row(tokenizer, tmp_path):
+    rows = [record(f"Q{i}", f"A{i}", i % 2) for i in range(20)]
+    rows[6] = record("Q6", "A6", "maybe")
+    path = write_lines(tmp_path / "rows.jsonl", rows)
+    for seed in range(3):
+        with pytest.raises(DataError, match=r", row 7, column 'label'"):
+            make_datamodule(tokenizer, source=str(path), val_fraction=0.25, seed=seed)
+
+
+# ------------------------------------------------------------------------------------ caching
+# Tokenized splits are cached beside the source's datasets cache, keyed on the rows, the
+# tokenizer and the length settings.
+
+
+def tokenization(dm: KTODataModule) -> tuple[str, str]:
+    return dm.summaries["train"].tokenization, dm.summaries["validation"].tokenization
+
+
+def test_datamodule_tokenization_is_cached_and_keyed_on_settings_and_content(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 20)
+    first = make_datamodule(tokenizer, source=str(path))
+    assert tokenization(first) == ("computed", "computed")
+    again = make_datamodule(tokenizer, source=str(path))
+    assert tokenization(again) == ("cached", "cached")
+    assert again.train_set.examples == first.train_set.examples
+    assert again.val_set.examples == first.val_set.examples
+    longer = make_datamodule(tokenizer, source=str(path), max_length=97)
+    assert tokenization(longer) == ("computed", "computed")
+    shorter_prompts = make_datamodule(tokenizer, source=str(path), max_prompt_length=47)
+    assert tokenization(shorter_prompts) == ("computed", "computed")
+    numbered_rows(path, 20, start=1)  # new content, same path
+    edited = make_datamodule(tokenizer, source=str(path))
+    assert tokenization(edited) == ("computed", "computed")
+    assert decoded_prompts(edited.train_set, tokenizer) != decoded_prompts(
+        first.train_set, tokenizer
+    )
+
+
+def test_datamodule_tokenization_cache_is_keyed_on_the_chat_template(tmp_path):
+    path = chat_rows(tmp_path / "chat.jsonl", 20)
+    first = make_datamodule(byte_level_tokenizer(), source=str(path))
+    assert tokenization(first) == ("computed", "computed")
+    assert tokenization(make_datamodule(byte_level_tokenizer(), source=str(path))) == (
+        "cached",
+        "cached",
+    )
+    # Role headers in [brackets] instead of <angle brackets>, the generation prompt included.
+    other_template = BYTE_CHAT_TEMPLATE.replace(
+        "'<' + message['role'] + '>", "'[' + message['role'] + ']"
+    ).replace("'<assistant>", "'[assistant]")
+    assert "'<" not in other_template
+    other = make_datamodule(byte_level_tokenizer(), source=str(path), chat_template=other_template)
+    assert tokenization(other) == ("computed", "computed")
+    prompt = tokenizer_text(byte_level_tokenizer(), other.train_set.examples[0].prompt_ids)
+    assert prompt.startswith("[user]\n")
+
+
+def test_datamodule_toy_task_is_tokenized_in_memory(tokenizer):
+    assert tokenization(make_datamodule(tokenizer)) == ("in memory", "in memory")
+
+
+def test_datamodule_num_proc_gives_the_same_examples(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 40)
+    serial = make_datamodule(tokenizer, source=str(path), cache_dir=str(tmp_path / "serial"))
+    parallel = make_datamodule(
+        tokenizer, source=str(path), cache_dir=str(tmp_path / "parallel"), num_proc=2
+    )
+    # A fresh cache folder: the two processes really tokenized.
+    assert tokenization(parallel) == ("computed", "computed")
+    assert parallel.train_set.examples == serial.train_set.examples
+    assert parallel.val_set.examples == serial.val_set.examples
+
+
+def test_datamodule_num_proc_errors_name_the_row_of_the_file(tokenizer, tmp_path):
+    rows = [record(f"Q{i}", f"A{i}", str(i % 2)) for i in range(20)]
+    rows[15] = record("Q15", "A15", "maybe")  # in the second process's half
+    train = write_lines(tmp_path / "train.jsonl", rows)
+    val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
+    with pytest.raises(DataError, match=f"{train}, row 16, column 'label'"):
+        make_datamodule(tokenizer, source=str(train), val_source=str(val), num_proc=2)
 
 
 # ------------------------------------------------------------------------------------ toy task

@@ -8,16 +8,19 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kto_lightning.errors import ConfigError
+from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.losses import (
+    AUTO,
     ESTIMATORS,
     LOSS_TYPES,
+    RECOMMENDED_RATIO,
     KTOLossConfig,
     KTOLossOutput,
     kl_statistics,
     kto_loss,
     kto_loss_single_process,
     reference_point_from_statistics,
+    resolve_class_weights,
 )
 
 
@@ -394,3 +397,122 @@ def test_config_defaults_and_needs_kl_rows():
 def test_config_rejects_invalid_values(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         KTOLossConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------ class weights
+
+
+def eq8_ratio(w_d: float, w_u: float, n_d: int, n_u: int) -> float:
+    return w_d * n_d / (w_u * n_u)
+
+
+def test_recommended_ratio_is_the_papers_range():
+    assert RECOMMENDED_RATIO == (1.0, 4.0 / 3.0)
+    assert AUTO == "auto"
+
+
+@pytest.mark.parametrize(
+    ("weights", "counts", "expected"),
+    [
+        # 100 desirable, 400 undesirable: lambda_D = 1.0 * 400 / 100 = 4.
+        (("auto", 1.0), (100, 400), (4.0, 1.0)),
+        # lambda_U = 2.0 * 100 / 400 = 0.5.
+        ((2.0, "auto"), (100, 400), (2.0, 0.5)),
+        # 300 desirable, 100 undesirable, lambda_U = 1.5: lambda_D = 1.5 * 100 / 300 = 0.5.
+        (("AUTO", 1.5), (300, 100), (0.5, 1.5)),
+        ((1, " Auto "), (30, 10), (1.0, 3.0)),
+    ],
+)
+def test_one_auto_side_makes_the_ratio_one(weights, counts, expected):
+    w_d, w_u, warnings = resolve_class_weights(*weights, *counts)
+    assert (w_d, w_u) == pytest.approx(expected)
+    assert isinstance(w_d, float) and isinstance(w_u, float)
+    assert eq8_ratio(w_d, w_u, *counts) == pytest.approx(1.0)
+    assert warnings == []
+
+
+def test_numeric_weights_inside_the_range_pass_unchanged_without_warning():
+    # 1.0 * 120 / (1.0 * 100) = 1.2, inside [1, 4/3].
+    assert resolve_class_weights(1.0, 1.0, 120, 100) == (1.0, 1.0, [])
+    # Both ends are inside: 1.0 exactly, and 4/3 exactly.
+    assert resolve_class_weights(1.0, 1.0, 50, 50)[2] == []
+    assert resolve_class_weights(4.0, 1.0, 100, 300)[2] == []
+
+
+def test_numeric_weights_outside_the_range_warn_with_ratio_counts_and_fix():
+    w_d, w_u, warnings = resolve_class_weights(1.0, 1.0, 100, 400)
+    assert (w_d, w_u) == (1.0, 1.0)
+    assert len(warnings) == 1
+    message = warnings[0]
+    for part in (
+        "loss.desirable_weight=1.0",
+        "loss.undesirable_weight=1.0",
+        "= 0.25",
+        "100 desirable and 400 undesirable rows",
+        "[1, 4/3]",
+        "loss.desirable_weight=4 ",  # 1.0 * 400 / 100 brings the ratio to 1
+        "auto",
+    ):
+        assert part in message, (part, message)
+
+
+def test_ratio_above_the_range_warns_too():
+    # 2.0 * 100 / (1.0 * 100) = 2 > 4/3; lambda_D = 1.0 would bring it to 1.
+    _, _, warnings = resolve_class_weights(2.0, 1.0, 100, 100)
+    assert len(warnings) == 1
+    assert "= 2 with" in warnings[0]
+    assert "loss.desirable_weight=1 " in warnings[0]
+
+
+def test_zero_undesirable_weight_suggests_fixing_the_undesirable_side():
+    # lambda_U = 0 makes the ratio infinite; lambda_U = 1.0 * 20 / 10 = 2 brings it to 1.
+    _, _, warnings = resolve_class_weights(1.0, 0.0, 20, 10)
+    assert "= inf" in warnings[0]
+    assert "loss.undesirable_weight=2 " in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("weights", "counts", "expected", "missing"),
+    [
+        (("auto", 2.0), (0, 50), (1.0, 2.0), "0 desirable rows"),
+        ((2.0, "auto"), (50, 0), (2.0, 1.0), "0 undesirable rows"),
+    ],
+)
+def test_single_class_data_falls_back_to_one_and_warns(weights, counts, expected, missing):
+    w_d, w_u, warnings = resolve_class_weights(*weights, *counts)
+    assert (w_d, w_u) == expected
+    assert len(warnings) == 1
+    assert "single-class" in warnings[0]
+    assert missing in warnings[0]
+    assert "=auto falls back to 1.0" in warnings[0]
+
+
+def test_single_class_data_with_numeric_weights_warns_without_dividing_by_zero():
+    w_d, w_u, warnings = resolve_class_weights(1.0, 1.0, 0, 7)
+    assert (w_d, w_u) == (1.0, 1.0)
+    assert len(warnings) == 1
+    assert "single-class" in warnings[0] and "0 desirable rows" in warnings[0]
+    assert "falls back" not in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("weights", "exception", "match"),
+    [
+        (("auto", "auto"), ConfigError, r"loss\.desirable_weight and loss\.undesirable_weight"),
+        (("Auto", "AUTO"), ConfigError, r"at most one may be 'auto'"),
+        (("1.0", 1.0), ConfigError, r"loss\.desirable_weight must be a number >= 0 or 'auto'"),
+        ((1.0, "balanced"), ConfigError, r"loss\.undesirable_weight .*got 'balanced'"),
+        ((True, 1.0), ConfigError, r"loss\.desirable_weight must be a number"),
+        ((1.0, float("inf")), ConfigError, r"loss\.undesirable_weight must be finite"),
+        ((-1.0, 1.0), ConfigError, r"loss\.desirable_weight must be >= 0"),
+        (("auto", 0.0), ConfigError, r"loss\.undesirable_weight=0 leaves nothing"),
+    ],
+)
+def test_resolve_class_weights_rejects_invalid_values(weights, exception, match):
+    with pytest.raises(exception, match=match):
+        resolve_class_weights(*weights, 10, 10)
+
+
+def test_resolve_class_weights_without_rows_raises_data_error():
+    with pytest.raises(DataError, match="no rows"):
+        resolve_class_weights("auto", 1.0, 0, 0)

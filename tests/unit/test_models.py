@@ -1,7 +1,7 @@
 """Tests for kto_lightning.models: the byte tokenizer, TinyLlama, the reference copy, loading.
 
 Nothing here touches the network: loading goes through local folders written by save_pretrained,
-and hub names are tried with HF_HUB_OFFLINE=1 or with `_can_connect` replaced.
+and hub names are tried with HF_HUB_OFFLINE=1 or with `hub.can_connect` replaced.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from kto_lightning import models
+from kto_lightning import hub
 from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.models import (
     Pretrained,
@@ -46,7 +46,7 @@ def no_network(monkeypatch):
     def refuse(host, *args, **kwargs):
         raise AssertionError(f"tried to connect to {host}")
 
-    monkeypatch.setattr(models, "_can_connect", refuse)
+    monkeypatch.setattr(hub, "can_connect", refuse)
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -107,7 +107,7 @@ def test_byte_tokenizer_chat_template(tokenizer):
     assert tokenizer.apply_chat_template(user, tokenize=False) == "<user>\nhi\n"
     turn = [*user, {"role": "assistant", "content": "hello"}]
     assert tokenizer.apply_chat_template(turn, tokenize=False) == (
-        "<user>\nhi\n<assistant>\nhello<|eos|>\n"
+        "<user>\nhi\n<assistant>\nhello<|eos|>"
     )
 
 
@@ -280,7 +280,7 @@ def test_pretrained_unreachable_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
     hosts = []
-    monkeypatch.setattr(models, "_can_connect", lambda host, *a, **k: hosts.append(host) or False)
+    monkeypatch.setattr(hub, "can_connect", lambda host, *a, **k: hosts.append(host) or False)
     name = "some-org/some-model-that-is-not-cached"
     with pytest.raises(ModelLoadError) as info:
         Pretrained(name_or_path=name).load_policy()

@@ -2,7 +2,7 @@
 
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.datamodule import KTODataModule
-from kto_lightning.data.rows import Row, read_jsonl
+from kto_lightning.data.rows import Row, parse_label
 from kto_lightning.data.tokenize import Example, assign_kl_partners, tokenize_rows
 from kto_lightning.data.toy import toy_rows
 
@@ -12,7 +12,7 @@ __all__ = [
     "KTODataModule",
     "Row",
     "assign_kl_partners",
-    "read_jsonl",
+    "parse_label",
     "tokenize_rows",
     "toy_rows",
 ]

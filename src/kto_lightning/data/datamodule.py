@@ -1,53 +1,93 @@
-"""KTODataModule: rows -> tokenized examples with KL partners -> shuffled, padded batches."""
+"""KTODataModule: rows of any supported source and shape -> tokenized examples -> batches."""
 
 from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
+from typing import Any
 
+import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
-from kto_lightning.data.rows import Row, read_jsonl
-from kto_lightning.data.tokenize import Example, assign_kl_partners, check_lengths, tokenize_rows
+from kto_lightning.data.formats import Schema, normalise
+from kto_lightning.data.sampler import LabelBalancedSampler
+from kto_lightning.data.sources import load_source
+from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
+from kto_lightning.data.tokenize import Example, check_lengths, kl_partners, tokenize_dataset
 from kto_lightning.data.toy import toy_rows
 from kto_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 TOY = "toy"
+DROPPED_EMPTY = "no completion tokens left"
 
 
-class ExampleDataset(Dataset):
-    def __init__(self, examples: list[Example]) -> None:
-        self.examples = examples
+def _tokenization_note(cached: bool, in_memory: bool) -> str:
+    if in_memory:
+        return "in memory"  # rows made in this process (the toy task) have no cache to reuse
+    return "cached" if cached else "computed"
+
+
+class KTODataset(Dataset):
+    """Tokenized rows; item i also carries its KL partner's completion, cut to fit its prompt."""
+
+    def __init__(self, rows: datasets.Dataset, partners: list[int] | None, max_length: int) -> None:
+        self.rows = rows.select_columns(["prompt_ids", "completion_ids", "label"])
+        self.partners = partners
+        self.max_length = max_length
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
+        row = self.rows[index]
+        kl: list[int] = []
+        if self.partners is not None:
+            room = self.max_length - len(row["prompt_ids"])
+            kl = self.rows[self.partners[index]]["completion_ids"][:room]
+        return Example(row["prompt_ids"], row["completion_ids"], bool(row["label"]), kl)
+
+    @property
+    def labels(self) -> list[bool]:
+        return [bool(x) for x in self.rows["label"]]
+
+    @property
+    def examples(self) -> list[Example]:
+        return [self[i] for i in range(len(self))]
 
 
 class KTODataModule(L.LightningDataModule):
-    """Binary-feedback data for KTO.
+    """Binary-feedback data for KTO, from a local file, a hub dataset or the bundled toy task.
 
     Args:
         tokenizer: the policy's tokenizer (passed by the entry point, not from YAML).
-        source: "toy" for the bundled task, or a JSON-lines file of `{prompt, completion, label}`.
-        val_source: a file for validation; None splits `val_fraction` off `source` (seeded).
-        val_fraction: share of rows held out for validation when `val_source` is None.
-        prompt_column, completion_column, label_column: the column names in the files.
+        source: "toy", a local .jsonl/.json/.parquet/.csv file, or a hub dataset name.
+        subset: the hub dataset's configuration (subset) name.
+        split: the split of `source` to train on.
+        revision: the hub dataset's branch, tag or commit.
+        val_source: a file or hub dataset for validation; None uses `source`.
+        val_split: the split for validation; None (with no `val_source`) holds out
+            `val_fraction` of the training rows, seeded.
+        val_fraction: share of rows held out for validation when no validation data is named.
+        format: "auto", "unpaired", "paired" or "score" (see kto_lightning.data.formats).
+        prompt_column, completion_column, label_column: columns of unpaired rows.
+        chosen_column, rejected_column: columns of paired rows (the prompt may be implicit).
+        score_column, score_threshold: a numeric column and the threshold for "desirable".
+        chat_template: a Jinja chat template replacing the tokenizer's own.
         max_length: prompt plus completion, in tokens.
         max_prompt_length: the prompt's share, in tokens (truncated from the left).
         batch_size: rows per device per step (each row also brings its KL row).
         eval_batch_size: validation rows per device; None means `batch_size`.
+        balanced_batches: every training batch holds both labels (LabelBalancedSampler).
         num_workers: DataLoader worker processes.
-        seed: the seed of the split and of the KL pairing.
+        num_proc: processes for reading and tokenizing (datasets.map).
+        cache_dir: the datasets cache folder; None is HF_DATASETS_CACHE.
+        seed: the seed of the validation split, of the pairing and of the shuffle.
         toy_rows: how many rows the bundled task generates.
         with_kl: build KL rows (needed by the `mismatched` reference point only).
     """
@@ -56,104 +96,240 @@ class KTODataModule(L.LightningDataModule):
         self,
         tokenizer: PreTrainedTokenizerBase,
         source: str = TOY,
+        subset: str | None = None,
+        split: str = "train",
+        revision: str | None = None,
         val_source: str | None = None,
+        val_split: str | None = None,
         val_fraction: float = 0.1,
-        prompt_column: str = "prompt",
+        format: str = "auto",
+        prompt_column: str | None = "prompt",
         completion_column: str = "completion",
         label_column: str = "label",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        score_column: str | None = None,
+        score_threshold: float | None = None,
+        chat_template: str | None = None,
         max_length: int = 256,
         max_prompt_length: int = 128,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
+        balanced_batches: bool = False,
         num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
         seed: int = 42,
         toy_rows: int = 1200,
         with_kl: bool = True,
     ) -> None:
         super().__init__()
         check_lengths(max_length, max_prompt_length)
-        if val_source is None and not 0.0 < val_fraction < 1.0:
+        if val_source is None and val_split is None and not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}")
+            raise ConfigError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.tokenizer = tokenizer
-        self.source = source
-        self.val_source = val_source
-        self.val_fraction = val_fraction
-        self.columns = (prompt_column, completion_column, label_column)
+        self.schema = Schema(
+            format, prompt_column, completion_column, label_column, chosen_column,
+            rejected_column, score_column, score_threshold,
+        )  # fmt: skip
+        self.source, self.subset, self.split, self.revision = source, subset, split, revision
+        self.val_source, self.val_split, self.val_fraction = val_source, val_split, val_fraction
+        self.chat_template = chat_template
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self.balanced_batches = balanced_batches
         self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.cache_dir = cache_dir
         self.seed = seed
         self.toy_rows = toy_rows
-        self.with_kl = with_kl
         self.collator = KTOCollator(tokenizer.pad_token_id, with_kl=with_kl)
         # One generator for the whole run: a reloaded dataloader continues the shuffle stream.
         self._shuffle_generator = torch.Generator().manual_seed(seed)
-        self.train_set: ExampleDataset | None = None
-        self.val_set: ExampleDataset | None = None
+        self.train_set: KTODataset | None = None
+        self.val_set: KTODataset | None = None
+        self.summaries: dict[str, SplitSummary] = {}
 
-    def _read(self, source: str) -> list[Row]:
+    # ------------------------------------------------------------------ reading
+    def _load(self, source: str, split: str) -> datasets.Dataset:
         if source == TOY:
-            return [Row(**r) for r in toy_rows(self.toy_rows, seed=self.seed)]
-        return read_jsonl(Path(source), *self.columns)
+            return datasets.Dataset.from_list(toy_rows(self.toy_rows, seed=self.seed))
+        return load_source(source, self.subset, split, self.revision, self.cache_dir)
 
-    def _prepare(self, rows: list[Row], name: str, seed: int) -> ExampleDataset:
-        examples, dropped = tokenize_rows(
-            rows, self.tokenizer, self.max_length, self.max_prompt_length
+    def _read(self, source: str, split: str, seed: int) -> tuple[datasets.Dataset, str, bool, int]:
+        """Load and normalise one source; returns (rows, format, conversational, rows read)."""
+        raw = self._load(source, split)
+        rows, fmt, chat = normalise(
+            raw, self.schema, self._name(source, split), seed, self.num_proc
         )
-        if dropped:
-            log.warning("%s: dropped %d row(s) left with no completion tokens", name, dropped)
-        if not self.with_kl:  # no KL rows are used, so pairing (and its requirements) is skipped
-            return ExampleDataset(examples)
-        try:
-            examples = assign_kl_partners(examples, self.max_length, seed)
-        except DataError as error:
-            raise DataError(f"{name} set: {error}") from None
-        return ExampleDataset(examples)
+        return rows, fmt, chat, len(raw)
+
+    def _hold_out(
+        self, rows: datasets.Dataset, n_source: int, name: str
+    ) -> tuple[list[int], list[int], int]:
+        """Training and validation row indices, and the number of source rows held out.
+
+        A seeded share of the *source* rows is held out.
+
+        The split is made over source rows, after they were read and checked, so error messages
+        name rows as they stand in the file and both rows of a pair land on the same side.
+        """
+        order = list(range(n_source))
+        random.Random(self.seed).shuffle(order)
+        n_val = max(1, round(n_source * self.val_fraction))
+        if n_source - n_val < 2:
+            raise DataError(
+                f"{name}: {n_source} rows are too few to hold out "
+                f"data.val_fraction={self.val_fraction} for validation"
+            )
+        held_out = set(order[:n_val])
+        source_rows = rows["row"]
+        train = [i for i, r in enumerate(source_rows) if r not in held_out]
+        val = [i for i, r in enumerate(source_rows) if r in held_out]
+        return train, val, n_val
+
+    def _name(self, source: str, split: str) -> str:
+        return source if source == TOY or split == "train" else f"{source}[{split}]"
+
+    # ------------------------------------------------------------------ preparing
+    def _prepare(
+        self,
+        rows: datasets.Dataset,
+        fmt: str,
+        chat: bool,
+        split: str,
+        name: str,
+        rows_read: int,
+        seed: int,
+    ) -> tuple[KTODataset, SplitSummary]:
+        """Tokenize, filter and pair one split; `name` says where its rows came from."""
+        if chat:
+            if self.chat_template is not None:
+                self.tokenizer.chat_template = self.chat_template
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError(
+                    f"{name} holds conversations, but the tokenizer "
+                    f"({self.tokenizer.name_or_path or type(self.tokenizer).__name__}) has no chat "
+                    "template; use a chat model's tokenizer or set data.chat_template"
+                )
+        tokenized, cached = tokenize_dataset(
+            rows, self.tokenizer, chat, self.max_length, self.max_prompt_length, name, self.num_proc
+        )
+        prompt_tokens = list(tokenized["prompt_tokens"])
+        completion_tokens = list(tokenized["completion_tokens"])
+        kept_rows = tokenized.filter(
+            lambda batch: [len(c) > 0 for c in batch["completion_ids"]],
+            batched=True,
+            desc=f"Filtering {name}",
+        )
+        labels = [bool(x) for x in kept_rows["label"]]
+        prompt_kept = [min(n, self.max_prompt_length) for n in prompt_tokens]
+        summary = SplitSummary(
+            name=split,
+            source=name,
+            format=fmt,
+            conversational=chat,
+            rows_read=rows_read,
+            desirable=sum(labels),
+            undesirable=len(labels) - sum(labels),
+            prompts_truncated=sum(n > self.max_prompt_length for n in prompt_tokens),
+            completions_truncated=sum(
+                c > self.max_length - p for p, c in zip(prompt_kept, completion_tokens, strict=True)
+            ),
+            prompt_lengths=percentiles(prompt_tokens),
+            completion_lengths=percentiles(completion_tokens),
+            tokenization=_tokenization_note(cached, in_memory=not rows.cache_files),
+        )
+        if len(tokenized) > len(kept_rows):
+            summary.dropped[DROPPED_EMPTY] = len(tokenized) - len(kept_rows)
+        partners = None
+        if self.collator.with_kl:
+            if len(kept_rows) < 2:
+                raise DataError(
+                    f"{name}: the KL estimate needs at least 2 rows, got {len(kept_rows)}"
+                )
+            try:
+                partners = kl_partners(
+                    kept_rows["prompt_ids"], kept_rows["completion_ids"], self.max_length, seed
+                )
+            except DataError as error:
+                raise DataError(f"{name}: {error}") from None
+        return KTODataset(kept_rows, partners, self.max_length), summary
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        rows = self._read(self.source)
-        if self.val_source is not None:
-            train_rows, val_rows = rows, self._read(self.val_source)
+        train_name = self._name(self.source, self.split)
+        rows, fmt, chat, n_read = self._read(self.source, self.split, self.seed)
+        if self.val_source is not None or self.val_split is not None:
+            val_source, val_split = self.val_source or self.source, self.val_split or self.split
+            val_name = self._name(val_source, val_split)
+            val_rows, val_fmt, val_chat, n_val_read = self._read(val_source, val_split, self.seed)
+            train = (rows, fmt, chat, "train", train_name, n_read)
+            val = (val_rows, val_fmt, val_chat, "validation", val_name, n_val_read)
         else:
-            order = list(range(len(rows)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, round(len(rows) * self.val_fraction))
-            if len(rows) - n_val < 2:
-                raise DataError(
-                    f"{self.source}: {len(rows)} rows are too few to hold out "
-                    f"data.val_fraction={self.val_fraction} for validation"
-                )
-            val_rows = [rows[i] for i in order[:n_val]]
-            train_rows = [rows[i] for i in order[n_val:]]
-        self.train_set = self._prepare(train_rows, "train", self.seed)
-        self.val_set = self._prepare(val_rows, "validation", self.seed + 1)
-        labels = [e.label for e in self.train_set.examples]
+            train_idx, val_idx, n_val_read = self._hold_out(rows, n_read, train_name)
+            train = (rows.select(train_idx), fmt, chat, "train", train_name, n_read - n_val_read)
+            held_out = (rows.select(val_idx), fmt, chat, "validation")
+            val = (*held_out, f"{train_name} (held out)", n_val_read)
+        train_set, train_summary = self._prepare(*train, self.seed)
+        val_set, val_summary = self._prepare(*val, self.seed + 1)
         log.info(
-            "data: %d train rows (%d desirable, %d undesirable), %d validation rows",
-            len(labels),
-            sum(labels),
-            len(labels) - sum(labels),
-            len(self.val_set),
+            "%s",
+            format_summary([train_summary, val_summary], self.max_length, self.max_prompt_length),
         )
+        self._check(train_summary, val_summary)
+        # Only now, after every check passed: a failed setup leaves nothing half-built behind.
+        self.train_set, self.val_set = train_set, val_set
+        self.summaries = {"train": train_summary, "validation": val_summary}
 
+    def _check(self, train: SplitSummary, val: SplitSummary) -> None:
+        if train.kept < self.batch_size:
+            raise DataError(
+                f"{train.source}: {train.kept} training rows are fewer than one batch "
+                f"(data.batch_size={self.batch_size}); lower data.batch_size or add rows"
+            )
+        for summary in (train, val):
+            if summary.desirable == 0 or summary.undesirable == 0:
+                missing = "desirable" if summary.desirable == 0 else "undesirable"
+                log.warning(
+                    "%s set has no %s rows: KTO still trains, but only pushes one way, and the "
+                    "reward AUROC is undefined (logged as NaN)",
+                    summary.name, missing,
+                )  # fmt: skip
+            if summary.prompts_truncated:
+                log.warning(
+                    "%s set: %d prompt(s) longer than data.max_prompt_length=%d were cut from the "
+                    "left (their start is lost)",
+                    summary.name, summary.prompts_truncated, self.max_prompt_length,
+                )  # fmt: skip
+
+    @property
+    def label_counts(self) -> tuple[int, int]:
+        """(desirable, undesirable) training rows after filtering; call setup() first."""
+        summary = self.summaries["train"]
+        return summary.desirable, summary.undesirable
+
+    # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
+        kwargs: dict[str, Any] = {"shuffle": True, "generator": self._shuffle_generator}
+        if self.balanced_batches:
+            sampler = LabelBalancedSampler(self.train_set.labels, self.batch_size, seed=self.seed)
+            kwargs = {"sampler": sampler}
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
             collate_fn=self.collator,
             num_workers=self.num_workers,
-            generator=self._shuffle_generator,
             drop_last=len(self.train_set) > self.batch_size,
+            **kwargs,
         )
 
     def val_dataloader(self) -> DataLoader:

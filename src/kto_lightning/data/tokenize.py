@@ -1,27 +1,38 @@
 """Tokenization, truncation and KL pairing.
 
-Prompt and completion are tokenized separately so the completion mask is exact:
-    prompt ids     = [BOS] + tokens(prompt)          (BOS only if the tokenizer has one)
-    completion ids = tokens(completion) + [EOS]
+Prompt and completion are tokenized separately so the completion mask is exact.
+- Text rows:
+      prompt ids     = [BOS] + tokens(prompt)          (BOS only if the tokenizer has one)
+      completion ids = tokens(completion) + [EOS]
+- Conversations are rendered with the tokenizer's chat template; the prompt is the rendering of
+  the prompt messages with the generation prompt (the assistant header), the completion is the
+  rest of the rendering of prompt + completion messages: exactly the assistant's tokens, its
+  end-of-turn marker included. The template supplies BOS/EOS; none are added.
 Truncation, in this order:
-    1. the prompt keeps its last `max_prompt_length` tokens (BOS stays in front): the end of a
-       prompt, nearest the answer, matters most;
-    2. the completion keeps its first `max_length - len(prompt)` tokens.
-A row whose completion would be empty after that is dropped and counted.
+  1. the prompt keeps its last `max_prompt_length` tokens (a leading BOS stays in front): the end
+     of a prompt, nearest the answer, matters most;
+  2. the completion keeps its first `max_length - len(prompt)` tokens.
+A row whose completion is empty after that is dropped and counted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import datasets
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.rows import Row
 from kto_lightning.errors import ConfigError, DataError
 
-# Random draws per example before assign_kl_partners lists the eligible partners explicitly.
+# Bump when the encoding below changes, so cached tokenizations made by older code are not reused.
+ENCODING_VERSION = 1
+# Random draws per example before the eligible KL partners are listed explicitly.
 _DRAWS = 64
 
 
@@ -45,72 +56,216 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
         )
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict], where: str
+) -> tuple[str, str]:
+    """(prompt text, completion text) of a conversation, through the chat template."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            f"{where}: the chat template renders the prompt differently alone (with the "
+            "generation prompt) than followed by the completion, so the completion tokens "
+            "cannot be told apart; set data.chat_template to a template without that difference"
+        )
+    return prompt_text, full_text[len(prompt_text) :]
+
+
+def encode(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    chat: bool,
+    max_length: int,
+    max_prompt_length: int,
+    where: Sequence[str] | None = None,
+) -> dict[str, list]:
+    """Token ids of prompts and completions, truncated; plus their lengths before truncation."""
+    columns = ("prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens")
+    out: dict[str, list] = {column: [] for column in columns}
+    if not prompts:  # a fast tokenizer fails on an empty batch
+        return out
+    if chat:
+        where = where or [f"row {i + 1}" for i in range(len(prompts))]
+        texts = [
+            render_chat(tokenizer, p, c, w)
+            for p, c, w in zip(prompts, completions, where, strict=True)
+        ]
+        prompts, completions = [t[0] for t in texts], [t[1] for t in texts]
+        bos, eos = [], []
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_tokens = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_tokens = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    bos_id = tokenizer.bos_token_id
+    for prompt, completion in zip(prompt_tokens, completion_tokens, strict=True):
+        prompt, completion = bos + prompt, completion + eos
+        out["prompt_tokens"].append(len(prompt))
+        out["completion_tokens"].append(len(completion))
+        if len(prompt) > max_prompt_length:
+            head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
+            prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+        out["prompt_ids"].append(prompt)
+        out["completion_ids"].append(completion[: max_length - len(prompt)])
+    return out
+
+
 def tokenize_rows(
     rows: Sequence[Row],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     max_prompt_length: int,
 ) -> tuple[list[Example], int]:
-    """Tokenize and truncate; returns the kept examples and how many rows were dropped."""
+    """Tokenize text rows into Examples; returns the kept examples and how many were dropped."""
     check_lengths(max_length, max_prompt_length)
-    if not rows:  # a fast tokenizer fails on an empty batch
-        return [], 0
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([r.completion for r in rows], add_special_tokens=False)["input_ids"]
-    examples, dropped = [], 0
-    for row, prompt, completion in zip(rows, prompts, completions, strict=True):
-        keep = max_prompt_length - len(bos)
-        prompt_ids = bos + prompt[len(prompt) - keep :] if len(prompt) > keep else bos + prompt
-        completion_ids = (completion + eos)[: max_length - len(prompt_ids)]
-        if not completion_ids:
-            dropped += 1
-            continue
-        examples.append(Example(prompt_ids, completion_ids, row.label))
-    return examples, dropped
+    encoded = encode(
+        [r.prompt for r in rows],
+        [r.completion for r in rows],
+        tokenizer,
+        chat=False,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    examples = [
+        Example(p, c, r.label)
+        for r, p, c in zip(rows, encoded["prompt_ids"], encoded["completion_ids"], strict=True)
+        if c
+    ]
+    return examples, len(rows) - len(examples)
 
 
-def assign_kl_partners(examples: Sequence[Example], max_length: int, seed: int) -> list[Example]:
-    """Give every example the completion of another example whose completion differs from its own.
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything about the tokenizer that changes token ids."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(
+        backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode()
+    )
+    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    digest.update(repr((specials, tokenizer.chat_template)).encode())
+    return digest.hexdigest()
 
-    The partner completion is cut to fit beside the example's own prompt, and is drawn at random
-    (seeded) among the completions that still differ from the example's own after that cut, so an
-    example is never paired with its own completion, whatever the sampler or batch size later.
+
+def _cached(rows: datasets.Dataset, fingerprint: str) -> bool:
+    if not rows.cache_files:
+        return False
+    folder = Path(rows.cache_files[0]["filename"]).parent
+    return any(folder.glob(f"cache-{fingerprint}*.arrow"))
+
+
+def tokenize_dataset(
+    rows: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    chat: bool,
+    max_length: int,
+    max_prompt_length: int,
+    name: str,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, bool]:
+    """Tokenize `{prompt, completion, label}` rows; returns (tokenized, read from cache).
+
+    The result is cached beside the source's own cache files under a fingerprint of the rows,
+    the tokenizer and the length settings, so a second run with the same inputs (every run of a
+    sweep over beta, say) reads it back instead of tokenizing again.
     """
-    if len(examples) < 2:
-        raise DataError(
-            f"the KL estimate needs at least 2 examples with different completions; got "
-            f"{len(examples)} example(s)"
+    check_lengths(max_length, max_prompt_length)
+    key = (rows._fingerprint, tokenizer_fingerprint(tokenizer), chat, max_length)
+    key += (max_prompt_length, ENCODING_VERSION)
+    fingerprint = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+    cached = _cached(rows, fingerprint)
+
+    def _encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        where = [f"{name}, row {i + 1}" for i in indices]
+        out = encode(
+            batch["prompt"],
+            batch["completion"],
+            tokenizer,
+            chat,
+            max_length,
+            max_prompt_length,
+            where,
         )
-    keys = [tuple(e.completion_ids) for e in examples]
-    if len(set(keys)) < 2:
+        out["label"] = batch["label"]
+        return out
+
+    tokenized = rows.map(
+        _encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        new_fingerprint=fingerprint,
+        num_proc=num_proc,
+        desc=f"Tokenizing {name}",
+    )
+    return tokenized, cached
+
+
+def kl_partners(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    max_length: int,
+    seed: int,
+) -> list[int]:
+    """For every example, the index of another whose completion is unrelated to it.
+
+    The partner's completion, cut to fit beside the example's prompt, must differ from the
+    example's own completion, and its prompt should differ too (paired data holds two rows per
+    prompt; a reply to the same prompt is not an unrelated completion). Drawn at random, seeded;
+    where every different completion shares the prompt, a different completion is enough.
+    """
+    n = len(completions)
+    if n < 2:
+        raise DataError(
+            f"the KL estimate needs at least 2 examples with different completions; got {n}"
+        )
+    if len({tuple(c) for c in completions}) < 2:
         raise DataError(
             "every example has the same completion, so no example can be paired with an "
             "unrelated completion for the KL estimate"
         )
     rng = random.Random(seed)
-    n = len(examples)
-    paired = []
-    for i, example in enumerate(examples):
-        # Compare the partner completion as it will be used, cut to fit beside this prompt: two
-        # completions that differ only past the cut would otherwise give a copy of the row itself.
-        room = max_length - len(example.prompt_ids)
-        own = example.completion_ids[:room]
+    partners = []
+    for i in range(n):
+        room = max_length - len(prompts[i])
+        own = list(completions[i][:room])
+
+        def unrelated(j: int, strict: bool, i: int = i, room: int = room, own: list = own) -> bool:
+            if list(completions[j][:room]) == own:
+                return False
+            return not strict or list(prompts[j]) != list(prompts[i])
+
         partner = None
-        for _ in range(_DRAWS):  # rejection sampling: quick unless most completions equal this one
-            candidate = examples[rng.randrange(n)].completion_ids[:room]
-            if candidate != own:
-                partner = candidate
+        for _ in range(_DRAWS):  # rejection sampling: quick unless most rows are alike
+            j = rng.randrange(n)
+            if unrelated(j, strict=True):
+                partner = j
                 break
         if partner is None:
-            others = [c for e in examples if (c := e.completion_ids[:room]) != own]
-            if not others:
+            eligible = [j for j in range(n) if unrelated(j, strict=True)]
+            eligible = eligible or [j for j in range(n) if unrelated(j, strict=False)]
+            if not eligible:
                 raise DataError(
                     f"example {i}: every completion cut to the {room} token(s) left beside its "
                     "prompt equals its own, so it has no unrelated completion for the KL "
                     "estimate; raise data.max_length or lower data.max_prompt_length"
                 )
-            partner = rng.choice(others)
-        paired.append(Example(example.prompt_ids, example.completion_ids, example.label, partner))
-    return paired
+            partner = rng.choice(eligible)
+        partners.append(partner)
+    return partners
+
+
+def assign_kl_partners(examples: Sequence[Example], max_length: int, seed: int) -> list[Example]:
+    """Examples with `kl_completion_ids` filled from `kl_partners`, cut to fit their prompt."""
+    partners = kl_partners(
+        [e.prompt_ids for e in examples], [e.completion_ids for e in examples], max_length, seed
+    )
+    return [
+        Example(
+            e.prompt_ids,
+            e.completion_ids,
+            e.label,
+            examples[j].completion_ids[: max_length - len(e.prompt_ids)],
+        )
+        for e, j in zip(examples, partners, strict=True)
+    ]

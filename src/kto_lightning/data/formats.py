@@ -1,0 +1,264 @@
+"""Every supported shape of binary-feedback data, normalised to `{prompt, completion, label}`.
+
+Shapes (`data.format`, or `auto` to tell them from the columns):
+- `unpaired`: a prompt, a completion and a label (bool, 0/1, +1/-1, "true"/"false");
+- `score`: a prompt, a completion and a number; label = score >= `data.score_threshold`;
+- `paired`: `chosen` and `rejected` completions, with an explicit prompt column or an implicit
+  shared prefix; each pair becomes one desirable and one undesirable row.
+Prompt and completion are either text or conversations (lists of `{role, content}` messages, to be
+rendered by the tokenizer's chat template); one file holds one kind.
+Every error names the source, the row (counted from 1) and the column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+from kto_lightning.data.rows import parse_label
+from kto_lightning.errors import ConfigError, DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("auto", "unpaired", "paired", "score")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Which columns hold what. Keys are those of the `data` config."""
+
+    format: str = "auto"
+    prompt_column: str | None = "prompt"
+    completion_column: str = "completion"
+    label_column: str = "label"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    score_column: str | None = None
+    score_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.format == "score" and (self.score_column is None or self.score_threshold is None):
+            raise ConfigError("data.format=score needs data.score_column and data.score_threshold")
+
+    def resolve(self, columns: list[str], where: str) -> str:
+        """The concrete format of a dataset with these columns."""
+        required = {  # format -> [(config key, column)]
+            "unpaired": [
+                ("data.prompt_column", self.prompt_column),
+                ("data.completion_column", self.completion_column),
+                ("data.label_column", self.label_column),
+            ],
+            "score": [
+                ("data.prompt_column", self.prompt_column),
+                ("data.completion_column", self.completion_column),
+                ("data.score_column", self.score_column),
+            ],
+            "paired": [
+                ("data.chosen_column", self.chosen_column),
+                ("data.rejected_column", self.rejected_column),
+            ],
+        }
+        if self.format != "auto":
+            for key, column in required[self.format]:
+                if column is None or column not in columns:
+                    name = "(none: data.prompt_column is null)" if column is None else repr(column)
+                    raise DataError(
+                        f"{where}: missing column {name} for data.format={self.format}; the "
+                        f"columns found are {sorted(columns)}; set {key} to the column that "
+                        "holds it"
+                    )
+            return self.format
+        for name in ("unpaired", "paired", "score"):
+            needed = [column for _, column in required[name]]
+            if None not in needed and all(c in columns for c in needed):
+                return name
+        raise DataError(
+            f"{where}: cannot tell the data's shape from its columns {sorted(columns)}. Expected "
+            f"{self.prompt_column!r}/{self.completion_column!r}/{self.label_column!r} (unpaired), "
+            f"{self.chosen_column!r}/{self.rejected_column!r} (paired), or a score column with "
+            "data.score_column and data.score_threshold. Set the data.*_column keys to your "
+            "column names."
+        )
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    """Validate a conversation: a non-empty list of {role, content} with known roles."""
+    if not value:
+        raise DataError(f"{where}: empty conversation")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}, message {i}: expected {{role, content}}, got {message!r}")
+        if message["role"] not in ROLES:
+            raise DataError(
+                f"{where}, message {i}: unknown role {message['role']!r}; roles are {list(ROLES)}"
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}, message {i}: content is not text ({message['content']!r})")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _text_or_chat(value: Any, chat: bool, where: str) -> str | list[dict[str, str]]:
+    if chat:
+        if not isinstance(value, list):
+            raise DataError(f"{where}: expected a conversation (as in earlier rows), got {value!r}")
+        return _messages(value, where)
+    if isinstance(value, list):
+        raise DataError(f"{where}: a conversation, but earlier rows hold plain text")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: empty or not text ({value!r})")
+    return value
+
+
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen completion, rejected completion) from two texts with a common start.
+
+    The prompt ends before the word where the two differ, and the completions begin with the
+    whitespace before that word, as a tokenizer expects a word to begin. None when one text is a
+    prefix of the other (a completion would be empty).
+    """
+    shortest = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shortest) if chosen[i] != rejected[i]), shortest)
+    if cut in (len(chosen), len(rejected)):
+        return None
+    while cut > 0 and not chosen[cut - 1].isspace():
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _pair_rows(schema: Schema, row: dict, chat: bool, where: str) -> list[tuple[Any, Any]]:
+    """[(prompt, chosen completion), (prompt, rejected completion)] of one paired row."""
+    chosen_where = f"{where}, column {schema.chosen_column!r}"
+    chosen = _text_or_chat(row[schema.chosen_column], chat, chosen_where)
+    rejected_where = f"{where}, column {schema.rejected_column!r}"
+    rejected = _text_or_chat(row[schema.rejected_column], chat, rejected_where)
+    explicit = row.get(schema.prompt_column) if schema.prompt_column else None
+    if chat:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt: Any = chosen[:shared]
+        if not prompt and explicit is not None:
+            prompt_where = f"{where}, column {schema.prompt_column!r}"
+            prompt = (
+                _messages(explicit, prompt_where)
+                if isinstance(explicit, list)
+                else [{"role": "user", "content": _text_or_chat(explicit, False, prompt_where)}]
+            )
+        completions = (chosen[shared:], rejected[shared:])
+        if not prompt or not all(completions):
+            raise DataError(
+                f"{where}: chosen and rejected must share a prompt and differ after it "
+                f"({shared} shared messages); set data.prompt_column if the prompt is apart"
+            )
+        return [(prompt, completions[0]), (prompt, completions[1])]
+    if explicit is not None:
+        prompt = _text_or_chat(explicit, False, f"{where}, column {schema.prompt_column!r}")
+        # Some datasets repeat the prompt at the start of each completion.
+        cut = len(prompt) if chosen.startswith(prompt) and rejected.startswith(prompt) else 0
+        if not chosen[cut:].strip() or not rejected[cut:].strip():
+            raise DataError(f"{where}: chosen or rejected holds nothing beyond the prompt")
+        return [(prompt, chosen[cut:]), (prompt, rejected[cut:])]
+    split = split_shared_prefix(chosen, rejected)
+    if split is None or not split[0].strip():
+        raise DataError(
+            f"{where}: no shared prompt found at the start of chosen and rejected; "
+            "set data.prompt_column to the column that holds the prompt"
+        )
+    return [(split[0], split[1]), (split[0], split[2])]
+
+
+def _row_normaliser(schema: Schema, fmt: str, chat: bool, name: str) -> Callable:
+    def normalise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"prompt": [], "completion": [], "label": [], "row": []}
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        for index, row in zip(indices, rows, strict=True):
+            where = f"{name}, row {index + 1}"
+            if fmt == "paired":
+                (prompt, good), (_, bad) = _pair_rows(schema, row, chat, where)
+                out["prompt"] += [prompt, prompt]
+                out["completion"] += [good, bad]
+                out["label"] += [True, False]
+                out["row"] += [index, index]
+                continue
+            out["row"].append(index)
+            prompt_col, completion_col = schema.prompt_column, schema.completion_column
+            out["prompt"].append(
+                _text_or_chat(row[prompt_col], chat, f"{where}, column {prompt_col!r}")
+            )
+            out["completion"].append(
+                _text_or_chat(row[completion_col], chat, f"{where}, column {completion_col!r}")
+            )
+            if fmt == "score":
+                out["label"].append(_score_label(schema, row, where))
+            else:
+                label_where = f"{where}, column {schema.label_column!r}"
+                out["label"].append(parse_label(row[schema.label_column], label_where))
+        return out
+
+    return normalise
+
+
+def _score_label(schema: Schema, row: dict, where: str) -> bool:
+    score = row[schema.score_column]
+    if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
+        raise DataError(f"{where}, column {schema.score_column!r}: not a number ({score!r})")
+    return score >= schema.score_threshold
+
+
+def is_conversational(dataset: datasets.Dataset, schema: Schema, fmt: str) -> bool:
+    column = schema.chosen_column if fmt == "paired" else schema.completion_column
+    return isinstance(dataset[0][column], list)
+
+
+def normalise(
+    dataset: datasets.Dataset,
+    schema: Schema,
+    name: str,
+    seed: int,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, str, bool]:
+    """Rows of any shape -> `{prompt, completion, label, row}`; returns (rows, format, chat).
+
+    `row` is the index of the source row each output row came from (a pair gives two rows with
+    the same `row`), so that a later split can keep pairs together and messages can name rows.
+    Paired data is shuffled after the split into two rows (seeded) so that labels mix.
+    """
+    fmt = schema.resolve(dataset.column_names, name)
+    chat = is_conversational(dataset, schema, fmt)
+    text: Any = (
+        datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+        if chat
+        else datasets.Value("string")
+    )
+    # Explicit features: without them `map` keeps the input's type for an output column of the
+    # same name, so an int64 `label` column would stay 1/0 (and a float -1.0 would become 0.0).
+    features = datasets.Features(
+        {
+            "prompt": text,
+            "completion": text,
+            "label": datasets.Value("bool"),
+            "row": datasets.Value("int64"),
+        }
+    )
+    rows = dataset.map(
+        _row_normaliser(schema, fmt, chat, name),
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=features,
+        num_proc=num_proc,
+        desc=f"Reading {name}",
+    )
+    if fmt == "paired":
+        rows = rows.shuffle(seed=seed).flatten_indices()
+    return rows, fmt, chat

@@ -1,0 +1,170 @@
+"""Loading raw rows: local files (jsonl, json, parquet, csv) or a hub dataset, through `datasets`.
+
+`datasets` reads files fast but reports bad ones vaguely (a malformed JSON line is blamed on the
+wrong row, bytes that are not UTF-8 pass silently, an empty file raises StopIteration). So text
+files are checked for encoding and emptiness first, and a failed JSON load is diagnosed line by
+line to name the line to fix.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+
+from kto_lightning.errors import DataError
+from kto_lightning.hub import looks_local, unavailable_reason
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TEXT_BUILDERS = {"json", "csv"}
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in BUILDERS or looks_local(source) or Path(source).exists()
+
+
+def _check_text_file(path: Path) -> None:
+    """Raise naming the line of the first byte that is not UTF-8, or an empty file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, seen_text = 1, False
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                line += chunk[: error.start].count(b"\n")
+                raise DataError(
+                    f"{path}, line {line}: bytes that are not UTF-8 text "
+                    f"({chunk[error.start : error.start + 4]!r}); save the file as UTF-8"
+                ) from None
+            line += text.count("\n")
+            seen_text = seen_text or bool(text.strip())
+    if not seen_text:
+        raise DataError(f"{path}: the file is empty")
+
+
+def _diagnose_json(path: Path) -> str | None:
+    """Where a JSON-lines file, or a file holding one JSON array, stops being JSON objects."""
+    with path.open(encoding="utf-8-sig") as handle:
+        is_array = handle.read(4096).lstrip().startswith("[")
+    if is_array:  # one document over many lines: a line-by-line reading would blame line 1
+        try:
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as error:
+            return (
+                f"{path}, line {error.lineno}: malformed JSON ({error.msg}, column {error.colno})"
+            )
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record, dict):
+                return (
+                    f"{path}, item {number} of the JSON array: expected a JSON object, "
+                    f"got {json.dumps(record)[:60]}"
+                )
+        return None if records else f"{path}: the file holds no rows"
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{path}, line {number}: malformed JSON ({error.msg}, column {error.colno})"
+            if not isinstance(record, dict):
+                return f"{path}, line {number}: expected a JSON object, got {line.strip()[:60]}"
+    return None
+
+
+def _holds_no_rows(path: Path, builder: str) -> bool:
+    """A csv of only a header, or a parquet file of only a schema (datasets fails obscurely)."""
+    try:
+        if builder == "parquet":
+            return pq.read_metadata(path).num_rows == 0
+        if builder == "csv":
+            with path.open(encoding="utf-8-sig") as handle:
+                return sum(1 for line in handle if line.strip()) <= 1
+    except Exception:  # unreadable in another way: the caller reports datasets' own error
+        return False
+    return False
+
+
+def load_local(path: str | Path, cache_dir: str | None = None) -> datasets.Dataset:
+    """Rows of a local jsonl, json, parquet or csv file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(BUILDERS)}"
+        )
+    if builder in TEXT_BUILDERS:
+        _check_text_file(path)
+    try:
+        dataset = datasets.load_dataset(
+            builder, data_files=str(path.resolve()), split="train", cache_dir=cache_dir
+        )
+    except Exception as error:
+        detail = _diagnose_json(path) if builder == "json" else None
+        if detail is None and _holds_no_rows(path, builder):
+            detail = f"{path}: the file holds no rows"
+        if detail is None:
+            cause = error.__cause__ or error
+            detail = f"{path}: cannot be read as {builder} ({type(cause).__name__}: {cause})"
+        raise DataError(detail) from None
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    return dataset
+
+
+def load_hub(
+    name: str,
+    subset: str | None,
+    split: str,
+    revision: str | None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """One split of a hub dataset; a clear error when it is neither cached nor reachable."""
+    reason = unavailable_reason()
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    # Unreachable: let datasets go straight to its cache instead of retrying the network.
+    datasets.config.HF_HUB_OFFLINE = was_offline or reason is not None
+    try:
+        dataset = datasets.load_dataset(
+            name, subset, split=split, revision=revision, cache_dir=cache_dir
+        )
+    except Exception as error:
+        if reason is not None:
+            raise DataError(
+                f"data.source={name!r} is not a local file, it is not in the datasets cache, and "
+                f"{reason}. Download it where there is network and copy the cache "
+                "(HF_HOME or HF_DATASETS_CACHE), or export it to a local file "
+                "(`datasets.load_dataset(...).to_json('rows.jsonl')`) and set data.source to it."
+            ) from None
+        raise DataError(
+            f"data.source={name!r} (subset {subset!r}, split {split!r}) could not be loaded: "
+            f"{error}"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+    if len(dataset) == 0:
+        raise DataError(f"data.source={name!r}, split {split!r}: no rows")
+    return dataset
+
+
+def load_source(
+    source: str,
+    subset: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """A local file when `source` names one (or looks like a path), else a hub dataset."""
+    if _is_local(source):
+        return load_local(source, cache_dir)
+    return load_hub(source, subset, split, revision, cache_dir)

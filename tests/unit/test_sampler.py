@@ -1,0 +1,191 @@
+"""Tests for kto_lightning.data.sampler.LabelBalancedSampler."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch.utils.data import DataLoader
+
+from kto_lightning.data.sampler import LabelBalancedSampler
+from kto_lightning.errors import ConfigError, DataError
+
+
+def make_labels(n_desirable: int, n_undesirable: int, seed: int = 0) -> list[bool]:
+    labels = [True] * n_desirable + [False] * n_undesirable
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [labels[i] for i in order]
+
+
+def chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def assert_balanced(batches: list[list[int]], labels: list[bool], batch_size: int) -> None:
+    for batch in batches:
+        assert len(batch) == batch_size
+        batch_labels = {labels[i] for i in batch}
+        assert batch_labels == {True, False}, f"one-class batch {batch}"
+
+
+# ------------------------------------------------------------------------------ single process
+
+
+@pytest.mark.parametrize(("n_desirable", "n_undesirable"), [(50, 50), (90, 10), (99, 1), (3, 97)])
+def test_every_batch_holds_both_labels(n_desirable, n_undesirable):
+    labels = make_labels(n_desirable, n_undesirable)
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=1, num_replicas=1)
+    indices = list(sampler)
+    assert len(indices) % 8 == 0
+    assert_balanced(chunks(indices, 8), labels, 8)
+
+
+@pytest.mark.parametrize(("n_desirable", "n_undesirable"), [(50, 50), (90, 10), (99, 1), (7, 30)])
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_every_index_appears_and_len_matches(n_desirable, n_undesirable, batch_size):
+    labels = make_labels(n_desirable, n_undesirable)
+    sampler = LabelBalancedSampler(labels, batch_size=batch_size, seed=3, num_replicas=1)
+    indices = list(sampler)
+    assert len(indices) == len(sampler)
+    assert set(indices) == set(range(len(labels)))
+    assert all(0 <= i < len(labels) for i in indices)
+
+
+def test_each_index_exactly_once_when_no_oversampling_is_needed():
+    # 70/30 over 100 rows in batches of 10: 7 desirable + 3 undesirable per batch, 10 batches.
+    labels = make_labels(70, 30)
+    sampler = LabelBalancedSampler(labels, batch_size=10, seed=0, num_replicas=1)
+    indices = list(sampler)
+    assert len(sampler) == 100
+    assert sorted(indices) == list(range(100))
+    for batch in chunks(indices, 10):
+        assert sum(labels[i] for i in batch) == 7
+
+
+def test_proportions_are_roughly_kept():
+    labels = make_labels(700, 300)
+    sampler = LabelBalancedSampler(labels, batch_size=16, seed=5, num_replicas=1)
+    shares = [sum(labels[i] for i in b) / 16 for b in chunks(list(sampler), 16)]
+    assert abs(sum(shares) / len(shares) - 0.7) < 0.1
+    # Counts differ by at most one between batches: 706 of 1008 slots over 63 batches.
+    assert max(shares) - min(shares) <= 1 / 16 + 1e-9
+
+
+def test_minority_is_oversampled_and_majority_fits():
+    # 99/1 in batches of 8: the one undesirable row must sit in every batch, and the 99
+    # desirable rows need ceil(99 / 7) = 15 batches, so the epoch grows from 100 to 120.
+    labels = make_labels(99, 1)
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=0, num_replicas=1)
+    indices = list(sampler)
+    assert len(sampler) == len(indices) == 120
+    minority = labels.index(False)
+    assert Counter(indices)[minority] == 15
+    assert {i for i in indices if labels[i]} == {i for i in range(100) if labels[i]}
+
+
+def test_epoch_is_rounded_up_to_whole_batches():
+    labels = make_labels(30, 21)  # 51 rows, batch 8 -> 7 batches = 56 indices
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=0, num_replicas=1)
+    assert len(sampler) == len(list(sampler)) == 56
+
+
+def test_deterministic_per_seed_and_epoch_and_reshuffled_across_epochs():
+    labels = make_labels(60, 40)
+    a = LabelBalancedSampler(labels, batch_size=8, seed=7, num_replicas=1)
+    b = LabelBalancedSampler(labels, batch_size=8, seed=7, num_replicas=1)
+    assert list(a) == list(b)
+    assert list(a) == list(a)  # iterating again without set_epoch repeats the epoch
+    first = list(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(a) != first
+    assert list(LabelBalancedSampler(labels, batch_size=8, seed=8, num_replicas=1)) != first
+
+
+@pytest.mark.parametrize(
+    ("labels", "batch_size"),
+    [([True] * 10, 4), ([False] * 10, 4), (make_labels(5, 5), 1)],
+)
+def test_single_label_or_batch_of_one_is_a_plain_shuffle(labels, batch_size):
+    sampler = LabelBalancedSampler(labels, batch_size=batch_size, seed=0, num_replicas=2)
+    indices = list(sampler)
+    assert len(sampler) == 10
+    assert sorted(indices) == list(range(10))
+    assert indices != list(range(10))
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
+
+
+def test_num_replicas_none_reads_world_size_one_without_distributed():
+    labels = make_labels(20, 20)
+    assert not torch.distributed.is_initialized()
+    implicit = LabelBalancedSampler(labels, batch_size=4, seed=0)
+    explicit = LabelBalancedSampler(labels, batch_size=4, seed=0, num_replicas=1)
+    assert list(implicit) == list(explicit)
+    assert len(implicit) == 40
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_bad_batch_size_names_the_config_key(batch_size):
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        LabelBalancedSampler([True, False], batch_size=batch_size)
+
+
+def test_empty_labels_raise_data_error():
+    with pytest.raises(DataError, match="no rows"):
+        LabelBalancedSampler([], batch_size=4)
+
+
+# ------------------------------------------------------------------------------ DataLoader / DDP
+
+
+def test_dataloader_batches_are_balanced():
+    labels = make_labels(85, 15)
+    dataset = torch.utils.data.TensorDataset(torch.arange(100), torch.tensor(labels))
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=2, num_replicas=1)
+    loader = DataLoader(dataset, batch_size=8, sampler=sampler)
+    batches = list(loader)
+    assert len(batches) == len(loader) == len(sampler) // 8
+    for index, label in batches:
+        assert len(index) == 8
+        assert label.any() and not label.all()
+        assert torch.equal(label, torch.tensor(labels)[index])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("n_desirable", "n_undesirable"), [(50, 50), (90, 10), (99, 1), (13, 40)])
+def test_strided_split_gives_every_rank_balanced_batches(world, n_desirable, n_undesirable):
+    labels = make_labels(n_desirable, n_undesirable)
+    sampler = LabelBalancedSampler(labels, batch_size=4, seed=0, num_replicas=world)
+    indices = list(sampler)
+    assert len(indices) == len(sampler)
+    assert len(indices) % (4 * world) == 0  # the wrapper then pads nothing
+    assert set(indices) == set(range(len(labels)))
+    for rank in range(world):
+        assert_balanced(chunks(indices[rank::world], 4), labels, 4)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_sampler_wrapper_gives_every_rank_balanced_batches(world):
+    labels = make_labels(90, 10)
+    sampler = LabelBalancedSampler(labels, batch_size=4, seed=0, num_replicas=world)
+    seen: list[int] = []
+    for epoch in range(2):
+        per_rank = []
+        for rank in range(world):
+            wrapper = DistributedSamplerWrapper(
+                sampler, num_replicas=world, rank=rank, shuffle=False
+            )
+            wrapper.set_epoch(epoch)  # forwarded to the balanced sampler
+            rank_indices = list(wrapper)
+            assert len(rank_indices) == len(wrapper) == len(sampler) // world
+            assert_balanced(chunks(rank_indices, 4), labels, 4)
+            per_rank.append(rank_indices)
+        # Ranks see disjoint slots of the same epoch; together they cover every row.
+        assert set().union(*per_rank) == set(range(100))
+        assert sum(map(len, per_rank)) == len(sampler)
+        seen.append(per_rank[0])
+    assert seen[0] != seen[1]
