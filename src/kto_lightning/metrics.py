@@ -25,6 +25,8 @@ FIELDS = (
     "correct",
     "kl_sum",
     "kl_count",
+    "real_tokens",
+    "slot_tokens",
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
@@ -37,12 +39,15 @@ def batch_sums(
     kl_sum: Tensor,
     kl_count: Tensor,
     threshold: Tensor | float = 0.0,
+    real_tokens: Tensor | float = 0.0,
+    slot_tokens: Tensor | float = 0.0,
 ) -> Tensor:
     """One batch's sums, a float32 vector ordered as FIELDS. Inputs are (B,); the rest scalars.
 
     A row counts as correct when its implied reward lies on the side of `threshold` that its
     label asks for (desirable: above, undesirable: below; ties are wrong). The module passes the
-    loss's own decision boundary, beta * z_ref, as the threshold.
+    loss's own decision boundary, beta * z_ref, as the threshold. `real_tokens` and
+    `slot_tokens` count the batch's non-pad tokens and all its token slots (padding included).
     """
     d = labels.float()
     u = 1.0 - d
@@ -63,6 +68,8 @@ def batch_sums(
             correct.sum(),
             kl_sum.detach().float().reshape(()),
             kl_count.detach().float().reshape(()),
+            d.new_tensor(real_tokens) if not torch.is_tensor(real_tokens) else real_tokens.float(),
+            d.new_tensor(slot_tokens) if not torch.is_tensor(slot_tokens) else slot_tokens.float(),
         ]
     )
 
@@ -92,6 +99,8 @@ def finalize(sums: Tensor) -> dict[str, Tensor]:
         "logps/rejected": _ratio(sums, "logp_undesirable_sum", "undesirable"),
         "count/desirable": sums[_INDEX["desirable"]],
         "count/undesirable": sums[_INDEX["undesirable"]],
+        # Share of the batch's token slots that are padding (main and KL rows).
+        "padding": 1.0 - _ratio(sums, "real_tokens", "slot_tokens"),
     }
 
 

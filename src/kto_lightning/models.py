@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import (
@@ -112,6 +113,7 @@ class TinyLlama:
         dropout: attention dropout probability.
         max_seq_len: largest position the model supports.
         intermediate_size: MLP width; None means 4 x hidden_size.
+        lora: peft.LoraConfig arguments to train LoRA adapters only; None trains every weight.
     """
 
     vocab_size: int = BYTE_VOCAB_SIZE
@@ -121,6 +123,7 @@ class TinyLlama:
     dropout: float = 0.0
     max_seq_len: int = 256
     intermediate_size: int | None = None
+    lora: dict | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size < BYTE_VOCAB_SIZE:
@@ -163,7 +166,7 @@ class TinyLlama:
 
     def load_policy(self) -> PreTrainedModel:
         # Random init follows the global seed, which train.py sets before calling this.
-        return LlamaForCausalLM(self.config())
+        return apply_lora(LlamaForCausalLM(self.config()), self.lora)
 
 
 @dataclass
@@ -178,6 +181,7 @@ class Pretrained:
         dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own).
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
         attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the default.
+        lora: peft.LoraConfig arguments to train LoRA adapters only; None trains every weight.
     """
 
     name_or_path: str
@@ -186,6 +190,7 @@ class Pretrained:
     dtype: str = "float32"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    lora: dict | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -218,11 +223,35 @@ class Pretrained:
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         try:
-            return AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"could not load the model from model.name_or_path={self.name_or_path!r}: {error}"
             ) from None
+        return apply_lora(model, self.lora)
+
+
+def apply_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
+    """Wrap `model` with LoRA adapters (peft) when `lora` is set; only the adapters then train.
+
+    `lora` holds peft.LoraConfig arguments, e.g. {r: 16, lora_alpha: 32, lora_dropout: 0.0,
+    target_modules: all-linear}. The adapters start at zero, so the wrapped model computes exactly
+    what the base model does until it trains.
+    """
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    settings = OmegaConf.to_container(lora) if isinstance(lora, DictConfig) else dict(lora)
+    settings.setdefault("task_type", "CAUSAL_LM")
+    try:
+        config = LoraConfig(**settings)
+    except TypeError as error:
+        raise ConfigError(f"model.lora: {error}") from None
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # e.g. target modules that the model does not have
+        raise ConfigError(f"model.lora: {error}") from None
 
 
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:

@@ -29,6 +29,7 @@ from kto_lightning.losses import (
 )
 from kto_lightning.metrics import batch_sums, finalize, reward_auroc
 from kto_lightning.optim import parameter_groups
+from kto_lightning.reference import ReferenceProvider
 
 REFERENCE_PREFIX = "reference."
 # Shown in the progress bar under short names; the loggers get the full names.
@@ -40,7 +41,8 @@ class KTOModule(L.LightningModule):
 
     Args:
         policy: the causal LM being trained.
-        reference: the frozen reference model (an untrained copy of the policy).
+        reference: where reference log-probs come from: a frozen copy of the initial policy, the
+            policy with its adapters disabled, or a cache (see kto_lightning.reference).
         loss: the loss hyperparameters (beta, class weights, reference-point estimator).
         optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
         scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
@@ -50,7 +52,7 @@ class KTOModule(L.LightningModule):
     def __init__(
         self,
         policy: nn.Module,
-        reference: nn.Module,
+        reference: ReferenceProvider,
         loss: KTOLossConfig,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
@@ -70,6 +72,7 @@ class KTOModule(L.LightningModule):
         self.logprob_chunk_size = logprob_chunk_size
         # The reference point: APO-zero needs none, whatever estimator the config names.
         self.estimator = loss.estimator if loss.loss_type == "kto" else "zero"
+        self._train_sums: Tensor | None = None  # this rank's totals over the whole run
         self._val_sums: Tensor | None = None
         self._val_rewards: list[Tensor] = []
         self._val_labels: list[Tensor] = []
@@ -91,21 +94,20 @@ class KTOModule(L.LightningModule):
             chunk_size=self.logprob_chunk_size,
         )
 
-    def forward_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
-        """The four log-prob vectors a KTO step needs; KL ones are None unless `mismatched`."""
+    def forward_logps(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor | None]:
+        """The four log-prob vectors a KTO step needs; KL ones are None unless `mismatched`.
+
+        `split` ("train" or "validation") tells a cached reference which table to read.
+        """
         with_kl = self.estimator == "mismatched"
         policy_logps = self._logps(self.policy, batch)
-        kl_policy_logps = kl_reference_logps = None
+        kl_policy_logps = None
         with torch.no_grad():
             if with_kl:
                 kl_policy_logps = self._logps(self.policy, batch, "kl_")
-                # One batched reference forward over main and KL rows (the collator pads both to
-                # one length for this).
-                keys = ("input_ids", "attention_mask", "completion_mask")
-                both = {k: torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys}
-                reference_logps, kl_reference_logps = self._logps(self.reference, both).chunk(2)
-            else:
-                reference_logps = self._logps(self.reference, batch)
+            reference_logps, kl_reference_logps = self.reference.logps(
+                self.policy, batch, split, self.logprob_chunk_size, with_kl
+            )
         return {
             "policy": policy_logps,
             "reference": reference_logps,
@@ -114,9 +116,9 @@ class KTOModule(L.LightningModule):
         }
 
     # ---------------------------------------------------------------- the shared step
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
         """Returns the loss to backpropagate, the local metric sums and the rewards."""
-        logps = self.forward_logps(batch)
+        logps = self.forward_logps(batch, split)
         labels = batch["labels"]
         kl_sum, kl_count = kl_statistics(
             self.estimator,
@@ -136,6 +138,9 @@ class KTOModule(L.LightningModule):
         # Gradient averaging across ranks divides by the world size; multiplying it back makes the
         # result the exact mean over all rows of all ranks, even when ranks hold unequal batches.
         loss = out.losses.sum() * world_size() / global_rows
+        masks = [batch["attention_mask"]]
+        if "kl_attention_mask" in batch:
+            masks.append(batch["kl_attention_mask"])
         sums = batch_sums(
             out.losses,
             out.rewards,
@@ -144,6 +149,8 @@ class KTOModule(L.LightningModule):
             kl_sum,
             kl_count,
             threshold=self.loss_config.beta * out.reference_point,
+            real_tokens=sum(m.sum() for m in masks),
+            slot_tokens=float(sum(m.numel() for m in masks)),
         )
         return loss, sums, out.rewards
 
@@ -154,11 +161,19 @@ class KTOModule(L.LightningModule):
             self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, sums, _ = self._step(batch)
+        loss, sums, _ = self._step(batch, "train")
+        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
         metrics = finalize(all_reduce_sum(sums))
         self._log_metrics("train", metrics, batch_size=len(batch["labels"]))
         return loss
+
+    @property
+    def train_padding_share(self) -> float | None:
+        """Share of padding in all training batches of this rank so far (None before any)."""
+        if self._train_sums is None:
+            return None
+        return float(finalize(self._train_sums)["padding"])
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -166,7 +181,7 @@ class KTOModule(L.LightningModule):
         self._val_rewards, self._val_labels = [], []
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        _, sums, rewards = self._step(batch)
+        _, sums, rewards = self._step(batch, "validation")
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
         self._val_rewards.append(rewards.float())
         self._val_labels.append(batch["labels"])

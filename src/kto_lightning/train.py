@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.errors import ConfigError, KTOError
 from kto_lightning.losses import KTOLossConfig
-from kto_lightning.models import ModelSource, make_reference
+from kto_lightning.models import ModelSource
 from kto_lightning.module import KTOModule
+from kto_lightning.reference import CopyReference, build_provider
 
 log = logging.getLogger("kto_lightning")
 
@@ -48,7 +49,11 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _summary(
-    before: dict[str, float], after: dict[str, float], seconds: float, trainer: L.Trainer
+    before: dict[str, float],
+    after: dict[str, float],
+    seconds: float,
+    trainer: L.Trainer,
+    padding: float | None,
 ) -> str:
     rows = [
         ("validation reward AUROC", "val/rewards/auroc", "{:.3f}"),
@@ -67,11 +72,27 @@ def _summary(
             continue
         start = fmt.format(before[key]) if key in before else "n/a"
         lines.append(f"  {label:<{width}}  {start} -> {fmt.format(after[key])}")
+    if padding is not None:
+        lines.append(f"  padding in training batches: {100 * padding:.1f}% of token slots")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.dirpath:
         lines.append(f"  checkpoints: {checkpoint.dirpath}")
     lines.append(f"  run directory: {trainer.default_root_dir}")
     return "\n".join(lines)
+
+
+def compile_backbones(
+    policy: torch.nn.Module, reference: torch.nn.Module, options: DictConfig
+) -> None:
+    """torch.compile the decoder stacks in place (state-dict keys are unchanged).
+
+    Only the backbones are compiled: the chunked LM head is a custom autograd function that runs
+    its own loop, and the rest of a step is small.
+    """
+    kwargs = {"backend": options.backend, "mode": options.mode, "dynamic": options.dynamic}
+    policy.get_decoder().compile(**kwargs)
+    if isinstance(reference, CopyReference):
+        reference.model.get_decoder().compile(**kwargs)
 
 
 @dataclass
@@ -107,9 +128,22 @@ def build(cfg: DictConfig) -> Run:
         loss_config.estimator,
     )
     policy = source.load_policy()
+    if cfg.gradient_checkpointing:
+        # Recompute each decoder layer in backward: activation memory for ~30% more compute.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = build_provider(
+        instantiate(cfg.reference),
+        policy,
+        tokenizer,
+        datamodule,
+        cfg.logprob_chunk_size,
+        with_kl=loss_config.needs_kl_rows,
+    )
+    if cfg.compile.enabled:
+        compile_backbones(policy, reference, cfg.compile)
     module = KTOModule(
         policy=policy,
-        reference=make_reference(policy),
+        reference=reference,
         loss=loss_config,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -144,7 +178,8 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     seconds = time.perf_counter() - start
     after = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
-        log.info("%s", _summary(before, after, seconds, trainer))
+        summary = _summary(before, after, seconds, trainer, module.train_padding_share)
+        log.info("%s", summary)
 
     objective = cfg.get("objective")
     if not objective:

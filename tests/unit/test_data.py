@@ -541,7 +541,7 @@ def test_collator_masks_recover_the_tokens():
 
 def test_collator_without_kl_omits_kl_keys_and_pads_to_the_main_rows():
     batch = KTOCollator(pad_token_id=PAD, with_kl=False)(collator_examples())
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "labels", "index"}
     assert batch["input_ids"].shape == (2, 7)
     assert batch["input_ids"][0].tolist() == [BOS, 1, 2, 3, EOS, PAD, PAD]
 

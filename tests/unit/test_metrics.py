@@ -70,6 +70,9 @@ def test_batch_sums_hand_worked():
         "correct": 2.0,
         "kl_sum": 0.6,
         "kl_count": 3.0,
+        # token counts default to 0 when the caller gives none
+        "real_tokens": 0.0,
+        "slot_tokens": 0.0,
     }
     assert_close(sums, t([expected[name] for name in FIELDS]))
 

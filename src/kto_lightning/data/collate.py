@@ -35,8 +35,9 @@ class KTOCollator:
     """Collate Examples into tensors.
 
     Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) for the rows themselves,
-    `labels` (B,) bool, and with `with_kl` the same three tensors prefixed `kl_` for the rows built
-    from each prompt and its partner's completion.
+    `labels` (B,) bool, `index` (B,) the examples' dataset positions, and with `with_kl` the
+    same three tensors prefixed `kl_` for the rows built from each prompt and its partner's
+    completion.
     """
 
     def __init__(self, pad_token_id: int, with_kl: bool = True) -> None:
@@ -51,4 +52,5 @@ class KTOCollator:
         if self.with_kl:
             batch.update({f"kl_{k}": v for k, v in _pad(kl, length, self.pad_token_id).items()})
         batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+        batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
         return batch

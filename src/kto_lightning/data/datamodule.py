@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.formats import Schema, normalise
-from kto_lightning.data.sampler import LabelBalancedSampler
+from kto_lightning.data.sampler import LabelBalancedSampler, LengthGroupedSampler
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import Example, check_lengths, kl_partners, tokenize_dataset
@@ -50,7 +50,21 @@ class KTODataset(Dataset):
         if self.partners is not None:
             room = self.max_length - len(row["prompt_ids"])
             kl = self.rows[self.partners[index]]["completion_ids"][:room]
-        return Example(row["prompt_ids"], row["completion_ids"], bool(row["label"]), kl)
+        return Example(row["prompt_ids"], row["completion_ids"], bool(row["label"]), kl, index)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each row as a batch pads it: the longer of the row and its KL row."""
+        prompts = [len(ids) for ids in self.rows["prompt_ids"]]
+        completions = [len(ids) for ids in self.rows["completion_ids"]]
+        lengths = [p + c for p, c in zip(prompts, completions, strict=True)]
+        if self.partners is None:
+            return lengths
+        kl = [
+            p + min(completions[j], self.max_length - p)
+            for p, j in zip(prompts, self.partners, strict=True)
+        ]
+        return [max(a, b) for a, b in zip(lengths, kl, strict=True)]
 
     @property
     def labels(self) -> list[bool]:
@@ -84,6 +98,8 @@ class KTODataModule(L.LightningDataModule):
         batch_size: rows per device per step (each row also brings its KL row).
         eval_batch_size: validation rows per device; None means `batch_size`.
         balanced_batches: every training batch holds both labels (LabelBalancedSampler).
+        group_by_length: batch rows of similar length together to cut padding
+            (LengthGroupedSampler); not together with `balanced_batches`.
         num_workers: DataLoader worker processes.
         num_proc: processes for reading and tokenizing (datasets.map).
         cache_dir: the datasets cache folder; None is HF_DATASETS_CACHE.
@@ -116,6 +132,7 @@ class KTODataModule(L.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         balanced_batches: bool = False,
+        group_by_length: bool = False,
         num_workers: int = 0,
         num_proc: int | None = None,
         cache_dir: str | None = None,
@@ -143,7 +160,13 @@ class KTODataModule(L.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        if balanced_batches and group_by_length:
+            raise ConfigError(
+                "data.balanced_batches and data.group_by_length each choose the batches' rows; "
+                "set at most one of them to true"
+            )
         self.balanced_batches = balanced_batches
+        self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.num_proc = num_proc
         self.cache_dir = cache_dir
@@ -323,6 +346,9 @@ class KTODataModule(L.LightningDataModule):
         if self.balanced_batches:
             sampler = LabelBalancedSampler(self.train_set.labels, self.batch_size, seed=self.seed)
             kwargs = {"sampler": sampler}
+        elif self.group_by_length:
+            lengths = self.train_set.lengths
+            kwargs = {"sampler": LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)}
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,

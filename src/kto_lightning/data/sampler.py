@@ -1,7 +1,9 @@
-"""LabelBalancedSampler: a shuffled epoch in which every batch holds desirable and undesirable rows.
+"""Training samplers: label-balanced batches, and length-grouped batches.
 
-KTO's loss needs both labels in a batch for its weights to mean what eq. 8 says, and a plain
-shuffle of skewed data (say 95/5) leaves many batches one-class.
+- LabelBalancedSampler: every batch holds desirable and undesirable rows. KTO's loss needs both
+  labels in a batch for its weights to mean what eq. 8 says, and a plain shuffle of skewed data
+  (say 95/5) leaves many batches one-class.
+- LengthGroupedSampler: rows of similar length share a batch, so dynamic padding pads less.
 """
 
 from __future__ import annotations
@@ -136,3 +138,66 @@ class LabelBalancedSampler(Sampler[int]):
         # (blocks, world, B) -> (blocks, B, world): rank r's k-th row lands at k * world + r.
         blocks = batches.view(-1, world, batch_size).transpose(1, 2)
         return iter(blocks.flatten().tolist())
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A shuffle in which consecutive rows have similar lengths, so batches carry little padding.
+
+    Each epoch: shuffle, cut into mega-batches of ``batch_size * world * group`` rows, sort each
+    mega-batch by length (longest first), and shuffle the order of the resulting full batches
+    (a short one, when ``len(lengths)`` is not a multiple of the batch, comes last). Rows
+    still meet different neighbours every epoch; only their length is alike. Under DDP the
+    strided split (``indices[r::world]``) of a sorted run still gives every rank alike lengths.
+
+    Args:
+        lengths: the token length of each row (prompt plus completion, KL row included).
+        batch_size: rows per device per batch.
+        seed: with the epoch, seeds the shuffles.
+        group: batches per mega-batch; larger sorts more finely but mixes less.
+        num_replicas: the world size; None reads it from torch.distributed at iteration time.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        group: int = 50,
+        num_replicas: int | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if len(lengths) == 0:
+            raise DataError("the training set has no rows to sample from")
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group!r}")
+        if num_replicas is not None and num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1 or None, got {num_replicas!r}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size, self.seed, self.group = batch_size, seed, group
+        self.num_replicas = num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle `__iter__` yields next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        world = self.num_replicas or _world_size()
+        block = self.batch_size * world
+        order = torch.randperm(len(self.lengths), generator=generator)
+        batches = []
+        for mega in order.split(block * self.group):
+            ranked = mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+            batches += list(ranked.split(block))
+        # Only the last mega-batch can end in a short batch; it stays last. Shuffled into the
+        # middle, it would shift every later batch by its length, so that each one straddles two
+        # sorted runs (and, under DDP, every rank's split too). At the end, drop_last drops it.
+        tail = [batches.pop()] if len(batches[-1]) < block else []
+        # Shuffle whole (global) batches, so an epoch does not run from long rows to short ones.
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return iter(torch.cat([batches[i] for i in shuffled] + tail).tolist())

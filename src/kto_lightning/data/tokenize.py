@@ -44,6 +44,7 @@ class Example:
     completion_ids: list[int]
     label: bool
     kl_completion_ids: list[int] = field(default_factory=list)
+    index: int = -1  # position in its dataset; the reference cache is looked up by it
 
 
 def check_lengths(max_length: int, max_prompt_length: int) -> None:

@@ -1,0 +1,266 @@
+"""Reference log-probs: one interface, three providers.
+
+- `copy` (default): a separate frozen copy of the initial policy, run under no_grad.
+- `adapter`: the policy itself with its LoRA adapters disabled; no second copy of the weights.
+- `cache`: log-probs of every main row and KL row, computed once before training and stored on
+  disk under a content hash of (initial weights, tokenizer, tokenized data with its KL pairing,
+  length settings). Training then holds no reference model at all, and every run of a sweep over
+  beta, weights or learning rate reuses the file.
+
+The reference is the policy as it was before training, so the cache is scored by the policy
+itself before its first step: no reference model is ever loaded for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from kto_lightning.data.tokenize import tokenizer_fingerprint
+from kto_lightning.errors import ConfigError
+from kto_lightning.logprobs import sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+KINDS = ("copy", "adapter", "cache")
+# Bump when what a cache file holds, or how it is computed, changes.
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The `reference` config group.
+
+    Args:
+        kind: "copy", "adapter" or "cache".
+        cache_dir: where `cache` files live.
+        batch_size: rows per forward pass while the cache is being filled.
+    """
+
+    kind: str = "copy"
+    cache_dir: str = "outputs/reference_cache"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"reference.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"reference.batch_size must be >= 1, got {self.batch_size}")
+
+
+def _score(model: nn.Module, batch: dict[str, Tensor], chunk_size: int, with_kl: bool):
+    """(main, KL or None) log-probs of one batch, in one forward over main and KL rows."""
+    if not with_kl:
+        return sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size
+        ), None
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    both = [torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys]
+    main, kl = sequence_logprobs(model, *both, chunk_size=chunk_size).chunk(2)
+    return main, kl
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class ReferenceProvider(nn.Module):
+    """Gives the reference log-probs of a batch's main rows and (optionally) its KL rows."""
+
+    def logps(
+        self,
+        policy: nn.Module,
+        batch: dict[str, Tensor],
+        split: str,
+        chunk_size: int,
+        with_kl: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+class CopyReference(ReferenceProvider):
+    """A separate frozen model (an exact copy of the initial policy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, policy, batch, split, chunk_size, with_kl):
+        return _score(self.model, batch, chunk_size, with_kl)
+
+
+class AdapterReference(ReferenceProvider):
+    """The policy with its LoRA adapters switched off: the base weights, which never train."""
+
+    @torch.no_grad()
+    def logps(self, policy, batch, split, chunk_size, with_kl):
+        with _eval_mode(policy), policy.disable_adapter():
+            return _score(policy, batch, chunk_size, with_kl)
+
+
+class CachedReference(ReferenceProvider):
+    """Log-probs looked up by example index; no model."""
+
+    def __init__(self, table: dict[str, Tensor]) -> None:
+        super().__init__()
+        for name, values in table.items():
+            # Buffers follow the module across devices; not persistent: never in a checkpoint.
+            self.register_buffer(name.replace("/", "__"), values, persistent=False)
+
+    def logps(self, policy, batch, split, chunk_size, with_kl):
+        index = batch["index"]
+        main = getattr(self, f"{split}__main")[index]
+        kl = getattr(self, f"{split}__kl")[index] if with_kl else None
+        return main, kl
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: names, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(datasets_by_split: dict[str, Dataset]) -> str:
+    """A hash of the token ids of every row and of its KL partner's completion, per split."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split, dataset in sorted(datasets_by_split.items()):
+        digest.update(f"{split}:{len(dataset)}".encode())
+        for example in (dataset[i] for i in range(len(dataset))):
+            for ids in (example.prompt_ids, example.completion_ids, example.kl_completion_ids):
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets_by_split: dict[str, Dataset],
+    max_length: int,
+    max_prompt_length: int,
+    with_kl: bool,
+) -> str:
+    """The content hash a cache file is stored under; any change to an input changes it."""
+    parts = [
+        f"v{CACHE_VERSION}",
+        weights_fingerprint(policy),
+        tokenizer_fingerprint(tokenizer),
+        data_fingerprint(datasets_by_split),
+        f"{max_length}:{max_prompt_length}:{with_kl}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def fill_cache(
+    policy: nn.Module,
+    loaders: dict[str, DataLoader],
+    chunk_size: int,
+    with_kl: bool,
+) -> dict[str, Tensor]:
+    """Score every row of every split with the (untrained) policy, in eval mode.
+
+    Runs on a GPU when there is one (the trainer has not moved the policy yet), in the policy's
+    own dtype and without autocast, then hands the policy back where it was.
+    """
+    table: dict[str, Tensor] = {}
+    home = next(policy.parameters()).device
+    device = torch.device("cuda") if torch.cuda.is_available() else home
+    policy.to(device)
+    with _eval_mode(policy):
+        for split, loader in loaders.items():
+            n = len(loader.dataset)
+            main = torch.full((n,), torch.nan, dtype=torch.float32)
+            kl = torch.full((n,), torch.nan, dtype=torch.float32)
+            for batch in tqdm(loader, desc=f"Reference log-probs ({split})", leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                scored, scored_kl = _score(policy, batch, chunk_size, with_kl)
+                main[batch["index"].cpu()] = scored.float().cpu()
+                if scored_kl is not None:
+                    kl[batch["index"].cpu()] = scored_kl.float().cpu()
+            table[f"{split}/main"] = main
+            table[f"{split}/kl"] = kl
+    policy.to(home)
+    return table
+
+
+def load_or_fill_cache(
+    cache_dir: str | Path,
+    key: str,
+    policy: nn.Module,
+    loaders: dict[str, DataLoader],
+    chunk_size: int,
+    with_kl: bool,
+) -> tuple[dict[str, Tensor], bool]:
+    """The cached table for `key`, computed and written first on a miss; returns (table, hit)."""
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        log.info("reference log-probs: read from the cache %s", path)
+        return load_file(path), True
+    log.info("reference log-probs: not cached yet; scoring every row once -> %s", path)
+    table = fill_cache(policy, loaders, chunk_size, with_kl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(table, str(partial))
+    os.replace(partial, path)  # atomic: a crash or a concurrent run never leaves half a file
+    return table, False
+
+
+def build_provider(
+    spec: ReferenceSpec,
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datamodule,
+    chunk_size: int,
+    with_kl: bool,
+) -> ReferenceProvider:
+    """The provider `spec` asks for; for `cache`, the table is read or filled here, before training.
+
+    `datamodule` must be set up: the cache covers its train and validation sets.
+    """
+    if spec.kind == "copy":
+        from kto_lightning.models import make_reference
+
+        return CopyReference(make_reference(policy))
+    if spec.kind == "adapter":
+        if not hasattr(policy, "disable_adapter"):
+            raise ConfigError(
+                "reference=adapter uses the policy with its LoRA adapters disabled, but the policy "
+                "has none: set model.lora (e.g. +model.lora.r=16 "
+                "+model.lora.target_modules=all-linear) or use reference=copy"
+            )
+        return AdapterReference()
+    splits = {"train": datamodule.train_set, "validation": datamodule.val_set}
+    key = cache_key(
+        policy, tokenizer, splits, datamodule.max_length, datamodule.max_prompt_length, with_kl
+    )
+    loaders = {
+        name: DataLoader(
+            dataset, batch_size=spec.batch_size, shuffle=False, collate_fn=datamodule.collator
+        )
+        for name, dataset in splits.items()
+    }
+    table, _ = load_or_fill_cache(spec.cache_dir, key, policy, loaders, chunk_size, with_kl)
+    return CachedReference(table)
