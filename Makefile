@@ -31,6 +31,12 @@ format: ## Apply ruff fixes and formatting
 	ruff check --fix src tests
 	ruff format src tests
 
+.PHONY: bench
+bench: ## Install TRL, then benchmark against its KTOTrainer on CPU (~10 min); ARGS="--smoke"
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e ".[bench]"
+	$(PYTHON) benchmarks/bench.py $(ARGS)
+
 clean: ## Remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

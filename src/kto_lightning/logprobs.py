@@ -60,8 +60,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits, _ = _chunk_logits(hidden[s:e], weight, bias, softcap)  # (c, V)
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            token_lp[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+            # logsumexp in place: the chunk's logits buffer is the only (c, V) tensor alive.
+            peak = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+            total = logits.sub_(peak).exp_().sum(dim=-1)  # (c,)
+            lse[s:e] = peak.squeeze(1) + total.log()
+            token_lp[s:e] = target_logit - lse[s:e]
             del logits  # only one chunk of logits alive at a time
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap = chunk_size, softcap
@@ -96,7 +100,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = (g @ weight).to(hidden.dtype)  # (c, V) @ (V, H)
                 if need_w:
-                    grad_w += (g.T @ h.to(weight.dtype)).to(acc)  # (V, c) @ (c, H)
+                    if acc == weight.dtype:  # accumulate in place: no (V, H) temporary
+                        grad_w.addmm_(g.T, h.to(weight.dtype))  # (V, c) @ (c, H)
+                    else:
+                        grad_w += (g.T @ h.to(weight.dtype)).to(acc)
                 del logits, t, g
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
@@ -107,7 +114,7 @@ def token_logprobs_chunked(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     bias: Tensor | None = None,
     softcap: float | None = None,
 ) -> Tensor:
@@ -146,7 +153,7 @@ def sequence_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Tensor:
     """Per-sequence sum of log p(token) over completion tokens only: (B, L) each -> (B,) float32.
 

@@ -9,6 +9,8 @@ The module orchestrates; the maths lives elsewhere. One training step:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +38,27 @@ REFERENCE_PREFIX = "reference."
 PROGRESS_BAR = {"loss": "loss", "kl": "kl", "rewards/margins": "margin"}
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory freed during the step back to the OS (glibc keeps it mapped otherwise).
+
+    A step frees hundreds of MB of temporaries; glibc keeps much of it in its heaps, and the next
+    step's allocations land beside it rather than in it, which raises the peak RSS of a CPU run.
+    Costs about a millisecond.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class KTOModule(L.LightningModule):
     """Train `policy` with KTO against the frozen `reference`.
 
@@ -56,7 +79,7 @@ class KTOModule(L.LightningModule):
         loss: KTOLossConfig,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int = 256,
     ) -> None:
         super().__init__()
         if not loss.weights_resolved:
@@ -100,14 +123,16 @@ class KTOModule(L.LightningModule):
         `split` ("train" or "validation") tells a cached reference which table to read.
         """
         with_kl = self.estimator == "mismatched"
-        policy_logps = self._logps(self.policy, batch)
         kl_policy_logps = None
+        # The no-grad passes first: their temporaries are freed before the graded forward starts
+        # holding activations for backward, so the two never add up to the step's peak memory.
         with torch.no_grad():
             if with_kl:
                 kl_policy_logps = self._logps(self.policy, batch, "kl_")
             reference_logps, kl_reference_logps = self.reference.logps(
                 self.policy, batch, split, self.logprob_chunk_size, with_kl
             )
+        policy_logps = self._logps(self.policy, batch)
         return {
             "policy": policy_logps,
             "reference": reference_logps,
@@ -174,6 +199,9 @@ class KTOModule(L.LightningModule):
         if self._train_sums is None:
             return None
         return float(finalize(self._train_sums)["padding"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        release_freed_host_memory()
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
