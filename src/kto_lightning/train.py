@@ -7,6 +7,8 @@ python -m kto_lightning.train -m loss.beta=0.05,0.1,0.3     # a sweep
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import sys
@@ -26,6 +28,7 @@ from kto_lightning.errors import ConfigError, KTOError
 from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import ModelSource
 from kto_lightning.module import KTOModule
+from kto_lightning.plot import plot_run
 from kto_lightning.reference import CopyReference, build_provider
 
 log = logging.getLogger("kto_lightning")
@@ -35,6 +38,17 @@ def config_dir() -> Path:
     """`conf/` of a source checkout, else the copy packed into the installed wheel."""
     checkout = Path(__file__).resolve().parents[2] / "conf"
     return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
+
+
+def _plot(run_dir: str) -> Path | None:
+    """The training-curves PNG of the run, when it logged CSV metrics."""
+    if not (Path(run_dir) / "csv" / "metrics.csv").is_file():
+        return None
+    try:
+        return plot_run(run_dir)
+    except KTOError as error:  # e.g. no training step logged: nothing to draw
+        log.warning("no training curves: %s", error)
+        return None
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -150,9 +164,12 @@ def build(cfg: DictConfig) -> Run:
         logprob_chunk_size=cfg.logprob_chunk_size,
     )
     loggers = _instantiate_group(cfg.get("logger"))
+    strategy = instantiate(cfg.strategy)
+    if isinstance(strategy, functools.partial):  # a strategy that needs the model (FSDP)
+        strategy = strategy(model=policy)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        strategy=instantiate(cfg.strategy),
+        strategy=strategy,
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=loggers or False,
     )
@@ -179,7 +196,8 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     after = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
         summary = _summary(before, after, seconds, trainer, module.train_padding_share)
-        log.info("%s", summary)
+        curves = _plot(trainer.default_root_dir)
+        log.info("%s%s", summary, f"\n  training curves: {curves}" if curves else "")
 
     objective = cfg.get("objective")
     if not objective:
@@ -188,8 +206,11 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
         raise ConfigError(
             f"objective={objective!r} was not logged; logged metrics: {sorted(after)}"
         )
-    value = after[objective]
-    return value if math.isfinite(value) else None
+    value = after[objective] if math.isfinite(after[objective]) else None
+    if trainer.is_global_zero:
+        record = {"objective": objective, "value": value}
+        (Path(trainer.default_root_dir) / "objective.json").write_text(json.dumps(record) + "\n")
+    return value
 
 
 def user_error(error: BaseException) -> KTOError | None:

@@ -1,0 +1,123 @@
+"""Two CPU processes (gloo) agree with one process over the same global batch.
+
+The global batch is split unevenly: 5 rows on rank 0 (3 desirable, 2 undesirable) and 3 rows on
+rank 1 (all undesirable). Averages of per-rank averages would differ from the single-process
+numbers here; sums and counts reduced across ranks must not.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kto_lightning.data import KTOCollator
+from kto_lightning.data.tokenize import Example
+from kto_lightning.distributed import all_reduce_sum, gather_cat
+from kto_lightning.losses import KTOLossConfig
+from kto_lightning.metrics import finalize, reward_auroc
+from kto_lightning.models import TinyLlama, byte_level_tokenizer, make_reference
+from kto_lightning.module import KTOModule
+from kto_lightning.reference import CopyReference
+
+LABELS = [True, True, True, False, False, False, False, False]
+SPLIT = (slice(0, 5), slice(5, 8))  # rank 0: 3 desirable + 2 undesirable; rank 1: 3 undesirable
+
+
+def _module() -> KTOModule:
+    torch.manual_seed(0)
+    policy = TinyLlama(hidden_size=32, num_layers=1).load_policy()
+    reference = CopyReference(make_reference(policy))
+    # Move the two apart so that rewards and the reference point are not 0. Noise sharpens a
+    # random-init model's distributions, lowering its log-probs of unrelated text, so noise on
+    # the reference (more) and on the policy (less) makes the KL log-ratio positive: z_ref > 0.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for model, scale in ((reference.model, 0.2), (policy, 0.05)):
+            for parameter in model.parameters():
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    loss = KTOLossConfig(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.1)
+    return KTOModule(policy, reference, loss, optimizer)
+
+
+def _batch(rows: slice) -> dict[str, torch.Tensor]:
+    tokenizer = byte_level_tokenizer()
+    examples = []
+    for i, label in enumerate(LABELS):
+        prompt = tokenizer(f"Question {i}: what is {i} plus {i}?")["input_ids"]
+        completion = tokenizer(f"It is {2 * i}." if label else f"No idea about {i}.")["input_ids"]
+        partner = tokenizer(f"Unrelated answer number {7 * i + 3}.")["input_ids"]
+        examples.append(Example([256, *prompt], [*completion, 257], label, partner, i))
+    return KTOCollator(pad_token_id=258)(examples[rows])
+
+
+def _results(module: KTOModule, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a step produces, reduced as the module reduces it: metrics, loss and gradients."""
+    module.train()
+    module.policy.zero_grad()
+    loss, sums, rewards = module._step(batch, "train")
+    loss.backward()
+    out = {f"metric/{k}": v for k, v in finalize(all_reduce_sum(sums)).items()}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # DDP averages gradients over ranks; the loss a step reports is the mean over ranks too.
+    out["loss"] = all_reduce_sum(loss.detach()) / world
+    for name, parameter in module.policy.named_parameters():
+        out[f"grad/{name}"] = all_reduce_sum(parameter.grad) / world
+    labels = gather_cat(batch["labels"].to(torch.uint8)).bool()
+    out["auroc"] = reward_auroc(gather_cat(rewards), labels)
+    return out
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_results(_module(), _batch(SPLIT[rank])), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_every_rank_sees_the_same_numbers(two_ranks) -> None:
+    first, second = two_ranks
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_two_processes_equal_one_over_the_same_global_batch(two_ranks) -> None:
+    single = _results(_module(), _batch(slice(0, 8)))
+    distributed = two_ranks[0]
+    assert single["metric/kl"] > 0, "the reference point must be non-zero to be tested"
+    assert set(single) == set(distributed)
+    for key in single:
+        torch.testing.assert_close(
+            distributed[key], single[key], rtol=0, atol=1e-5, equal_nan=True, msg=key
+        )
+
+
+def test_ddp_run_on_two_cpu_processes(tmp_path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "kto_lightning.train", "debug=fast", "data.toy_rows=160",
+            "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "KTO training finished" in result.stdout + result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
