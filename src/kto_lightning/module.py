@@ -95,6 +95,7 @@ class KTOModule(L.LightningModule):
         self.logprob_chunk_size = logprob_chunk_size
         # The reference point: APO-zero needs none, whatever estimator the config names.
         self.estimator = loss.estimator if loss.loss_type == "kto" else "zero"
+        self.run_config: dict | None = None  # set by the entry point; stored in checkpoints
         self._train_sums: Tensor | None = None  # this rank's totals over the whole run
         self._val_sums: Tensor | None = None
         self._val_rewards: list[Tensor] = []
@@ -245,6 +246,10 @@ class KTOModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The resolved run config (plain types only: loadable with weights_only=True), so that a
+        # checkpoint alone says how to rebuild its model and tokenizer.
+        if self.run_config is not None:
+            checkpoint["kto_lightning_config"] = self.run_config
         # The reference never changes and can be rebuilt from the model config: keep it out.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:

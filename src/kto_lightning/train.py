@@ -179,6 +179,7 @@ def build(cfg: DictConfig) -> Run:
     hparams["loss"]["undesirable_weight"] = loss_config.undesirable_weight
     for logger in loggers:
         logger.log_hyperparams(hparams)
+    module.run_config = hparams
     return Run(trainer, module, datamodule)
 
 

@@ -208,7 +208,7 @@ def test_auto_class_weight_balances_the_classes(make_config, tmp_path, caplog) -
     rows = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]][: N_PAIRS // 3]
     path = _write(tmp_path / "skewed.jsonl", rows)
     base = ["data=local", f"data.source={path}", "data.val_fraction=0.2"]
-    run = build(make_config(*base, "loss.undesirable_weight=auto"))
+    run = build(make_config(*base, "loss.desirable_weight=1.0", "loss.undesirable_weight=auto"))
     n_d, n_u = run.datamodule.label_counts
     loss = run.module.loss_config
     assert loss.desirable_weight == 1.0
