@@ -31,12 +31,13 @@ FAST = ["debug=fast", "data.toy_rows=160", "trainer.limit_val_batches=1"]
 
 def test_multirun_gives_each_run_its_directory_and_objective(tmp_path) -> None:
     result = _cli(
-        "-m", "loss.beta=0.05,0.3", *FAST, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
+        "-m", "loss.beta=0.05,0.1,0.3", *FAST, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name.split("_", 1)[0] for p in runs] == ["0", "1"]
-    assert "loss.beta=0.05" in runs[0].name and "loss.beta=0.3" in runs[1].name
+    assert [p.name.split("_", 1)[0] for p in runs] == ["0", "1", "2"]
+    for run, beta in zip(runs, ("0.05", "0.1", "0.3"), strict=True):
+        assert f"loss.beta={beta}" in run.name
     for run in runs:
         record = json.loads((run / "objective.json").read_text())
         assert record["objective"] == "val/rewards/auroc"
