@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -201,6 +202,15 @@ class KTOModule(L.LightningModule):
             return None
         return float(finalize(self._train_sums)["padding"])
 
+    def on_train_start(self) -> None:
+        loop = self.trainer.fit_loop
+        if loop.restarting and loop._combined_loader_states_to_load:
+            # configure_optimizers asked for estimated_stepping_batches (the LR schedule's
+            # length), which built and prefetched the train loader before the checkpoint was
+            # restored. Rebuild it, so that its restored position (mid-epoch) applies.
+            loop._combined_loader = None
+            loop.setup_data()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         release_freed_host_memory()
 
@@ -250,12 +260,31 @@ class KTOModule(L.LightningModule):
         # checkpoint alone says how to rebuild its model and tokenizer.
         if self.run_config is not None:
             checkpoint["kto_lightning_config"] = self.run_config
-        # The reference never changes and can be rebuilt from the model config: keep it out.
+        # Trainable weights only: never the reference (it never changes and is rebuilt from the
+        # model config), nor frozen base weights under LoRA (rebuilt the same way).
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+        for key in [k for k in state if k not in trainable]:
             del state[key]
+        # RNG states, so a resumed run draws what the uninterrupted one would have.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Put the live reference weights back so that strict loading still checks every policy key.
-        for key, value in self.reference.state_dict().items():
-            checkpoint["state_dict"][REFERENCE_PREFIX + key] = value
+        # Put the frozen weights back from the live module, so that strict loading still checks
+        # that every trainable key is there.
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            state.setdefault(key, value)
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_tuple(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs the nested tuples back (a checkpoint may hold lists)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value

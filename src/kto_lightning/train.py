@@ -24,12 +24,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from kto_lightning.errors import ConfigError, KTOError
+from kto_lightning.export import export_policy
+from kto_lightning.guards import explain_unknown_key
 from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import ModelSource
 from kto_lightning.module import KTOModule
 from kto_lightning.plot import plot_run
 from kto_lightning.reference import CopyReference, build_provider
+from kto_lightning.security import redact_secrets
 
 log = logging.getLogger("kto_lightning")
 
@@ -172,8 +176,10 @@ def build(cfg: DictConfig) -> Run:
         strategy=strategy,
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
     )
-    hparams = OmegaConf.to_container(cfg, resolve=True)
+    # Secrets (a hub token, an API key) never reach a logger or a checkpoint.
+    hparams = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
     # Log the weights the loss uses, not "auto".
     hparams["loss"]["desirable_weight"] = loss_config.desirable_weight
     hparams["loss"]["undesirable_weight"] = loss_config.undesirable_weight
@@ -187,18 +193,27 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit, print a summary; returns `cfg.objective`."""
     run = run or build(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    resume = resume_checkpoint(cfg.get("resume"), cfg.paths.output_dir)
     before: dict[str, float] = {}
-    if cfg.validate_before_training:
+    if cfg.validate_before_training and resume is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         before = _scalars(trainer.callback_metrics)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     seconds = time.perf_counter() - start
     after = _scalars(trainer.callback_metrics)
     if trainer.is_global_zero:
         summary = _summary(before, after, seconds, trainer, module.train_padding_share)
         curves = _plot(trainer.default_root_dir)
         log.info("%s%s", summary, f"\n  training curves: {curves}" if curves else "")
+        if cfg.export.enabled:
+            exported = export_policy(
+                module.policy,
+                datamodule.tokenizer,
+                Path(trainer.default_root_dir) / "hf_model",
+                merge_lora=cfg.export.merge_lora,
+            )
+            log.info("  Hugging Face model: %s", exported)
 
     objective = cfg.get("objective")
     if not objective:
@@ -229,7 +244,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except Exception as error:
-        problem = user_error(error)
+        problem = user_error(error) or explain_unknown_key(error)
         if problem is None:
             raise
         # A problem the user can fix: one clear line, no traceback.

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 
 import datasets
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.formats import Schema, normalise
+from kto_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from kto_lightning.data.sampler import LabelBalancedSampler, LengthGroupedSampler
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
@@ -173,8 +172,6 @@ class KTODataModule(L.LightningDataModule):
         self.seed = seed
         self.toy_rows = toy_rows
         self.collator = KTOCollator(tokenizer.pad_token_id, with_kl=with_kl)
-        # One generator for the whole run: a reloaded dataloader continues the shuffle stream.
-        self._shuffle_generator = torch.Generator().manual_seed(seed)
         self.train_set: KTODataset | None = None
         self.val_set: KTODataset | None = None
         self.summaries: dict[str, SplitSummary] = {}
@@ -340,22 +337,29 @@ class KTODataModule(L.LightningDataModule):
         return summary.desirable, summary.undesirable
 
     # ------------------------------------------------------------------ loaders
+    def _progress(self) -> tuple[int, int, int]:
+        """(epoch, batches processed in it, world size), as Lightning counts them."""
+        loop = self.trainer.fit_loop
+        processed = loop.epoch_loop.batch_progress.current.processed
+        return loop.epoch_progress.current.processed, processed, self.trainer.world_size
+
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        kwargs: dict[str, Any] = {"shuffle": True, "generator": self._shuffle_generator}
         if self.balanced_batches:
             sampler = LabelBalancedSampler(self.train_set.labels, self.batch_size, seed=self.seed)
-            kwargs = {"sampler": sampler}
         elif self.group_by_length:
             lengths = self.train_set.lengths
-            kwargs = {"sampler": LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)}
-        return DataLoader(
+            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
+        else:
+            sampler = EpochShuffleSampler(len(self.train_set), seed=self.seed)
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             drop_last=len(self.train_set) > self.batch_size,
-            **kwargs,
+            progress=self._progress if self.trainer is not None else None,
         )
 
     def val_dataloader(self) -> DataLoader:

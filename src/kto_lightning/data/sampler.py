@@ -80,6 +80,15 @@ class LabelBalancedSampler(Sampler[int]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.epoch = 0
+        self._skip = 0  # samples to skip once, after a mid-epoch restart
+
+    def skip_next(self, samples: int) -> None:
+        """The next iteration starts `samples` into its order (used once, after a restart)."""
+        self._skip = samples
+
+    def _resume(self, order: list[int]) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle `__iter__` yields next."""
@@ -113,7 +122,7 @@ class LabelBalancedSampler(Sampler[int]):
         generator.manual_seed(self.seed + self.epoch)
         n = len(self.labels)
         if not self._balanced:
-            return iter(torch.randperm(n, generator=generator).tolist())
+            return self._resume(torch.randperm(n, generator=generator).tolist())
 
         world = self.num_replicas or _world_size()
         batch_size = self.batch_size
@@ -137,7 +146,7 @@ class LabelBalancedSampler(Sampler[int]):
         batches[~slots] = _draw(undesirable, total - n_desirable_slots, generator)
         # (blocks, world, B) -> (blocks, B, world): rank r's k-th row lands at k * world + r.
         blocks = batches.view(-1, world, batch_size).transpose(1, 2)
-        return iter(blocks.flatten().tolist())
+        return self._resume(blocks.flatten().tolist())
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -177,6 +186,15 @@ class LengthGroupedSampler(Sampler[int]):
         self.batch_size, self.seed, self.group = batch_size, seed, group
         self.num_replicas = num_replicas
         self.epoch = 0
+        self._skip = 0  # samples to skip once, after a mid-epoch restart
+
+    def skip_next(self, samples: int) -> None:
+        """The next iteration starts `samples` into its order (used once, after a restart)."""
+        self._skip = samples
+
+    def _resume(self, order: list[int]) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle `__iter__` yields next."""
@@ -200,4 +218,4 @@ class LengthGroupedSampler(Sampler[int]):
         tail = [batches.pop()] if len(batches[-1]) < block else []
         # Shuffle whole (global) batches, so an epoch does not run from long rows to short ones.
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return iter(torch.cat([batches[i] for i in shuffled] + tail).tolist())
+        return self._resume(torch.cat([batches[i] for i in shuffled] + tail).tolist())

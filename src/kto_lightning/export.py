@@ -1,0 +1,206 @@
+"""Export a trained policy as a Hugging Face folder that `from_pretrained` loads without us.
+
+python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_model            # merged
+python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_adapter --keep-adapter
+
+The folder holds safetensors weights, the model config, the tokenizer (with its chat template) and
+a generation_config.json whose pad/eos/bos ids match the tokenizer. A LoRA policy is either merged
+into plain weights (`merge_lora=True`, loadable by AutoModelForCausalLM) or saved as the adapter
+alone (`merge_lora=False`, loadable by peft.PeftModel.from_pretrained on the base model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from kto_lightning.errors import ConfigError, KTOError, ModelLoadError
+from kto_lightning.models import ModelSource
+
+POLICY_PREFIX = "policy."
+CONFIG_KEY = "kto_lightning_config"  # written by KTOModule.on_save_checkpoint
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft not installed: no model can be a PeftModel
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The model's generation config, with the special-token ids the tokenizer actually uses."""
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def export_policy(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    merge_lora: bool = True,
+) -> Path:
+    """Write `policy` and `tokenizer` to `out_dir` as a Hugging Face folder; returns the folder.
+
+    Args:
+        policy: a transformers causal LM, or a peft PeftModel wrapping one.
+        tokenizer: saved beside the weights, chat template included.
+        out_dir: created if needed; existing files of the same names are overwritten.
+        merge_lora: for a PeftModel, merge the adapters into a copy of the base weights and save a
+            plain model (True), or save the adapter alone (False). Ignored for plain models.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = policy
+    if _is_peft(policy) and merge_lora:
+        # Merge on a copy: the training policy keeps its adapters (and stays trainable).
+        model = copy.deepcopy(policy).merge_and_unload()
+    generation_config = _generation_config(model, tokenizer)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # Written last so that it wins over any copy save_pretrained wrote with other token ids.
+    generation_config.save_pretrained(out)
+    return out
+
+
+def _load_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    if not ckpt_path.is_file():
+        raise ModelLoadError(f"no checkpoint file at {str(ckpt_path)!r}")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ModelLoadError(
+            f"could not read the checkpoint {str(ckpt_path)!r}: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def _build_source(model_config: dict, ckpt_path: Path) -> ModelSource:
+    try:
+        return instantiate(model_config)
+    except Exception as error:
+        # Hydra wraps what the constructor raised; surface the user's problem (a KTOError) alone.
+        seen: BaseException | None = error
+        while seen is not None:
+            if isinstance(seen, KTOError):
+                raise seen from None
+            seen = seen.__cause__ or seen.__context__
+        raise ConfigError(
+            f"the model config stored in {str(ckpt_path)!r} could not be built: {error}"
+        ) from error
+
+
+def load_policy_weights(policy: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load checkpoint weights (keys without `policy.`) into `policy`, rebuilt from the config.
+
+    A full checkpoint holds every key of the policy and loads strictly. A trainable-only one (e.g.
+    LoRA adapters) holds a subset: each of its keys must belong to the policy, and every key it
+    lacks must be a frozen weight, which the rebuilt model already has (the base weights).
+    """
+    expected = policy.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ConfigError(
+            f"{source} holds {len(unexpected)} weight(s) that the model rebuilt from its stored "
+            f"config does not have, e.g. {unexpected[:3]}; was the checkpoint written by another "
+            "model config?"
+        )
+    missing = set(expected) - set(state)
+    if not missing:
+        policy.load_state_dict(state, strict=True)
+        return
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    missing_trainable = sorted(missing & trainable)
+    if missing_trainable:
+        raise ConfigError(
+            f"{source} lacks {len(missing_trainable)} trainable weight(s) of the policy, e.g. "
+            f"{missing_trainable[:3]}; it is neither a full checkpoint nor a trainable-only one"
+        )
+    result = policy.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # checked above
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Rebuild the policy of a kto_lightning checkpoint and export it with `export_policy`.
+
+    The model and tokenizer are rebuilt from the run config stored in the checkpoint, then the
+    checkpoint's policy weights are loaded. For a trainable-only checkpoint (LoRA adapters) the
+    base weights come from the model config: the pretrained folder, or, for TinyLlama, the random
+    init under the run's seed.
+
+    Args:
+        ckpt_path: a `.ckpt` file written by the trainer (not a sharded FSDP/DeepSpeed folder).
+        out_dir: where the Hugging Face folder goes.
+        merge_lora: see `export_policy`.
+    """
+    ckpt_path = Path(ckpt_path)
+    checkpoint = _load_checkpoint(ckpt_path)
+    config = checkpoint.get(CONFIG_KEY)
+    if not isinstance(config, dict) or "model" not in config:
+        raise ConfigError(
+            f"the checkpoint {str(ckpt_path)!r} has no '{CONFIG_KEY}' entry, so it does not say "
+            "how to rebuild its model; export it from a checkpoint written by kto_lightning.train"
+        )
+    source = _build_source(config["model"], ckpt_path)
+    tokenizer = source.load_tokenizer()
+    # The seed only matters for weights the checkpoint does not hold (a TinyLlama's frozen base
+    # under LoRA); train.build seeds the same way before building the policy.
+    torch.manual_seed(int(config.get("seed") or 0))
+    policy = source.load_policy()
+    state = {
+        key[len(POLICY_PREFIX) :]: value
+        for key, value in checkpoint.get("state_dict", {}).items()
+        if key.startswith(POLICY_PREFIX)
+    }
+    if not state:
+        raise ConfigError(f"the checkpoint {str(ckpt_path)!r} holds no 'policy.*' weights")
+    load_policy_weights(policy, state, f"the checkpoint {str(ckpt_path)!r}")
+    policy.eval()
+    return export_policy(policy, tokenizer, out_dir, merge_lora=merge_lora)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kto_lightning.export",
+        description=(
+            "Export the policy of a kto_lightning checkpoint as a Hugging Face folder "
+            "(safetensors weights, config, tokenizer, generation_config.json). A LoRA policy is "
+            "merged into plain weights unless --keep-adapter is given."
+        ),
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt file written by kto_lightning.train")
+    parser.add_argument("out_dir", type=Path, help="the folder to write (created if needed)")
+    parser.add_argument(
+        "--keep-adapter",
+        action="store_true",
+        help="for a LoRA policy, save the adapter alone (adapter_config.json + "
+        "adapter_model.safetensors) instead of merged weights; load it with "
+        "peft.PeftModel.from_pretrained(base_model, OUT_DIR)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, merge_lora=not args.keep_adapter)
+    except KTOError as error:
+        # A problem the user can fix: one clear line, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Safety guards: non-finite loss/gradient stop, zero-KL warning, unknown keys, secrets, seeds."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from kto_lightning.errors import KTOError
+from kto_lightning.guards import NonFiniteGuard, ZeroKLWarning, explain_unknown_key
+from kto_lightning.security import redact_secrets
+from kto_lightning.train import build, train
+
+POISONED_STEP = 4  # 1-based optimizer step whose batch is poisoned
+
+
+def _poison_step(run, how: str) -> None:
+    """Make the training loss of step POISONED_STEP non-finite.
+
+    "loss": add a NaN constant (the loss is NaN, its gradients stay finite).
+    "gradient": multiply by NaN (the gradients are NaN too).
+    """
+    module = run.module
+    original = module._step
+
+    def _step(batch, split):
+        loss, sums, rewards = original(batch, split)
+        if split == "train" and module.trainer.global_step + 1 == POISONED_STEP:
+            nan = torch.tensor(float("nan"))
+            loss = loss + nan if how == "loss" else loss * nan
+        return loss, sums, rewards
+
+    module._step = _step
+
+
+def _guarded(run) -> None:
+    if not any(isinstance(c, NonFiniteGuard) for c in run.trainer.callbacks):
+        run.trainer.callbacks.append(NonFiniteGuard())
+
+
+class _Snapshot(L.Callback):
+    """Policy weights at the start of every training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()}
+
+
+def test_guard_is_in_the_default_callbacks(make_config) -> None:
+    run = build(make_config())
+    kinds = {type(c) for c in run.trainer.callbacks}
+    assert {NonFiniteGuard, ZeroKLWarning} <= kinds
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(make_config, tmp_path) -> None:
+    # Validate (and so checkpoint) every 2 steps: a checkpoint exists when step 4 goes wrong.
+    run = build(make_config("trainer.val_check_interval=2"))
+    _guarded(run)
+    _poison_step(run, "loss")
+
+    with pytest.raises(KTOError) as caught:
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+
+    message = str(caught.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert f"non-finite loss (nan) at step {POISONED_STEP}; training stopped." in message
+    assert f"Last good checkpoint: {last} (resume with resume={last})" in message
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(make_config) -> None:
+    run = build(make_config())
+    _guarded(run)
+    _poison_step(run, "gradient")
+    snapshot = _Snapshot()
+    run.trainer.callbacks.append(snapshot)
+
+    with pytest.raises(KTOError) as caught:
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+
+    message = str(caught.value)
+    assert "non-finite gradient (nan) in policy." in message
+    assert f"at step {POISONED_STEP}; training stopped." in message
+    # No validation has run yet (one epoch of 6 batches), so no checkpoint either.
+    assert "Last good checkpoint: no checkpoint written yet" in message
+    # The NaN gradient never reached the weights: they are those from before the bad step.
+    assert run.trainer.global_step == POISONED_STEP - 1
+    after = run.module.policy.state_dict()
+    for key, value in after.items():
+        assert torch.isfinite(value).all(), key
+        torch.testing.assert_close(value, snapshot.weights[key], rtol=0, atol=0)
+
+
+def test_guard_passes_a_healthy_run(make_config) -> None:
+    run = build(make_config())
+    _guarded(run)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 6
+
+
+# ------------------------------------------------------------------- zero KL
+def _zero_kl_steps(callback: ZeroKLWarning, values: list[float]) -> None:
+    trainer = SimpleNamespace(callback_metrics={})
+    for step, value in enumerate(values):
+        trainer.callback_metrics["train/kl"] = torch.tensor(value)
+        callback.on_train_batch_end(trainer, None, None, None, step)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_zero_kl_warns_once_after_patience_steps(caplog) -> None:
+    callback = ZeroKLWarning(patience=50)
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        _zero_kl_steps(callback, [0.0] * 49)
+        assert _warnings(caplog) == []
+        _zero_kl_steps(callback, [0.0] * 100)
+    [message] = _warnings(caplog)
+    assert "train/kl has been exactly 0 for 50 consecutive steps" in message
+    assert "z_ref is clamped at 0" in message
+    assert "loss.estimator=mismatched" in message and "loss.estimator=batch" in message
+
+
+def test_zero_kl_counter_resets_on_a_non_zero_step(caplog) -> None:
+    callback = ZeroKLWarning(patience=50)
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        _zero_kl_steps(callback, [0.0] * 49 + [0.01] + [0.0] * 49)
+        assert _warnings(caplog) == []
+        _zero_kl_steps(callback, [0.0])
+    assert len(_warnings(caplog)) == 1
+
+
+def test_zero_kl_ignores_a_run_that_does_not_log_kl(caplog) -> None:
+    callback = ZeroKLWarning(patience=1)
+    trainer = SimpleNamespace(callback_metrics={})
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert _warnings(caplog) == []
+
+
+# ------------------------------------------------------------------- unknown keys
+def test_unknown_data_key_is_explained(make_config) -> None:
+    with pytest.raises(Exception) as caught:
+        build(make_config("+data.bad_key=1"))
+    message = explain_unknown_key(caught.value)
+    assert message is not None
+    assert message.startswith(
+        "data.bad_key is not a setting of kto_lightning.data.datamodule.KTODataModule; "
+        "check the spelling"
+    )
+    assert "batch_size" in message and "(see conf/data/)" in message
+
+
+def test_misspelt_loss_key_gets_a_suggestion(make_config) -> None:
+    with pytest.raises(Exception) as caught:
+        build(make_config("+loss.bta=0.1"))
+    message = explain_unknown_key(caught.value)
+    assert message is not None
+    assert message.startswith("loss.bta is not a setting of kto_lightning.losses.KTOLossConfig")
+    assert "(did you mean loss.beta?)" in message
+
+
+def test_other_errors_are_not_explained() -> None:
+    assert explain_unknown_key(ValueError("bad value")) is None
+    # A TypeError outside Hydra's instantiation names no config node.
+    assert explain_unknown_key(TypeError("f() got an unexpected keyword argument 'x'")) is None
+
+
+# ------------------------------------------------------------------- secrets
+def test_redact_secrets_replaces_secret_values_at_any_depth() -> None:
+    config = {
+        "hf_token": "hf_abc",
+        "model": {"name": "tiny", "HF_TOKEN": "hf_def", "tokenizer_name_or_path": "gpt2"},
+        "logger": {"wandb": {"WANDB_API_KEY": "k1", "apiKey": "k2", "project": "kto"}},
+        "services": [{"password": "p", "db_passwd": "q", "Client_Secret": "s", "host": "h"}],
+        "generations": {"max_new_tokens": 64},
+        "unset": {"token": None, "secret": ""},
+        "seed": 42,
+    }
+    original = copy.deepcopy(config)
+
+    redacted = redact_secrets(config)
+
+    assert redacted["hf_token"] == "***"
+    assert redacted["model"] == {
+        "name": "tiny",
+        "HF_TOKEN": "***",
+        "tokenizer_name_or_path": "gpt2",
+    }
+    assert redacted["logger"]["wandb"] == {
+        "WANDB_API_KEY": "***",
+        "apiKey": "***",
+        "project": "kto",
+    }
+    assert redacted["services"] == [
+        {"password": "***", "db_passwd": "***", "Client_Secret": "***", "host": "h"}
+    ]
+    assert redacted["generations"] == {"max_new_tokens": 64}
+    assert redacted["unset"] == {"token": None, "secret": ""}
+    assert redacted["seed"] == 42
+    assert config == original, "the input must not be mutated"
+    assert redacted["model"] is not config["model"]
+
+
+# ------------------------------------------------------------------- determinism
+def _train_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
+
+
+def _run(make_config, output_dir: Path, seed: int = 42) -> dict[str, torch.Tensor]:
+    cfg = make_config(f"paths.output_dir={output_dir}", f"seed={seed}", "objective=null")
+    run = build(cfg)
+    train(cfg, run=run)
+    return {k: v.detach().clone() for k, v in run.module.policy.state_dict().items()}
+
+
+def test_same_seed_same_run_other_seed_other_run(make_config, tmp_path) -> None:
+    weights_a = _run(make_config, tmp_path / "a")
+    weights_b = _run(make_config, tmp_path / "b")
+    _run(make_config, tmp_path / "c", seed=7)
+    a, b, c = (_train_metrics(tmp_path / name) for name in "abc")
+
+    assert any("train/loss" in row for row in a)
+    assert [row.keys() for row in a] == [row.keys() for row in b]
+    for row_a, row_b in zip(a, b, strict=True):
+        for key, value in row_a.items():
+            assert math.isclose(value, row_b[key], rel_tol=0, abs_tol=1e-7), key
+    for key, value in weights_a.items():
+        torch.testing.assert_close(value, weights_b[key], rtol=0, atol=0)
+
+    losses_a = [row["train/loss"] for row in a if "train/loss" in row]
+    losses_c = [row["train/loss"] for row in c if "train/loss" in row]
+    assert losses_a != losses_c
