@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 # Matched anywhere in a key's name, case-insensitively: `hf_token`, `WANDB_API_KEY`, `db_passwd`.
@@ -40,3 +41,32 @@ def redact_secrets(config: dict) -> dict:
     is None or empty stays as it is, so the log still shows that no secret was set.
     """
     return _redact(config)
+
+
+def secret_values(config: Any) -> set[str]:
+    """The non-empty string values held under secret-looking keys, anywhere in `config`."""
+    found: set[str] = set()
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if is_secret_key(str(key)) and isinstance(value, str) and value:
+                found.add(value)
+            else:
+                found |= secret_values(value)
+    elif isinstance(config, list | tuple):
+        for item in config:
+            found |= secret_values(item)
+    return found
+
+
+def scrub_files(folder: str | Path, secrets: set[str]) -> None:
+    """Replace every secret value by *** in the YAML files of `folder` (Hydra's .hydra/ record:
+    config.yaml, hydra.yaml and overrides.yaml all repeat what was given on the command line)."""
+    if not secrets:
+        return
+    for path in Path(folder).glob("*.yaml"):
+        text = path.read_text()
+        scrubbed = text
+        for secret in sorted(secrets, key=len, reverse=True):
+            scrubbed = scrubbed.replace(secret, "***")
+        if scrubbed != text:
+            path.write_text(scrubbed)

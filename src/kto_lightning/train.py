@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +34,7 @@ from kto_lightning.models import ModelSource
 from kto_lightning.module import KTOModule
 from kto_lightning.plot import plot_run
 from kto_lightning.reference import CopyReference, build_provider
-from kto_lightning.security import redact_secrets
+from kto_lightning.security import redact_secrets, scrub_files, secret_values
 
 log = logging.getLogger("kto_lightning")
 
@@ -229,6 +230,15 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     return value
 
 
+def _scrub_hydra_record(cfg: DictConfig) -> None:
+    """Hydra has already written the config and overrides to <run dir>/.hydra: drop secrets."""
+    hydra_config = HydraConfig.get()
+    if hydra_config.output_subdir is None:
+        return
+    secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
+    scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
+
+
 def user_error(error: BaseException) -> KTOError | None:
     """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
     seen: BaseException | None = error
@@ -241,6 +251,7 @@ def user_error(error: BaseException) -> KTOError | None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    _scrub_hydra_record(cfg)
     try:
         return train(cfg)
     except Exception as error:

@@ -161,3 +161,16 @@ def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: st
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert key in result.stderr
+
+
+def test_a_secret_in_the_config_is_written_nowhere(tmp_path) -> None:
+    secret = "hf_DoNotWriteMe0123456789"
+    result = _cli(
+        "debug=fast", "data.toy_rows=160", f"+hub_token={secret}", f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, f"the secret was written to {leaked}"
