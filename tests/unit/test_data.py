@@ -10,7 +10,6 @@ import json
 import logging
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from torch.testing import assert_close
@@ -32,12 +31,6 @@ from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 
 BOS, EOS, PAD = 256, 257, 258
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # datasets reads HF_HOME once, at import, so the conftest's HF_HOME does not reach it.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,6 @@ from kto_lightning.models import byte_level_tokenizer
 EOS = 257
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # datasets reads HF_HOME once, at import, so the conftest's HF_HOME does not reach it.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return byte_level_tokenizer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -19,12 +18,6 @@ ROWS = [
     {"prompt": "Q1", "completion": "A1", "label": True},
     {"prompt": "Q2", "completion": "A2", "label": False},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # datasets reads HF_HOME once, at import, so the conftest's HF_HOME does not reach it.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
 # ------------------------------------------------------------------------------------ hub names

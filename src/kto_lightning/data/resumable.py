@@ -16,19 +16,35 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of range(n) seeded by (seed, epoch), able to skip its first samples once."""
+class EpochSampler(Sampler[int]):
+    """Base of our training samplers: an order chosen per epoch, and a one-time skip.
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-        self._skip = 0
+    Lightning calls `set_epoch` before each epoch; `ResumableDataLoader.load_state_dict` calls
+    `skip_next` after a mid-epoch restart. Subclasses build the epoch's order and pass it through
+    `_resume`, which drops the samples already trained on.
+    """
+
+    epoch: int = 0
+    _skip: int = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order `__iter__` yields next."""
         self.epoch = epoch
 
     def skip_next(self, samples: int) -> None:
         """The next iteration starts `samples` into its order (used once, after a restart)."""
         self._skip = samples
+
+    def _resume(self, order: list[int]) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
+
+
+class EpochShuffleSampler(EpochSampler):
+    """A permutation of range(n) seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed = n, seed
 
     def __len__(self) -> int:
         return self.n
@@ -36,9 +52,7 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         # A generator: the order is drawn at the first next(), after Lightning's set_epoch.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        skip, self._skip = self._skip, 0
-        yield from order[skip:]
+        yield from self._resume(torch.randperm(self.n, generator=generator).tolist())
 
 
 def _innermost(sampler: Any) -> Any:

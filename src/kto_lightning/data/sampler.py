@@ -12,8 +12,8 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
 
+from kto_lightning.data.resumable import EpochSampler
 from kto_lightning.errors import ConfigError, DataError
 
 
@@ -31,7 +31,7 @@ def _draw(pool: torch.Tensor, count: int, generator: torch.Generator) -> torch.T
     return torch.cat(shuffles)[:count]
 
 
-class LabelBalancedSampler(Sampler[int]):
+class LabelBalancedSampler(EpochSampler):
     """Shuffled order of dataset indices in which every batch holds both labels.
 
     Consecutive runs of ``batch_size`` indices form a batch; each such batch holds at least one
@@ -79,20 +79,6 @@ class LabelBalancedSampler(Sampler[int]):
         self.batch_size = batch_size
         self.seed = seed
         self.num_replicas = num_replicas
-        self.epoch = 0
-        self._skip = 0  # samples to skip once, after a mid-epoch restart
-
-    def skip_next(self, samples: int) -> None:
-        """The next iteration starts `samples` into its order (used once, after a restart)."""
-        self._skip = samples
-
-    def _resume(self, order: list[int]) -> Iterator[int]:
-        skip, self._skip = self._skip, 0
-        return iter(order[skip:])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle `__iter__` yields next."""
-        self.epoch = epoch
 
     @property
     def _balanced(self) -> bool:
@@ -149,7 +135,7 @@ class LabelBalancedSampler(Sampler[int]):
         return self._resume(blocks.flatten().tolist())
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(EpochSampler):
     """A shuffle in which consecutive rows have similar lengths, so batches carry little padding.
 
     Each epoch: shuffle, cut into mega-batches of ``batch_size * world * group`` rows, sort each
@@ -185,20 +171,6 @@ class LengthGroupedSampler(Sampler[int]):
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.batch_size, self.seed, self.group = batch_size, seed, group
         self.num_replicas = num_replicas
-        self.epoch = 0
-        self._skip = 0  # samples to skip once, after a mid-epoch restart
-
-    def skip_next(self, samples: int) -> None:
-        """The next iteration starts `samples` into its order (used once, after a restart)."""
-        self._skip = samples
-
-    def _resume(self, order: list[int]) -> Iterator[int]:
-        skip, self._skip = self._skip, 0
-        return iter(order[skip:])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle `__iter__` yields next."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
