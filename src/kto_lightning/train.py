@@ -45,6 +45,11 @@ def config_dir() -> Path:
     return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
 
 
+def _sharded(trainer: L.Trainer) -> bool:
+    """Whether the policy's parameters are split across ranks (FSDP, DeepSpeed)."""
+    return type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+
+
 def _plot(run_dir: str) -> Path | None:
     """The training-curves PNG of the run, when it logged CSV metrics."""
     if not (Path(run_dir) / "csv" / "metrics.csv").is_file():
@@ -207,7 +212,14 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
         summary = _summary(before, after, seconds, trainer, module.train_padding_share)
         curves = _plot(trainer.default_root_dir)
         log.info("%s%s", summary, f"\n  training curves: {curves}" if curves else "")
-        if cfg.export.enabled:
+        if cfg.export.enabled and _sharded(trainer):
+            log.warning(
+                "  Hugging Face export skipped: under %s the policy's weights are sharded across "
+                "ranks; gather a full checkpoint (strategy.state_dict_type=full) and run "
+                "python -m kto_lightning.export CKPT OUT",
+                type(trainer.strategy).__name__,
+            )
+        elif cfg.export.enabled:
             exported = export_policy(
                 module.policy,
                 datamodule.tokenizer,
