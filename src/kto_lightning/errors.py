@@ -18,3 +18,13 @@ class DataError(KTOError, ValueError):
 
 class ModelLoadError(KTOError, OSError):
     """A model or tokenizer could not be loaded; the message says where it was looked for."""
+
+
+def user_error(error: BaseException) -> KTOError | None:
+    """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KTOError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from kto_lightning.errors import ConfigError, KTOError, ModelLoadError
+from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
 from kto_lightning.models import ModelSource
 
 POLICY_PREFIX = "policy."
@@ -94,11 +94,9 @@ def _build_source(model_config: dict, ckpt_path: Path) -> ModelSource:
         return instantiate(model_config)
     except Exception as error:
         # Hydra wraps what the constructor raised; surface the user's problem (a KTOError) alone.
-        seen: BaseException | None = error
-        while seen is not None:
-            if isinstance(seen, KTOError):
-                raise seen from None
-            seen = seen.__cause__ or seen.__context__
+        problem = user_error(error)
+        if problem is not None:
+            raise problem from None
         raise ConfigError(
             f"the model config stored in {str(ckpt_path)!r} could not be built: {error}"
         ) from error

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from kto_lightning.errors import ConfigError, KTOError
+from kto_lightning.errors import ConfigError, KTOError, user_error
 from kto_lightning.export import export_policy
 from kto_lightning.guards import explain_unknown_key
 from kto_lightning.losses import KTOLossConfig
@@ -249,16 +249,6 @@ def _scrub_hydra_record(cfg: DictConfig) -> None:
         return
     secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
     scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
-
-
-def user_error(error: BaseException) -> KTOError | None:
-    """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, KTOError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
