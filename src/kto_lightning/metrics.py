@@ -107,9 +107,11 @@ def finalize(sums: Tensor) -> dict[str, Tensor]:
 def reward_auroc(rewards: Tensor, labels: Tensor) -> Tensor:
     """AUROC of the implied reward as a score for the label; 0.5 when all rewards tie.
 
-    NaN when only one class is present (AUROC is undefined then).
+    NaN when only one class is present (AUROC is undefined then), and NaN when any reward is NaN
+    or infinite: a diverged policy must not show a perfect score (torch.unique sorts NaN last,
+    which would rank it above every finite reward).
     """
-    if labels.all() or not labels.any():
+    if labels.all() or not labels.any() or not torch.isfinite(rewards).all():
         return torch.tensor(torch.nan)
     # Mann-Whitney U with average ranks for ties, in float64. torchmetrics' binary_auroc would
     # squash scores outside [0, 1] through a float32 sigmoid, which ties every reward above ~17.

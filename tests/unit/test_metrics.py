@@ -187,6 +187,13 @@ def test_auroc_perfect_reversed_and_tied():
     assert_close(auroc([0.3, 0.3, 0.3, 0.3], labels), t(0.5))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_auroc_with_a_non_finite_reward_is_nan(bad):
+    # Sorted last by torch.unique, a NaN would otherwise rank above every desirable reward.
+    assert torch.isnan(auroc([bad, 0.9, 0.1, 0.2], [True, True, False, False]))
+    assert torch.isnan(auroc([0.1, 0.9, bad, 0.2], [False, True, False, True]))
+
+
 def test_auroc_hand_worked_partial_order():
     # Positives 0.35, 0.8; negatives 0.1, 0.4. Of the 4 (positive, negative) pairs the positive
     # wins 3: 0.35 > 0.1, 0.8 > 0.1, 0.8 > 0.4 (0.35 < 0.4 loses).
