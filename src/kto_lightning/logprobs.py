@@ -2,9 +2,10 @@
 
 `compute_logprobs` is the naive reference (full logits in hand). `token_logprobs_chunked` runs the
 LM head over chunks of rows in a custom autograd Function that recomputes each chunk's logits in
-backward, so the peak extra memory is chunk_size x V instead of N x V. `sequence_logprobs` is what
-the trainer calls: backbone -> hidden states of the positions that predict completion tokens ->
-chunked head -> per-sequence sums.
+backward, so the peak extra memory is chunk_size x V instead of N x V. `token_logprobs_via_head`
+does the same through the head module itself, for heads that are more than a weight matrix.
+`sequence_logprobs` is what the trainer calls: backbone -> hidden states of the positions that
+predict completion tokens -> chunked head -> per-sequence sums.
 
 Dtypes: all softmax math is done in float32, or in float64 when the inputs are float64 (so that
 gradient checks can be tight); the returned log-probs have that dtype.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,6 +150,65 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     raise TypeError(f"cannot find the backbone (decoder without LM head) of {type(model).__name__}")
 
 
+def _is_plain_linear(head: nn.Module) -> bool:
+    """Whether `head(h)` is exactly `F.linear(h, head.weight, head.bias)`.
+
+    Only then may the fused kernel read the weight itself. Anything else goes through the module:
+    a LoRA-wrapped head (peft's `lora.Linear` adds its adapters in forward), a `modules_to_save`
+    copy, a parametrized or hooked layer, a weight that DeepSpeed ZeRO-3 has partitioned (an
+    empty placeholder until the module's own hooks gather it).
+    """
+    return (
+        type(head) is nn.Linear
+        and not head._forward_pre_hooks
+        and not head._forward_hooks
+        and tuple(head.weight.shape) == (head.out_features, head.in_features)
+    )
+
+
+def _head_chunk_logprobs(
+    head: nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None
+) -> Tensor:
+    """(c, H) -> (c,) log p(targets) through `head`, with a float32 (or float64) log-sum-exp."""
+    logits = head(hidden)  # (c, V)
+    logits = logits.to(_math_dtype(logits.dtype))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+
+def token_logprobs_via_head(
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    chunk_size: int = 256,
+    softcap: float | None = None,
+) -> Tensor:
+    """`token_logprobs_chunked` for any head module: (N, H) -> (N,) float32 (float64 for float64).
+
+    Each chunk runs `head` under activation checkpointing, so its (c, V) logits are dropped after
+    forward and recomputed in backward, one chunk at a time: the same bound on memory as the fused
+    kernel, with gradients reaching whatever the head's forward uses (adapter weights included).
+    About 2x the fused kernel's temporaries, which is why plain heads take the fused path.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=_math_dtype(hidden.dtype))
+    chunks = [
+        checkpoint(
+            _head_chunk_logprobs,
+            head,
+            hidden[s : s + chunk_size],
+            targets[s : s + chunk_size],
+            softcap,
+            use_reentrant=False,
+        )
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(chunks)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -160,7 +221,8 @@ def sequence_logprobs(
     completion_mask is 1 on the completion tokens themselves (0 on prompt and padding); token t is
     predicted by the hidden state at t - 1, so the first token is never a target. Positions come
     from attention_mask (cumsum - 1), so left- and right-padded batches give the same numbers.
-    Models that rescale logits other than by final_logit_softcapping are not supported.
+    Models that rescale logits other than by final_logit_softcapping are not supported. The head
+    runs as the model's own head would: through its adapters and its strategy's hooks.
     """
     # position_ids: (B, L), 0 at the first real token whatever the padding side.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -175,15 +237,13 @@ def sequence_logprobs(
     batch_idx, pos_idx = select.nonzero(as_tuple=True)  # (N,), (N,)
     hidden_sel = hidden[batch_idx, pos_idx]  # (N, H): states at t-1 ...
     targets = input_ids[:, 1:][batch_idx, pos_idx]  # (N,): ... predicting token t
-    head = model.get_output_embeddings()  # Linear(H, V), weight (V, H)
+    head = model.get_output_embeddings()  # Linear(H, V), weight (V, H), or a wrapper of one
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    token_lp = token_logprobs_chunked(
-        hidden_sel,
-        head.weight,
-        targets,
-        chunk_size,
-        bias=getattr(head, "bias", None),
-        softcap=softcap,
-    )  # (N,)
+    if _is_plain_linear(head):
+        token_lp = token_logprobs_chunked(
+            hidden_sel, head.weight, targets, chunk_size, bias=head.bias, softcap=softcap
+        )  # (N,)
+    else:
+        token_lp = token_logprobs_via_head(hidden_sel, head, targets, chunk_size, softcap)  # (N,)
     sums = token_lp.new_zeros(input_ids.shape[0])  # (B,)
     return sums.index_add(0, batch_idx, token_lp)  # (B,)

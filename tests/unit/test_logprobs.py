@@ -354,3 +354,74 @@ def test_sequence_logprobs_uses_config_softcap():
         expected = compute_logprobs(cap * torch.tanh(logits[:, :-1] / cap), ids[:, 1:], cm[:, 1:])
     assert_close(capped, expected, rtol=1e-5, atol=1e-5)
     assert (capped - plain).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- heads that are more than a matrix
+HEAD_LORAS = {
+    "lora on q_proj and lm_head": {"target_modules": ["q_proj", "lm_head"], "r": 4},
+    "lm_head in modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+}
+
+
+def lora_llama(lora: dict):
+    from kto_lightning.models import TinyLlama
+
+    torch.manual_seed(0)
+    model = TinyLlama(vocab_size=V, hidden_size=32, num_layers=2, lora=lora).load_policy()
+    # LoRA's B starts at zero, and a modules_to_save copy equals the original: move every trainable
+    # weight, so that a path that bypasses them gives other numbers.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5 * torch.randn_like(parameter))
+    return model.train()
+
+
+@pytest.mark.parametrize("lora", list(HEAD_LORAS.values()), ids=list(HEAD_LORAS))
+@pytest.mark.parametrize("chunk_size", [1, 4, 256])
+def test_head_adapters_give_the_naive_logprobs_and_gradients(lora, chunk_size):
+    ids, am, cm = make_batch("left")
+    coef = torch.tensor([0.7, -1.3, 0.4])
+    results = {}
+    for path in ("chunked", "naive"):
+        model = lora_llama(lora)
+        if path == "chunked":
+            lp = sequence_logprobs(model, ids, am, cm, chunk_size=chunk_size)
+        else:
+            lp = naive_sequence_logprobs(model, ids, am, cm)
+        (lp * coef).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[path] = lp.detach(), grads
+    (chunked, chunked_grads), (naive, naive_grads) = results["chunked"], results["naive"]
+    assert_close(chunked, naive, rtol=0, atol=1e-4)
+    head_grads = [n for n in naive_grads if "lm_head" in n]
+    assert head_grads, "the head must have trainable weights in this test"
+    for name, grad in naive_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_bypassed_head_adapter_would_be_seen():
+    # The case above is only meaningful if the adapter changes the numbers: the base head alone
+    # (what reading get_output_embeddings().weight gives) is far from the adapted head.
+    model = lora_llama(HEAD_LORAS["lora on q_proj and lm_head"])
+    ids, am, cm = make_batch("left")
+    with torch.no_grad():
+        adapted = sequence_logprobs(model, ids, am, cm)
+        with model.disable_adapter():
+            base = sequence_logprobs(model, ids, am, cm)
+    assert (adapted - base).abs().max() > 1.0
+
+
+def test_a_hooked_head_runs_through_its_module():
+    model = tiny_llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    ids, am, cm = make_batch("right")
+    with torch.no_grad():
+        out = sequence_logprobs(model, ids, am, cm, chunk_size=5)
+        expected = naive_sequence_logprobs(model, ids, am, cm)
+    assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    n_targets = int(cm[:, 1:].sum())
+    # one naive call over (B, L) plus one call per chunk of completion positions
+    assert len(calls) == 1 + -(-n_targets // 5)
