@@ -19,11 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -110,10 +112,11 @@ class TinyLlama:
         hidden_size: width of the residual stream.
         num_layers: decoder layers.
         num_heads: attention heads (hidden_size must divide evenly).
-        dropout: attention dropout probability.
+        dropout: attention dropout probability; it only acts with disable_dropout=false.
         max_seq_len: largest position the model supports.
         intermediate_size: MLP width; None means 4 x hidden_size.
         lora: peft.LoraConfig arguments to train LoRA adapters only; None trains every weight.
+        disable_dropout: set every dropout probability to 0 (see `disable_dropout`).
     """
 
     vocab_size: int = BYTE_VOCAB_SIZE
@@ -124,6 +127,7 @@ class TinyLlama:
     max_seq_len: int = 256
     intermediate_size: int | None = None
     lora: dict | None = None
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.vocab_size < BYTE_VOCAB_SIZE:
@@ -166,7 +170,8 @@ class TinyLlama:
 
     def load_policy(self) -> PreTrainedModel:
         # Random init follows the global seed, which train.py sets before calling this.
-        return apply_lora(LlamaForCausalLM(self.config()), self.lora)
+        policy = apply_lora(LlamaForCausalLM(self.config()), self.lora)
+        return disable_dropout(policy) if self.disable_dropout else policy
 
 
 @dataclass
@@ -182,6 +187,7 @@ class Pretrained:
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
         attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the default.
         lora: peft.LoraConfig arguments to train LoRA adapters only; None trains every weight.
+        disable_dropout: set every dropout probability to 0 (see `disable_dropout`).
     """
 
     name_or_path: str
@@ -191,6 +197,7 @@ class Pretrained:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     lora: dict | None = None
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -228,7 +235,8 @@ class Pretrained:
             raise ModelLoadError(
                 f"could not load the model from model.name_or_path={self.name_or_path!r}: {error}"
             ) from None
-        return apply_lora(model, self.lora)
+        policy = apply_lora(model, self.lora)
+        return disable_dropout(policy) if self.disable_dropout else policy
 
 
 def apply_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
@@ -252,6 +260,51 @@ def apply_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
         return get_peft_model(model, config)
     except ValueError as error:  # e.g. target modules that the model does not have
         raise ConfigError(f"model.lora: {error}") from None
+
+
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability in `model` to 0, in place (TRL's `disable_dropout=True`).
+
+    The policy trains in train mode and the reference runs in eval mode; with dropout the two
+    differ at step 0 although their weights are equal, so rewards and the KL estimate start as
+    noise. Zeroed here: every torch dropout module (peft's `lora_dropout` included) and every
+    number named like a dropout on a module or a config. Hugging Face attention reads such a float
+    in forward instead of owning a module, e.g. Llama's `dropout=0.0 if not self.training else
+    self.attention_dropout`, copied from `config.attention_dropout`.
+    """
+    configs: dict[int, PretrainedConfig] = {}
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        _zero_dropout_attributes(module)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs[id(config)] = config
+    while configs:  # the model's config(s) and their sub-configs (e.g. a text_config)
+        config = configs.popitem()[1]
+        _zero_dropout_attributes(config)
+        for value in vars(config).values():
+            if isinstance(value, PretrainedConfig):
+                configs[id(value)] = value
+    return model
+
+
+def _zero_dropout_attributes(owner: object) -> None:
+    """Set the numbers named `*dropout*` or `*pdrop` (GPT-2's `attn_pdrop`) of `owner` to 0."""
+    for name, value in list(vars(owner).items()):
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if is_number and ("dropout" in name or name.endswith("pdrop")):
+            setattr(owner, name, 0.0)
 
 
 def make_reference(policy: PreTrainedModel) -> PreTrainedModel:

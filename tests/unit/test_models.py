@@ -6,15 +6,20 @@ and hub names are tried with HF_HUB_OFFLINE=1 or with `hub.can_connect` replaced
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from kto_lightning import hub
+from kto_lightning.data import Example, KTOCollator
 from kto_lightning.errors import ConfigError, ModelLoadError
+from kto_lightning.losses import KTOLossConfig
+from kto_lightning.metrics import FIELDS, finalize
 from kto_lightning.models import (
     Pretrained,
     TinyLlama,
@@ -22,6 +27,9 @@ from kto_lightning.models import (
     ensure_pad_token,
     make_reference,
 )
+from kto_lightning.module import KTOModule
+from kto_lightning.reference import CopyReference
+from kto_lightning.train import config_dir
 
 TEXTS = [
     "plain ascii",
@@ -212,6 +220,89 @@ def test_make_reference_is_an_equal_frozen_independent_copy():
         assert not torch.equal(value, policy.state_dict()[name])
 
 
+# ------------------------------------------------------------------------------------ dropout
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"}
+# Random (not zero) LoRA B matrices, so that the adapters' dropout changes the output at step 0.
+RANDOM_LORA = {**LORA, "init_lora_weights": False}
+
+
+def _kto_batch() -> dict[str, torch.Tensor]:
+    """Four rows (two desirable, two undesirable), each with an unrelated KL partner."""
+    tokenizer = byte_level_tokenizer()
+    examples = []
+    for i, label in enumerate([True, True, False, False]):
+        prompt = tokenizer(f"Question {i}: what is {i} plus {i}?")["input_ids"]
+        completion = tokenizer(f"It is {2 * i}." if label else f"No idea about {i}.")["input_ids"]
+        partner = tokenizer(f"Unrelated answer number {7 * i + 3}.")["input_ids"]
+        examples.append(Example([256, *prompt], [*completion, 257], label, partner, i))
+    return KTOCollator(pad_token_id=258)(examples)
+
+
+def _step_zero_sums(source: TinyLlama) -> dict[str, torch.Tensor]:
+    """The metric sums of a first training step, the policy in train mode, reference == policy."""
+    torch.manual_seed(0)
+    policy = source.load_policy()
+    loss = KTOLossConfig(beta=0.1)
+    module = KTOModule(
+        policy, CopyReference(make_reference(policy)), loss, functools.partial(torch.optim.SGD)
+    )
+    module.train()
+    assert policy.training
+    _, sums, _ = module._step(_kto_batch(), "train")
+    return dict(zip(FIELDS, sums, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dropout": 0.1}, {"lora": RANDOM_LORA}],
+    ids=["attention-dropout", "lora-dropout"],
+)
+def test_dropout_is_off_by_default_so_step_zero_rewards_and_kl_are_exactly_zero(kwargs):
+    sums = _step_zero_sums(TinyLlama(**TINY, **kwargs))
+    for name in ("reward_desirable_sum", "reward_undesirable_sum", "kl_sum"):
+        assert sums[name].item() == 0.0, f"{name} = {sums[name].item()} at step 0"
+    metrics = finalize(torch.stack(list(sums.values())))
+    assert metrics["rewards/chosen"].item() == metrics["rewards/rejected"].item() == 0.0
+    assert metrics["kl"].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dropout": 0.1}, {"lora": RANDOM_LORA}],
+    ids=["attention-dropout", "lora-dropout"],
+)
+def test_with_dropout_kept_train_mode_rewards_are_not_zero(kwargs):
+    # The control: the test above could fail, because dropout alone moves the rewards.
+    sums = _step_zero_sums(TinyLlama(**TINY, **kwargs, disable_dropout=False))
+    assert sums["reward_desirable_sum"].item() != 0.0
+    assert sums["reward_undesirable_sum"].item() != 0.0
+
+
+def test_disable_dropout_zeroes_modules_attention_and_config():
+    policy = TinyLlama(**TINY, dropout=0.1, lora=LORA).load_policy()
+    dropouts = [m for m in policy.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts, "peft builds lora_dropout as nn.Dropout modules"
+    assert all(m.p == 0.0 for m in dropouts)
+    attention = [m for m in policy.modules() if hasattr(m, "attention_dropout")]
+    assert attention and all(m.attention_dropout == 0.0 for m in attention)
+    assert policy.config.attention_dropout == 0.0
+
+    kept = TinyLlama(**TINY, dropout=0.1, lora=LORA, disable_dropout=False).load_policy()
+    assert all(m.p == 0.1 for m in kept.modules() if isinstance(m, nn.Dropout))
+    assert kept.config.attention_dropout == 0.1
+
+
+MODEL_FILES = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_every_model_file_sets_disable_dropout(make_config, name):
+    cfg = make_config(f"model={name}", fast=False)
+    assert "disable_dropout" in cfg.model
+    assert cfg.model.disable_dropout is True
+
+
 # ------------------------------------------------------------------------------------ Pretrained
 
 
@@ -303,6 +394,16 @@ def test_pretrained_folder_without_a_model(tmp_path, no_network):
     with pytest.raises(ModelLoadError, match="could not load the model") as info:
         Pretrained(name_or_path=str(tmp_path)).load_policy()
     assert str(tmp_path) in str(info.value)
+
+
+def test_pretrained_disables_dropout_unless_told_not_to(tmp_path, no_network):
+    TinyLlama(**TINY, dropout=0.1, disable_dropout=False).load_policy().save_pretrained(tmp_path)
+    policy = Pretrained(name_or_path=str(tmp_path)).load_policy()
+    assert policy.config.attention_dropout == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in policy.model.layers)
+    kept = Pretrained(name_or_path=str(tmp_path), disable_dropout=False).load_policy()
+    assert kept.config.attention_dropout == 0.1
+    assert all(layer.self_attn.attention_dropout == 0.1 for layer in kept.model.layers)
 
 
 def test_pretrained_bad_dtype_names_the_key():
