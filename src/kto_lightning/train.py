@@ -162,6 +162,7 @@ def build(cfg: DictConfig) -> Run:
         datamodule,
         cfg.logprob_chunk_size,
         with_kl=loss_config.needs_kl_rows,
+        precision=cfg.trainer.precision,
     )
     if cfg.compile.enabled:
         compile_backbones(policy, reference, cfg.compile)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from kto_lightning import reference as reference_module
 from kto_lightning.data import KTODataModule
+from kto_lightning.errors import ConfigError
+from kto_lightning.losses import KTOLossConfig
+from kto_lightning.metrics import FIELDS
 from kto_lightning.models import TinyLlama, byte_level_tokenizer
-from kto_lightning.reference import CachedReference, CopyReference, cache_key
+from kto_lightning.module import KTOModule
+from kto_lightning.reference import (
+    CachedReference,
+    CopyReference,
+    ReferenceSpec,
+    build_provider,
+    cache_key,
+)
 from kto_lightning.train import build, train
 
 
@@ -89,6 +103,7 @@ def test_a_second_run_reuses_the_cache_and_loads_no_reference(
         "data.max_prompt_length=48",
         "loss.estimator=batch",  # no KL rows any more
         "model.hidden_size=32",
+        "trainer.precision=bf16-mixed",  # scored under autocast: another table
     ],
 )
 def test_a_change_to_any_hashed_input_misses_the_cache(make_config, tmp_path, change) -> None:
@@ -130,3 +145,105 @@ def test_cache_key_follows_weights_tokenizer_and_data() -> None:
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-3
     assert key() != base, "a change to one weight must miss"
+
+
+def test_cache_key_follows_the_trainer_precision() -> None:
+    torch.manual_seed(0)
+    model = TinyLlama(hidden_size=32, num_layers=1).load_policy()
+    tokenizer = byte_level_tokenizer()
+    dm = _datamodule(tokenizer)
+    splits = {"train": dm.train_set, "validation": dm.val_set}
+    keys = {
+        precision: cache_key(model, tokenizer, splits, 256, 128, True, precision=precision)
+        for precision in ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+    }
+    assert len(set(keys.values())) == len(keys), "a bf16 run must never read an fp32 table"
+
+
+def _cache_batches(datamodule, batch_size: int):
+    """(split, batch) as `build_provider` batches rows to fill the cache.
+
+    At step 0 only precision and batch shapes separate the policy from its cached scores. Other
+    batches pad rows to other lengths, which moves a bf16 result by a rounding step now and then;
+    on these the comparison is exact, so any precision mismatch shows.
+    """
+    for split, dataset in (("train", datamodule.train_set), ("validation", datamodule.val_set)):
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=datamodule.collator)
+        for batch in loader:
+            yield split, batch
+
+
+def _step_zero(run, split: str, batch: dict[str, torch.Tensor]):
+    """Step-0 log-probs and metric sums of `run` on `batch`, as a bf16-mixed CPU step runs them."""
+    run.module.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = run.module.forward_logps(batch, split)
+        _, sums, _ = run.module._step(batch, split)
+    return logps, dict(zip(FIELDS, sums.tolist(), strict=True))
+
+
+def test_bf16_mixed_cache_gives_zero_log_ratios_at_step_zero(
+    make_config, tmp_path, monkeypatch
+) -> None:
+    # Only step-0 forwards: no optimizer step, so fused AdamW and clipping play no part here.
+    # The comparison runs on the CPU, so the cache is scored there too, even beside a GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bf16 = ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"]
+    live = build(make_config(*bf16))
+    cached = build(make_config(*bf16, *_cache(tmp_path), "reference.batch_size=8"))
+    assert isinstance(cached.module.reference, CachedReference)
+    offsets = []
+    for split, batch in _cache_batches(live.datamodule, batch_size=8):
+        a, live_sums = _step_zero(live, split, batch)
+        b, cached_sums = _step_zero(cached, split, batch)
+        # The live copy runs under the same autocast as the policy: exactly 0.
+        assert torch.equal(a["policy"], a["reference"])
+        assert torch.equal(a["kl_policy"], a["kl_reference"])
+        offsets.append((b["policy"] - b["reference"]).mean().item())
+        offsets.append((b["kl_policy"] - b["kl_reference"]).mean().item())
+        assert torch.equal(b["policy"], b["reference"]), f"mean offset {offsets[-2]:.3g}"
+        assert torch.equal(b["kl_policy"], b["kl_reference"]), f"KL offset {offsets[-1]:.3g}"
+        assert torch.equal(b["reference"], a["reference"])
+        assert torch.equal(b["kl_reference"], a["kl_reference"])
+        for name in ("reward_desirable_sum", "reward_undesirable_sum", "kl_sum"):
+            assert live_sums[name] == cached_sums[name] == 0.0, name
+    assert len(offsets) >= 4 and all(offset == 0.0 for offset in offsets)
+
+
+@pytest.mark.parametrize(
+    "precision", ["32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+)
+def test_the_cache_is_scored_as_lightning_runs_the_policy(tmp_path, monkeypatch, precision) -> None:
+    """Lightning's own precision plugin is the oracle: it converts the module and runs the step."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU here, as the cache
+    with pytest.warns(UserWarning) if precision == "16-mixed" else contextlib.nullcontext():
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
+    plugin = trainer.precision_plugin
+    torch.manual_seed(0)
+    policy = TinyLlama(hidden_size=32, num_layers=1).load_policy()
+    tokenizer = byte_level_tokenizer()
+    dm = _datamodule(tokenizer)
+    spec = ReferenceSpec(kind="cache", cache_dir=str(tmp_path), batch_size=8)
+    reference = build_provider(spec, policy, tokenizer, dm, 64, True, precision=precision)
+    loss = KTOLossConfig(beta=0.1)
+    module = KTOModule(policy, reference, loss, functools.partial(torch.optim.SGD))
+    module = plugin.convert_module(module)  # *-true: the policy and any float buffer change dtype
+    module.train()
+    for split, batch in _cache_batches(dm, spec.batch_size):
+        with plugin.forward_context():
+            logps = module.forward_logps(batch, split)
+        assert torch.equal(logps["policy"], logps["reference"])
+        assert torch.equal(logps["kl_policy"], logps["kl_reference"])
+
+
+@pytest.mark.parametrize("precision", ["transformer-engine", "8-mixed"])
+def test_a_precision_the_cache_cannot_match_names_the_key(tmp_path, precision) -> None:
+    torch.manual_seed(0)
+    policy = TinyLlama(hidden_size=32, num_layers=1).load_policy()
+    tokenizer = byte_level_tokenizer()
+    spec = ReferenceSpec(kind="cache", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"trainer\.precision") as info:
+        build_provider(
+            spec, policy, tokenizer, _datamodule(tokenizer), 64, True, precision=precision
+        )
+    assert repr(precision) in str(info.value)
