@@ -140,7 +140,15 @@ def build(cfg: DictConfig) -> Run:
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
     datamodule.setup("fit")
-    loss_config, notes = loss_config.with_class_counts(*datamodule.label_counts)
+    # The weights balance the labels as trained on: data.balanced_batches repeats a rare label.
+    drawn, rows = datamodule.trained_label_counts, datamodule.label_counts
+    if drawn[0] * rows[1] != drawn[1] * rows[0]:
+        log.info(
+            "class weights use the %d desirable and %d undesirable rows an epoch draws, not the "
+            "dataset's %d and %d: data.balanced_batches puts the rarer label in every batch",
+            *drawn, *rows,
+        )  # fmt: skip
+    loss_config, notes = loss_config.with_class_counts(*drawn)
     for note in notes:
         log.warning("%s", note)
     log.info(

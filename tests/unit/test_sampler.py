@@ -1,16 +1,18 @@
-"""Tests for kto_lightning.data.sampler.LabelBalancedSampler."""
+"""Tests for kto_lightning.data.sampler: LabelBalancedSampler and ShardedEvalBatches."""
 
 from __future__ import annotations
 
 from collections import Counter
+from itertools import chain
 
 import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from kto_lightning.data.sampler import LabelBalancedSampler
+from kto_lightning.data.sampler import LabelBalancedSampler, ShardedEvalBatches
 from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.losses import KTOLossConfig
 
 
 def make_labels(n_desirable: int, n_undesirable: int, seed: int = 0) -> list[bool]:
@@ -189,3 +191,95 @@ def test_distributed_sampler_wrapper_gives_every_rank_balanced_batches(world):
         assert sum(map(len, per_rank)) == len(sampler)
         seen.append(per_rank[0])
     assert seen[0] != seen[1]
+
+
+# ------------------------------------------------------------------------------ class weights
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(("n_desirable", "n_undesirable"), [(950, 50), (50, 950), (990, 10)])
+def test_auto_weight_balances_the_labels_the_epoch_draws(world, n_desirable, n_undesirable):
+    # On skewed data the epoch repeats the minority class (one row of it in every batch), so the
+    # weights must come from the draws, not from the dataset's counts (0.37 at 950/50).
+    labels = make_labels(n_desirable, n_undesirable)
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=0, num_replicas=world)
+    loss, _ = KTOLossConfig(desirable_weight="auto").with_class_counts(*sampler.label_counts())
+    drawn: Counter[bool] = Counter()
+    for rank in range(world):
+        wrapper = DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False)
+        drawn.update(labels[i] for i in wrapper)
+    ratio = loss.desirable_weight * drawn[True] / (loss.undesirable_weight * drawn[False])
+    assert ratio == pytest.approx(1.0, abs=1e-6)
+    assert drawn[True] + drawn[False] == len(sampler)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(("n_desirable", "n_undesirable"), [(70, 30), (30, 21), (5, 0)])
+def test_label_counts_are_what_an_epoch_draws(world, n_desirable, n_undesirable):
+    labels = make_labels(n_desirable, n_undesirable)
+    sampler = LabelBalancedSampler(labels, batch_size=8, seed=4, num_replicas=world)
+    drawn = Counter(labels[i] for i in sampler)
+    assert sampler.label_counts() == (drawn[True], drawn[False])
+
+
+# ------------------------------------------------------------------------------ validation shards
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("rows", [3, 7, 13, 15, 16, 25])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_validation_shards_score_every_row_once_in_equal_steps(world, rows, batch_size):
+    shards = [list(ShardedEvalBatches(rows, batch_size, world, rank)) for rank in range(world)]
+    # Every rank runs the same number of steps (the module all-reduces in each), none empty.
+    assert len({len(batches) for batches in shards}) == 1
+    assert all(batch for batches in shards for batch in batches)
+    assert all(len(ShardedEvalBatches(rows, batch_size, world, 0)) == len(b) for b in shards)
+    for rank, batches in enumerate(shards):
+        assert list(chain.from_iterable(batches)) == list(range(rank, rows, world))
+    # Global batch k is a run of consecutive rows: one process's batch of batch_size * world.
+    for step in zip(*shards, strict=True):
+        together = sorted(chain.from_iterable(step))
+        assert together == list(range(together[0], together[-1] + 1))
+
+
+def test_validation_shards_match_one_process_batches():
+    one = list(ShardedEvalBatches(15, 6))
+    assert one == [list(range(0, 6)), list(range(6, 12)), list(range(12, 15))]
+    two = [list(ShardedEvalBatches(15, 3, 2, rank)) for rank in range(2)]
+    assert [sorted(a + b) for a, b in zip(*two, strict=True)] == one
+
+
+def test_a_last_batch_too_small_for_every_rank_joins_the_one_before():
+    # 13 rows, 2 per rank: global batches of 4, and a 13th row that only rank 0 could score.
+    shards = [list(ShardedEvalBatches(13, 2, 2, rank)) for rank in range(2)]
+    assert shards == [[[0, 2], [4, 6], [8, 10, 12]], [[1, 3], [5, 7], [9, 11]]]
+
+
+def test_validation_shards_are_a_distributed_sampler_lightning_keeps():
+    assert isinstance(ShardedEvalBatches(10, 4, 2, 1), DistributedSampler)
+
+
+def test_fewer_validation_rows_than_ranks_name_the_fix():
+    with pytest.raises(DataError, match=r"1 row\(s\), fewer than the 2 ranks.*trainer\.devices"):
+        ShardedEvalBatches(1, 4, 2, 0)
+    assert list(ShardedEvalBatches(0, 4, 2, 1)) == []
+
+
+def test_validation_shards_feed_a_loader_of_whole_batches():
+    dataset = [f"row {i}" for i in range(7)]
+    sampler = ShardedEvalBatches(len(dataset), 2, 2, 1)
+    loader = DataLoader(
+        _ByIndices(dataset), batch_size=None, sampler=sampler, collate_fn=lambda rows: rows
+    )
+    assert list(loader) == [["row 1", "row 3"], ["row 5"]]
+
+
+class _ByIndices(torch.utils.data.Dataset):
+    def __init__(self, rows: list[str]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: list[int]) -> list[str]:
+        return [self.rows[i] for i in indices]

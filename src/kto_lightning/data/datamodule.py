@@ -12,8 +12,12 @@ from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.formats import Schema, normalise
-from kto_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
-from kto_lightning.data.sampler import LabelBalancedSampler, LengthGroupedSampler
+from kto_lightning.data.resumable import EpochSampler, EpochShuffleSampler, ResumableDataLoader
+from kto_lightning.data.sampler import (
+    LabelBalancedSampler,
+    LengthGroupedSampler,
+    ShardedEvalBatches,
+)
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import Example, check_lengths, kl_partners, tokenize_dataset
@@ -72,6 +76,19 @@ class KTODataset(Dataset):
     @property
     def examples(self) -> list[Example]:
         return [self[i] for i in range(len(self))]
+
+
+class _Batches(Dataset):
+    """``batches[[i, j]]`` is ``[rows[i], rows[j]]``: for a loader whose sampler yields batches."""
+
+    def __init__(self, rows: KTODataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: list[int]) -> list[Example]:
+        return [self.rows[i] for i in indices]
 
 
 class KTODataModule(L.LightningDataModule):
@@ -336,6 +353,20 @@ class KTODataModule(L.LightningDataModule):
         summary = self.summaries["train"]
         return summary.desirable, summary.undesirable
 
+    @property
+    def trained_label_counts(self) -> tuple[int, int]:
+        """(desirable, undesirable) rows the training sampler draws per epoch; after setup().
+
+        `label_counts`, except with `balanced_batches`: its epoch fills whole batches, each with
+        a rounded share of each label and at least one row of each, so rows repeat (a label
+        rarer than 1 in `batch_size` rows fills one slot of every batch). `auto` class weights
+        are resolved from these counts. They are counted for torch.distributed's world size at
+        the call (1 before DDP starts); an epoch on more ranks differs by rounding at most.
+        """
+        if not self.balanced_batches:
+            return self.label_counts
+        return self._train_sampler().label_counts()
+
     # ------------------------------------------------------------------ loaders
     def _progress(self) -> tuple[int, int, int]:
         """(epoch, batches processed in it, world size), as Lightning counts them."""
@@ -343,19 +374,20 @@ class KTODataModule(L.LightningDataModule):
         processed = loop.epoch_loop.batch_progress.current.processed
         return loop.epoch_progress.current.processed, processed, self.trainer.world_size
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_sampler(self) -> EpochSampler:
         assert self.train_set is not None, "call setup() first"
         if self.balanced_batches:
-            sampler = LabelBalancedSampler(self.train_set.labels, self.batch_size, seed=self.seed)
-        elif self.group_by_length:
-            lengths = self.train_set.lengths
-            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
-        else:
-            sampler = EpochShuffleSampler(len(self.train_set), seed=self.seed)
+            return LabelBalancedSampler(self.train_set.labels, self.batch_size, seed=self.seed)
+        if self.group_by_length:
+            return LengthGroupedSampler(self.train_set.lengths, self.batch_size, seed=self.seed)
+        return EpochShuffleSampler(len(self.train_set), seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
         return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=self._train_sampler(),
             collate_fn=self.collator,
             num_workers=self.num_workers,
             drop_last=len(self.train_set) > self.batch_size,
@@ -364,10 +396,15 @@ class KTODataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Our own shards: Lightning's DistributedSampler would pad the rows to a multiple of the
+        # world size and score up to world - 1 of them twice.
+        sampler = ShardedEvalBatches(len(self.val_set), self.eval_batch_size, world, rank)
         return DataLoader(
-            self.val_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
+            _Batches(self.val_set),
+            batch_size=None,  # the sampler yields whole batches
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )

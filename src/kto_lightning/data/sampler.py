@@ -1,17 +1,20 @@
-"""Training samplers: label-balanced batches, and length-grouped batches.
+"""Samplers: label-balanced and length-grouped training batches, and unpadded validation shards.
 
 - LabelBalancedSampler: every batch holds desirable and undesirable rows. KTO's loss needs both
   labels in a batch for its weights to mean what eq. 8 says, and a plain shuffle of skewed data
   (say 95/5) leaves many batches one-class.
 - LengthGroupedSampler: rows of similar length share a batch, so dynamic padding pads less.
+- ShardedEvalBatches: under DDP, each rank's validation batches; every row is scored once.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from kto_lightning.data.resumable import EpochSampler
 from kto_lightning.errors import ConfigError, DataError
@@ -35,10 +38,14 @@ class LabelBalancedSampler(EpochSampler):
     """Shuffled order of dataset indices in which every batch holds both labels.
 
     Consecutive runs of ``batch_size`` indices form a batch; each such batch holds at least one
-    desirable and one undesirable row, and about the dataset's share of each (the desirable count
-    per batch is ``floor`` or ``ceil`` of the epoch's desirable total spread evenly over its
-    batches). Under DDP, Lightning wraps this sampler in ``DistributedSamplerWrapper``, which
-    hands rank ``r`` the strided slice ``indices[r::world]``; so indices come in global blocks of
+    desirable and one undesirable row, and otherwise about the dataset's share of each (the
+    desirable count per batch is ``floor`` or ``ceil`` of the epoch's desirable total spread
+    evenly over its batches). When one label is rarer than 1 in ``batch_size`` rows, it still
+    fills one slot of every batch and its rows repeat: the epoch then holds the labels in other
+    proportions than the dataset (1 in ``batch_size``); `label_counts` gives the epoch's.
+
+    Under DDP, Lightning wraps this sampler in ``DistributedSamplerWrapper``, which hands rank
+    ``r`` the strided slice ``indices[r::world]``; so indices come in global blocks of
     ``batch_size * world`` in rank-interleaved order (position ``k * world + r`` of a block is row
     ``k`` of rank ``r``'s batch), and every rank's batches are balanced too.
 
@@ -97,11 +104,30 @@ class LabelBalancedSampler(EpochSampler):
         )
         return blocks * world
 
+    def _desirable_slots(self, num_batches: int) -> int:
+        # The dataset's share of the epoch's slots, rounded half up, and 1..B-1 per batch.
+        n, total = len(self.labels), num_batches * self.batch_size
+        share = (2 * total * int(self.labels.sum()) + n) // (2 * n)
+        return min(max(share, num_batches), num_batches * (self.batch_size - 1))
+
     def __len__(self) -> int:
         if not self._balanced:
             return len(self.labels)
         world = self.num_replicas or _world_size()
         return self._num_batches(world) * self.batch_size
+
+    def label_counts(self) -> tuple[int, int]:
+        """(desirable, undesirable) indices of one epoch, all ranks together.
+
+        The same for every seed and epoch. Class weights that balance the labels trained on
+        (``auto``) are resolved from these, not from the dataset's counts.
+        """
+        n_desirable = int(self.labels.sum())
+        if not self._balanced:
+            return n_desirable, len(self.labels) - n_desirable
+        num_batches = self._num_batches(self.num_replicas or _world_size())
+        desirable = self._desirable_slots(num_batches)
+        return desirable, num_batches * self.batch_size - desirable
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
@@ -116,9 +142,7 @@ class LabelBalancedSampler(EpochSampler):
         total = num_batches * batch_size
         desirable = self.labels.nonzero().flatten()
         undesirable = (~self.labels).nonzero().flatten()
-        # Desirable slots in the epoch: the dataset's share, rounded half up, and 1..B-1 per batch.
-        n_desirable_slots = (2 * total * len(desirable) + n) // (2 * n)
-        n_desirable_slots = min(max(n_desirable_slots, num_batches), num_batches * (batch_size - 1))
+        n_desirable_slots = self._desirable_slots(num_batches)
         # Spread them evenly: batch i gets floor or ceil of n_desirable_slots / num_batches.
         edges = torch.arange(num_batches + 1) * n_desirable_slots // num_batches
         per_batch = edges[1:] - edges[:-1]  # (num_batches,)
@@ -191,3 +215,62 @@ class LengthGroupedSampler(EpochSampler):
         # Shuffle whole (global) batches, so an epoch does not run from long rows to short ones.
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return self._resume(torch.cat([batches[i] for i in shuffled] + tail).tolist())
+
+
+class ShardedEvalBatches(DistributedSampler[list[int]]):
+    """One rank's validation batches, as lists of row indices; no row is repeated or left out.
+
+    Under DDP, Lightning puts a `DistributedSampler` into the validation DataLoader unless it
+    already has one; that one pads the rows to a multiple of the world size, so up to world - 1
+    rows would be scored twice. Being a `DistributedSampler`, this sampler is kept as it is. It
+    yields whole batches: use it with ``DataLoader(batch_size=None)`` over a dataset that takes a
+    list of indices.
+
+    Rank ``r`` scores rows ``r::world``, in order: global batch ``k`` (all ranks' ``k``-th
+    batches together) is rows ``k*B*world`` to ``(k+1)*B*world - 1``, the batches of one process
+    with ``B * world`` rows per batch (``B = batch_size``). Ranks may hold one row more or less,
+    but never a different number of batches: the module all-reduces the reference point in every
+    step, so a rank left with nothing in the last global batch would wait for its peers forever.
+    Hence a last global batch of fewer rows than ranks joins the one before it.
+
+    Args:
+        num_rows: rows of the validation set.
+        batch_size: rows per rank per batch.
+        num_replicas: the world size.
+        rank: this process's rank.
+
+    Raises:
+        DataError: fewer rows than ranks (but more than none): some rank would have no row to
+            score, and every rank must run the same validation steps.
+    """
+
+    def __init__(
+        self, num_rows: int, batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be an integer >= 1, got {batch_size!r}")
+        super().__init__(range(num_rows), num_replicas=num_replicas, rank=rank, shuffle=False)
+        if 0 < num_rows < num_replicas:
+            raise DataError(
+                f"the validation set has {num_rows} row(s), fewer than the {num_replicas} ranks; "
+                "every rank needs at least one: add validation rows (data.val_fraction, "
+                "data.val_source) or use fewer devices (trainer.devices)"
+            )
+        self.num_rows, self.batch_size = num_rows, batch_size
+
+    def _starts(self) -> list[int]:
+        """First row of each global batch."""
+        world = self.num_replicas
+        starts = list(range(0, self.num_rows, self.batch_size * world))
+        if len(starts) > 1 and self.num_rows - starts[-1] < world:
+            starts.pop()  # too few rows left for every rank: they join the batch before
+        return starts
+
+    def __len__(self) -> int:
+        return len(self._starts())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        bounds = [*self._starts(), self.num_rows]
+        for start, end in itertools.pairwise(bounds):
+            # start is a multiple of world, so these are exactly this rank's rows r::world.
+            yield list(range(start + self.rank, end, self.num_replicas))
