@@ -31,7 +31,7 @@ from kto_lightning.losses import (
     reference_point_from_statistics,
 )
 from kto_lightning.metrics import batch_sums, finalize, reward_auroc
-from kto_lightning.optim import parameter_groups
+from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups
 from kto_lightning.reference import ReferenceProvider
 
 REFERENCE_PREFIX = "reference."
@@ -238,7 +238,12 @@ class KTOModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(parameter_groups(self.policy))
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            parameter_groups(self.policy),
+            self.trainer.precision_plugin,
+            self.trainer.gradient_clip_val,
+        )
         if self.scheduler_factory is None:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
@@ -253,6 +258,16 @@ class KTOModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip_gradients(
+            self.trainer.precision_plugin, optimizer, gradient_clip_val, gradient_clip_algorithm
+        )
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,14 +1,20 @@
-"""Optimizer parameter groups and the learning-rate schedule."""
+"""Optimizer construction, gradient clipping across precisions, and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from kto_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DECAYS = ("linear", "cosine", "constant")
 
@@ -20,6 +26,60 @@ def parameter_groups(model: nn.Module) -> list[dict]:
         {"params": [p for p in trainable if p.ndim >= 2]},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def _unscales_in_step(optimizer: Optimizer) -> bool:
+    # Fused AdamW/Adam/SGD take a GradScaler's scale into their kernel instead of unscaling first.
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def build_optimizer(
+    factory: Callable[..., Optimizer],
+    groups: list[dict],
+    precision: Precision,
+    clip_val: float | None,
+) -> Optimizer:
+    """`factory(groups)`, unfused where a fused kernel cannot be clipped: fp16 with a GradScaler.
+
+    Under a GradScaler the gradients stay scaled until a fused optimizer's step unscales them
+    inside its kernel, so clipping before the step would clip the scaled values; Lightning then
+    refuses to clip at all. bf16 and fp32 have no scaler and keep the fused kernel (see
+    `clip_gradients`).
+    """
+    # Copies: torch writes every default (`fused` included) into the group dicts it is given.
+    optimizer = factory([dict(group) for group in groups])
+    scaled = isinstance(precision, MixedPrecision) and precision.scaler is not None
+    if scaled and clip_val and _unscales_in_step(optimizer):
+        log.warning(
+            "optimizer: %s runs unfused: gradient clipping (trainer.gradient_clip_val=%s) under "
+            "fp16 loss scaling needs the gradients unscaled before the step",
+            type(optimizer).__name__,
+            clip_val,
+        )
+        optimizer = factory([dict(group) for group in groups], fused=False)
+    return optimizer
+
+
+def clip_gradients(
+    precision: Precision,
+    optimizer: Optimizer,
+    clip_val: float | None,
+    algorithm: str | None,
+) -> None:
+    """Clip as `trainer.gradient_clip_val` / `gradient_clip_algorithm` ask, in every precision.
+
+    Lightning's MixedPrecision refuses to clip with any optimizer that unscales inside its step,
+    even under bf16, where no scaler exists and the gradients are the true ones. There the base
+    Precision's clipping is exact, so it is called directly; every other plugin clips its own way
+    (DeepSpeed, for one, clips inside its engine).
+    """
+    if not clip_val:
+        return
+    kind = GradClipAlgorithmType(algorithm or "norm")
+    if isinstance(precision, MixedPrecision) and precision.scaler is None:
+        Precision.clip_gradients(precision, optimizer, clip_val, kind)
+    else:
+        precision.clip_gradients(optimizer, clip_val, kind)
 
 
 def warmup_schedule(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 from torch.testing import assert_close
 
 from kto_lightning.errors import ConfigError
-from kto_lightning.optim import parameter_groups, warmup_schedule
+from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups, warmup_schedule
 
 
 class Net(nn.Module):
@@ -144,3 +146,55 @@ def test_schedule_errors_name_the_key(kwargs, key):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ConfigError, match=key):
         warmup_schedule(optimizer, total_steps=10, **kwargs)
+
+
+# ------------------------------------------------------------------ clipping in every precision
+PRECISIONS = {
+    "32-true": Precision,
+    "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu"),
+    "16-mixed": lambda: MixedPrecision("16-mixed", "cpu"),  # with a GradScaler
+}
+FUSED_ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
+
+
+def fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.param_groups[0]["fused"])
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_fused_optimizer_is_kept_where_clipping_allows(precision) -> None:
+    plugin = PRECISIONS[precision]()
+    groups = parameter_groups(Net())
+    with_clip = build_optimizer(FUSED_ADAMW, groups, plugin, clip_val=1.0)
+    # fp16's GradScaler leaves gradients scaled until a fused step: clipping needs them unfused.
+    assert fused(with_clip) == (precision != "16-mixed")
+    assert fused(build_optimizer(FUSED_ADAMW, groups, plugin, clip_val=None))
+    assert fused(build_optimizer(FUSED_ADAMW, groups, plugin, clip_val=0.0))
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradients_are_clipped_with_a_fused_optimizer_in_every_precision(
+    precision, algorithm
+) -> None:
+    net = Net()
+    plugin = PRECISIONS[precision]()
+    optimizer = build_optimizer(FUSED_ADAMW, parameter_groups(net), plugin, clip_val=0.05)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.grad = torch.full_like(parameter, 3.0)
+    clip_gradients(plugin, optimizer, 0.05, algorithm)
+    if algorithm == "norm":
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable]))
+        assert_close(total, torch.tensor(0.05), rtol=1e-5, atol=0)
+    else:
+        assert all((p.grad.abs() <= 0.05).all() for p in trainable)
+
+
+def test_no_clip_value_leaves_gradients_alone() -> None:
+    net = Net()
+    plugin = PRECISIONS["bf16-mixed"]()
+    optimizer = build_optimizer(FUSED_ADAMW, parameter_groups(net), plugin, clip_val=None)
+    net.linear.weight.grad = torch.full_like(net.linear.weight, 3.0)
+    clip_gradients(plugin, optimizer, None, None)
+    assert (net.linear.weight.grad == 3.0).all()
