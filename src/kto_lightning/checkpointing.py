@@ -36,8 +36,9 @@ def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:
     if resume in (None, ""):
         return None
     if resume != "auto":
-        if not Path(resume).is_file():
-            raise ConfigError(f"resume={resume!r}: no such checkpoint file")
+        # A file, or the folder of a sharded checkpoint (strategy=fsdp: one shard per rank).
+        if not (Path(resume).is_file() or (Path(resume) / ".metadata").is_file()):
+            raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
         return str(resume)
     runs = Path(output_dir).resolve().parent
     found = sorted(runs.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)

@@ -209,6 +209,12 @@ def token_logprobs_via_head(
     return torch.cat(chunks)
 
 
+# The name under which a sharding strategy registers `sequence_logprobs` as a forward method of a
+# sharded model (kto_lightning.strategies): the scoring below calls the backbone and reads the LM
+# head directly, outside `model.forward`, so FSDP2 must be told that it gathers the root's weights.
+SHARDED_ENTRY = "kto_sequence_logprobs"
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -224,6 +230,22 @@ def sequence_logprobs(
     Models that rescale logits other than by final_logit_softcapping are not supported. The head
     runs as the model's own head would: through its adapters and its strategy's hooks.
     """
+    sharded_entry = model.__dict__.get(SHARDED_ENTRY)  # set on a sharded root only
+    if sharded_entry is not None:
+        return sharded_entry(input_ids, attention_mask, completion_mask, chunk_size)
+    return unsharded_sequence_logprobs(
+        model, input_ids, attention_mask, completion_mask, chunk_size
+    )
+
+
+def unsharded_sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    chunk_size: int = 256,
+) -> Tensor:
+    """`sequence_logprobs` itself, for a model whose weights are all in hand (or gathered)."""
     # position_ids: (B, L), 0 at the first real token whatever the padding side.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = _backbone(model)(

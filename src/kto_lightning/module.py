@@ -33,6 +33,7 @@ from kto_lightning.losses import (
 from kto_lightning.metrics import batch_sums, finalize, reward_auroc
 from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups
 from kto_lightning.reference import ReferenceProvider
+from kto_lightning.strategies import FSDP2Strategy
 
 REFERENCE_PREFIX = "reference."
 # Shown in the progress bar under short names; the loggers get the full names.
@@ -236,6 +237,11 @@ class KTOModule(L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=False)
         self.log("val_auroc", metrics["rewards/auroc"], prog_bar=True, logger=False)
 
+    def configure_model(self) -> None:
+        # FSDP2 shards the models here, once the process group and its device mesh exist.
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            self.trainer.strategy.shard(self)
+
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(
@@ -289,9 +295,10 @@ class KTOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Put the frozen weights back from the live module, so that strict loading still checks
         # that every trainable key is there.
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            state.setdefault(key, value)
+        state = checkpoint.get("state_dict")  # absent where a sharded strategy loaded it already
+        if state is not None:
+            for key, value in self.state_dict().items():
+                state.setdefault(key, value)
         rng = checkpoint.get("rng_states")
         if rng:
             torch.set_rng_state(rng["torch"])

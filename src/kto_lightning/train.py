@@ -7,7 +7,6 @@ python -m kto_lightning.train -m loss.beta=0.05,0.1,0.3     # a sweep
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
@@ -35,6 +35,7 @@ from kto_lightning.module import KTOModule
 from kto_lightning.plot import plot_run
 from kto_lightning.reference import CopyReference, build_provider
 from kto_lightning.security import redact_secrets, scrub_files, secret_values
+from kto_lightning.strategies import FSDP2Strategy, check_deepspeed
 
 log = logging.getLogger("kto_lightning")
 
@@ -47,7 +48,7 @@ def config_dir() -> Path:
 
 def _sharded(trainer: L.Trainer) -> bool:
     """Whether the policy's parameters are split across ranks (FSDP, DeepSpeed)."""
-    return type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+    return isinstance(trainer.strategy, FSDP2Strategy | DeepSpeedStrategy)
 
 
 def _plot(run_dir: str) -> Path | None:
@@ -132,6 +133,8 @@ def build(cfg: DictConfig) -> Run:
     """Seed, then build model, data, module and trainer from `cfg`."""
     # The reference model is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    if "DeepSpeedStrategy" in str(cfg.strategy.get("_target_")):
+        check_deepspeed(cfg.trainer.accelerator)  # before any data or model is loaded
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
     loss_config: KTOLossConfig = instantiate(cfg.loss)
@@ -140,12 +143,13 @@ def build(cfg: DictConfig) -> Run:
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
     datamodule.setup("fit")
-    # The weights balance the labels as trained on: data.balanced_batches repeats a rare label.
+    # The weights balance the labels as trained on, which data.balanced_batches can change.
     drawn, rows = datamodule.trained_label_counts, datamodule.label_counts
     if drawn[0] * rows[1] != drawn[1] * rows[0]:
         log.info(
             "class weights use the %d desirable and %d undesirable rows an epoch draws, not the "
-            "dataset's %d and %d: data.balanced_batches puts the rarer label in every batch",
+            "dataset's %d and %d: data.balanced_batches repeats rows to put both labels in "
+            "every batch",
             *drawn, *rows,
         )  # fmt: skip
     loss_config, notes = loss_config.with_class_counts(*drawn)
@@ -184,8 +188,6 @@ def build(cfg: DictConfig) -> Run:
     )
     loggers = _instantiate_group(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
-    if isinstance(strategy, functools.partial):  # a strategy that needs the model (FSDP)
-        strategy = strategy(model=policy)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         strategy=strategy,
@@ -224,7 +226,7 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
         if cfg.export.enabled and _sharded(trainer):
             log.warning(
                 "  Hugging Face export skipped: under %s the policy's weights are sharded across "
-                "ranks; gather a full checkpoint (strategy.state_dict_type=full) and run "
+                "ranks; save full checkpoints (strategy.save_distributed_checkpoint=false) and run "
                 "python -m kto_lightning.export CKPT OUT",
                 type(trainer.strategy).__name__,
             )

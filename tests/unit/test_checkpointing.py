@@ -18,7 +18,9 @@ def test_resume_none_path_and_missing_path(tmp_path) -> None:
     ckpt = tmp_path / "a.ckpt"
     ckpt.write_bytes(b"x")
     assert resume_checkpoint(str(ckpt), tmp_path) == str(ckpt)
-    with pytest.raises(ConfigError, match=r"resume='nope\.ckpt': no such checkpoint file"):
+    with pytest.raises(
+        ConfigError, match=r"resume='nope\.ckpt': no such checkpoint file or sharded folder"
+    ):
         resume_checkpoint("nope.ckpt", tmp_path)
 
 
