@@ -1,0 +1,128 @@
+"""Every trainer and strategy config runs a few steps on CPU, overriding only what names a GPU.
+
+A config that crashes at its first step (bf16-mixed with a fused optimizer and clipping did) must
+never land: each file below trains, validates and writes a checkpoint here. The DeepSpeed files
+cannot run on a CPU (Lightning's DeepSpeedStrategy needs CUDA); they must stop at once with one
+clear message instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kto_lightning.export import main as export_main
+from kto_lightning.train import build, config_dir, train
+
+TRAINERS = sorted(p.stem for p in (config_dir() / "trainer").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (config_dir() / "strategy").glob("*.yaml"))
+# Strategies that run as 2 CPU processes here; `auto` (the default) runs in every trainer case.
+MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp")
+GPU_ONLY_STRATEGIES = {"deepspeed_stage2", "deepspeed_stage3"}
+LORA_HEAD = "{r: 4, target_modules: [q_proj, lm_head]}"
+
+
+def test_every_strategy_file_is_covered_here() -> None:
+    assert set(STRATEGIES) == {"auto", *MULTI_PROCESS_STRATEGIES} | GPU_ONLY_STRATEGIES
+    assert {"cpu", "default", "gpu"} <= set(TRAINERS)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainer_config_trains_on_cpu(make_config, name: str) -> None:
+    overrides = [f"trainer={name}", "trainer.accelerator=cpu", "trainer.devices=1"]
+    cfg = make_config(*overrides)
+    assert cfg.strategy._args_ == ["auto"]
+    run = build(cfg)
+    weights = {n: p.detach().clone() for n, p in run.module.policy.named_parameters()}
+    objective = train(cfg, run=run)
+    assert run.trainer.global_step > 0
+    assert objective is not None and math.isfinite(objective)
+    moved = [n for n, p in run.module.policy.named_parameters() if not torch.equal(p, weights[n])]
+    assert moved, "no weight changed"
+    # What the file asks for is what ran: gpu.yaml's bf16 autocast with fused AdamW and clipping.
+    assert run.trainer.precision == cfg.trainer.precision
+    assert run.trainer.gradient_clip_val == cfg.trainer.gradient_clip_val > 0
+    assert run.trainer.optimizers[0].param_groups[0]["fused"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
+    return subprocess.run(
+        [sys.executable, "-m", "kto_lightning.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _final_validation(run_dir: Path) -> dict[str, str]:
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    return [row for row in rows if row.get("val/loss")][-1]
+
+
+@pytest.mark.parametrize("name", MULTI_PROCESS_STRATEGIES)
+def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) -> None:
+    run = [
+        f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer=gpu",  # bf16-mixed with fused AdamW and clipping, under each strategy
+        "debug=fast", "data.toy_rows=160", "trainer.max_epochs=2",
+    ]  # fmt: skip
+    result = _cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "KTO training finished" in output and "8 optimizer steps" in output
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "last.ckpt").exists()
+    assert (tmp_path / "run" / "objective.json").is_file()
+    if name != "fsdp":
+        return
+    # FSDP2 writes sharded checkpoints (a folder per checkpoint, without the frozen reference);
+    # resuming from the one at the end of epoch 1 must finish exactly as the run did.
+    assert (checkpoints / "step4.ckpt" / ".metadata").is_file()
+    resumed = _cli(
+        *run, f"resume={checkpoints / 'step4.ckpt'}", f"hydra.run.dir={tmp_path}/resumed",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    expected, got = _final_validation(tmp_path / "run"), _final_validation(tmp_path / "resumed")
+    assert got["step"] == expected["step"] == "7"
+    for key in ("val/loss", "val/rewards/margins", "val/kl", "val/rewards/auroc"):
+        assert float(got[key]) == pytest.approx(float(expected[key]), abs=1e-6), key
+
+
+def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path: Path) -> None:
+    # FSDP2 x LoRA (an adapter on the LM head) x reference=adapter x a full checkpoint x export.
+    run_dir = tmp_path / "run"
+    result = _cli(
+        "strategy=fsdp", "strategy.save_distributed_checkpoint=false", "trainer.accelerator=cpu",
+        "trainer.devices=2", "reference=adapter", f"+model.lora={LORA_HEAD}", "debug=fast",
+        "data.toy_rows=160", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file(), "a full checkpoint is one file"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any(key.startswith("reference.") for key in state)
+    head_b = state["policy.base_model.model.lm_head.lora_B.default.weight"]
+    assert head_b.abs().sum() > 0, "the head's adapter starts at zero and must have trained"
+    assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "lm_head.weight" in weights and not any("lora" in key for key in weights)
+
+
+@pytest.mark.parametrize("name", sorted(GPU_ONLY_STRATEGIES))
+def test_deepspeed_config_on_cpu_stops_with_one_message(tmp_path: Path, name: str) -> None:
+    result = _cli(
+        f"strategy={name}", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CUDA GPUs only" in errors[0] and "strategy=fsdp" in errors[0]
+    assert "Traceback" not in result.stderr
