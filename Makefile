@@ -23,9 +23,10 @@ train: install ## Train the embedded default (tiny model, bundled task, CPU); AR
 test: install-dev ## Run the test suite
 	$(PYTHON) -m pytest
 
-lint: ## ruff lint and format check
+lint: ## ruff lint and format check, mypy on src/
 	ruff check src tests
 	ruff format --check src tests
+	mypy
 
 format: ## Apply ruff fixes and formatting
 	ruff check --fix src tests

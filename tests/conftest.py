@@ -13,8 +13,8 @@ from kto_lightning.train import config_dir
 
 # A few steps on a small slice of the toy task: seconds on a CPU.
 FAST = [
-    "data.toy_rows=160",
-    "data.batch_size=8",
+    "data.source.toy_rows=160",
+    "data.batching.batch_size=8",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=2",

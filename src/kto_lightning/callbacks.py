@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from kto_lightning.models import CausalLM
+
 log = logging.getLogger(__name__)
 
 
@@ -30,9 +32,9 @@ class GenerationsTable(L.Callback):
 
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit
         tokenizer, dataset = datamodule.tokenizer, datamodule.val_set
-        policy = pl_module.policy
+        policy: CausalLM = pl_module.policy
         was_training = policy.training
         policy.eval()
         rows = []

@@ -1,17 +1,69 @@
-"""Checkpoint files that are whole or absent, and finding the one to resume from."""
+"""What a checkpoint holds, files that are whole or absent, and finding the one to resume from.
+
+A checkpoint holds the trainable weights only (never the reference, which never changes, nor the
+frozen base weights under LoRA: both are rebuilt from the model config), the optimizer, the RNG
+states and the resolved run config (plain types, loadable with weights_only=True).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
 
 from kto_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Where a checkpoint keeps the resolved run config, so that it alone says how to rebuild its
+# model and tokenizer (kto_lightning.export reads it).
+RUN_CONFIG_KEY = "kto_lightning_config"
+
+
+def keep_trainable_weights(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Drop every weight of `checkpoint["state_dict"]` that `module` does not train."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k not in trainable]:
+        del state[key]
+
+
+def put_back_frozen_weights(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Fill the frozen weights in from the live module, so strict loading still checks that
+    every trainable one is there. A sharded strategy loads the weights itself: no state_dict."""
+    state = checkpoint.get("state_dict")
+    if state is not None:
+        for key, value in module.state_dict().items():
+            state.setdefault(key, value)
+
+
+def save_rng_states(checkpoint: dict[str, Any]) -> None:
+    """The RNG states, so that a resumed run draws what the uninterrupted one would have."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    checkpoint["rng_states"] = states
+
+
+def restore_rng_states(checkpoint: dict[str, Any]) -> None:
+    states = checkpoint.get("rng_states")
+    if not states:
+        return
+    torch.set_rng_state(states["torch"])
+    random.setstate(_as_tuple(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs the nested tuples back (a checkpoint may hold lists)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,8 @@
 Every message names the thing to change: the config key, the file, the row, the column, the value.
 """
 
+import math
+
 
 class KTOError(Exception):
     """Base class for problems in the user's config, data or environment."""
@@ -28,3 +30,13 @@ def user_error(error: BaseException) -> KTOError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def check_number(key: str, value: object) -> float:
+    """`value` as a float; ConfigError naming `key` unless it is a finite number."""
+    # bool is an int subclass; `beta: true` in a YAML file is a typo, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    return float(value)

@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from kto_lightning.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
-from kto_lightning.models import ModelSource
+from kto_lightning.models import CausalLM, ModelSource
 
 POLICY_PREFIX = "policy."
-CONFIG_KEY = "kto_lightning_config"  # written by KTOModule.on_save_checkpoint
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -50,7 +50,7 @@ def _generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def export_policy(
-    policy: nn.Module,
+    policy: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     merge_lora: bool = True,
@@ -147,11 +147,12 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bo
     """
     ckpt_path = Path(ckpt_path)
     checkpoint = _load_checkpoint(ckpt_path)
-    config = checkpoint.get(CONFIG_KEY)
+    config = checkpoint.get(RUN_CONFIG_KEY)
     if not isinstance(config, dict) or "model" not in config:
         raise ConfigError(
-            f"the checkpoint {str(ckpt_path)!r} has no '{CONFIG_KEY}' entry, so it does not say "
-            "how to rebuild its model; export it from a checkpoint written by kto_lightning.train"
+            f"the checkpoint {str(ckpt_path)!r} has no '{RUN_CONFIG_KEY}' entry, so it does not "
+            "say how to rebuild its model; export it from a checkpoint written by "
+            "kto_lightning.train"
         )
     source = _build_source(config["model"], ckpt_path)
     tokenizer = source.load_tokenizer()

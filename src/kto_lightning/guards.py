@@ -7,19 +7,23 @@ Each guard is one Lightning callback (listed in conf/callbacks/default.yaml) or 
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import logging
-import re
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import CompactHydraException, ConfigCompositionException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from torch import Tensor
 from torch.optim import Optimizer
 
 from kto_lightning.errors import KTOError
+from kto_lightning.schemas import accepted_keys
 
 log = logging.getLogger("kto_lightning")
 
@@ -158,56 +162,75 @@ class ZeroKLWarning(L.Callback):
 
 
 # ------------------------------------------------------------------- unknown config keys
-_UNEXPECTED = re.compile(r"unexpected keyword argument '([^']+)'")
-_TARGET = re.compile(r"Error in call to target '([^']+)'")
-_FULL_KEY = re.compile(r"^full_key: (\S+)\s*$", re.MULTILINE)
+def _refused_key(error: BaseException) -> ConfigKeyError | ConfigAttributeError | None:
+    """The OmegaConf error behind a composition that refused a key, if `error` is one.
 
-
-def _valid_keys(target: str) -> list[str]:
-    """The constructor arguments of `target` ('package.module.Name'), or [] if not importable."""
-    module_name, _, name = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), name)
-        parameters = inspect.signature(obj).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return []
-    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [p.name for p in parameters if p.kind not in kinds and p.name != "self"]
+    Hydra raises a ConfigCompositionException from it when a schema or the struct flag refuses
+    a key of a file or an override; `schemas.check` raises the same pair for a '+' addition.
+    Only errors under a ConfigCompositionException count: a ConfigKeyError raised by code that
+    reads a missing key is a bug to show with its traceback, not a spelling to correct.
+    """
+    composing = False
+    seen: BaseException | None = error
+    while seen is not None:
+        composing = composing or isinstance(seen, ConfigCompositionException)
+        if (
+            composing
+            and isinstance(seen, ConfigKeyError | ConfigAttributeError)
+            and seen.key is not None
+            and isinstance(seen.parent_node, DictConfig)
+        ):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def explain_unknown_key(error: BaseException) -> str | None:
-    """A one-line explanation when `error` comes from a config key its target does not take.
+    """One line naming a config key that its group does not take, or None for any other error.
 
-    Hydra already rejects a misspelt key given without '+' ("Could not override"); a key added
-    with '+group.key=value' reaches the constructor and fails there as a TypeError, which Hydra
-    wraps in an InstantiationException naming the target and the config node (`full_key:`).
-
-    Returns None when `error` is something else.
+    The key, its dotted path and the node that refused it are read from the exception objects
+    (`key`, `full_key`, `parent_node`); the valid keys are the node's schema fields, its target's
+    arguments, or its own keys (see `schemas.accepted_keys`), and difflib picks the nearest.
     """
-    key = group = target = None
-    seen: BaseException | None = error
-    while seen is not None:
-        text = str(seen)
-        if key is None and isinstance(seen, TypeError):
-            match = _UNEXPECTED.search(text)
-            key = match.group(1) if match else None
-        if target is None and (match := _TARGET.search(text)):
-            target = match.group(1)
-            full_key = _FULL_KEY.search(text)
-            group = full_key.group(1) if full_key else None
-            if key is None:  # Hydra repeats the TypeError inside its own message
-                match = _UNEXPECTED.search(text)
-                key = match.group(1) if match else None
-        seen = seen.__cause__ or seen.__context__
-    if key is None or target is None:
+    refused = _refused_key(error)
+    if refused is None:
         return None
-    setting = f"{group}.{key}" if group else key
-    message = f"{setting} is not a setting of {target}; check the spelling"
-    valid = _valid_keys(target)
+    key = str(refused.key)
+    full_key = str(refused.full_key or key)
+    group = full_key.rpartition(".")[0]
+    target, valid = accepted_keys(refused.parent_node)
+    valid = [k for k in valid or [] if k != key]
+    message = f"{full_key} is not a setting{f' of {target}' if target else ''}; check the spelling"
     if close := difflib.get_close_matches(key, valid, n=1):
         message += f" (did you mean {group + '.' if group else ''}{close[0]}?)"
     if valid:
         message += f". Valid keys: {', '.join(valid)}"
-    if group:
+    if target and group:
         message += f" (see conf/{group.split('.')[0]}/)"
     return message
+
+
+def run_explained(main: Callable[[], object]) -> None:
+    """Run a `@hydra.main` function; a key refused while composing prints as one line.
+
+    Hydra composes the config before `main` runs, so `main` cannot catch a refused key, and Hydra
+    prints such errors as a report of several lines. With HYDRA_FULL_ERROR=1 it raises them
+    instead: a refused key is explained here, and other composition errors are printed as Hydra
+    prints them (or raised, when the user set HYDRA_FULL_ERROR=1 to see tracebacks). An error
+    that `main` does not turn into one line (a bug) keeps its full traceback.
+    """
+    user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as error:
+        problem = explain_unknown_key(error)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+        elif user_wants_tracebacks:
+            raise
+        else:  # the report Hydra prints without HYDRA_FULL_ERROR
+            print(error, file=sys.stderr)
+            if isinstance(error.__cause__, OmegaConfBaseException):
+                print(error.__cause__, file=sys.stderr)
+        raise SystemExit(1) from None

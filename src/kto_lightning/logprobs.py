@@ -1,9 +1,9 @@
 """Log-probabilities of completions under a causal LM, without materialising (N, V) logits.
 
-`compute_logprobs` is the naive reference (full logits in hand). `token_logprobs_chunked` runs the
-LM head over chunks of rows in a custom autograd Function that recomputes each chunk's logits in
-backward, so the peak extra memory is chunk_size x V instead of N x V. `token_logprobs_via_head`
-does the same through the head module itself, for heads that are more than a weight matrix.
+`token_logprobs_chunked` runs the LM head over chunks of rows in a custom autograd Function that
+recomputes each chunk's logits in backward, so the peak extra memory is chunk_size x V instead of
+N x V. `token_logprobs_via_head` does the same through the head module itself, for heads that
+are more than a weight matrix.
 `sequence_logprobs` is what the trainer calls: backbone -> hidden states of the positions that
 predict completion tokens -> chunked head -> per-sequence sums.
 
@@ -18,28 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kto_lightning.models import CausalLM
+
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16/fp16/fp32 -> fp32, fp64 -> fp64
-
-
-def compute_logprobs(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Per-sequence sums of log p(target): the naive path, with the full logits in hand.
-
-    logits (B, T, V) are already aligned with targets (B, T): logits[:, t] predicts targets[:, t].
-    mask (B, T) bool or 0/1 selects the summed positions (None = all); masked targets may hold any
-    value (e.g. -100). Returns (B,) float32 (float64 for float64 logits). Only the (B, T) logsumexp
-    is kept in float32; float32 logits are not copied.
-    """
-    logits = logits.to(_math_dtype(logits.dtype))  # no-op for fp32 logits
-    if mask is None:
-        mask = torch.ones_like(targets, dtype=torch.bool)
-    mask = mask.bool()
-    safe_targets = targets.masked_fill(~mask, 0)  # (B, T), valid gather indices
-    target_logits = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    token_lp = target_logits - torch.logsumexp(logits, dim=-1)  # (B, T)
-    # where, not multiply: a NaN/inf at a masked (e.g. padding) position must not leak into sums.
-    return torch.where(mask, token_lp, torch.zeros_like(token_lp)).sum(-1)  # (B,)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
@@ -139,7 +122,7 @@ def token_logprobs_chunked(
     return _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap)
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+def _backbone(model: CausalLM) -> nn.Module:
     """The model without its LM head (e.g. LlamaModel inside LlamaForCausalLM)."""
     get_decoder = getattr(model, "get_decoder", None)
     candidates = [get_decoder() if callable(get_decoder) else None]
@@ -216,7 +199,7 @@ SHARDED_ENTRY = "kto_sequence_logprobs"
 
 
 def sequence_logprobs(
-    model: torch.nn.Module,
+    model: CausalLM,
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
@@ -239,7 +222,7 @@ def sequence_logprobs(
 
 
 def unsharded_sequence_logprobs(
-    model: torch.nn.Module,
+    model: CausalLM,
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,

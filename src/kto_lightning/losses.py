@@ -9,84 +9,92 @@ so none of them forces a device sync.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.class_weights import check_weights, resolve_class_weights
+from kto_lightning.errors import ConfigError, check_number
 
 ESTIMATORS = ("mismatched", "batch", "zero")
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
-def _check_number(key: str, value: object) -> float:
-    # bool is an int subclass; `beta: true` in a YAML file is a typo, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be finite, got {value!r}")
-    return float(value)
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ConfigError(
+            f"loss.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
+        )
 
 
 @dataclass(frozen=True)
-class KTOLossConfig:
-    """Hyperparameters of the loss; validated on construction (raises `ConfigError`)."""
+class _LossShape:
+    """Which loss, and how its reference point is estimated: what decides the KL rows."""
 
-    beta: float = 0.1
-    # A number >= 0, or "auto" (on one side at most): set from the class counts by
-    # `with_class_counts` so that lambda_D * n_D / (lambda_U * n_U) = 1 (paper eq. 8).
-    desirable_weight: float | str = 1.0
-    undesirable_weight: float | str = 1.0
     estimator: str = "mismatched"
     loss_type: str = "kto"
 
+    @property
+    def reference_estimator(self) -> str:
+        """The estimator z_ref is computed with; APO-zero has no reference point at all."""
+        return self.estimator if self.loss_type == "kto" else "zero"
+
+    @property
+    def needs_kl_rows(self) -> bool:
+        """Whether each batch must carry (prompt, unrelated completion) KL rows."""
+        return self.reference_estimator == "mismatched"
+
+
+@dataclass(frozen=True)
+class KTOLossConfig(_LossShape):
+    """The `loss` config group as YAML gives it; validated on construction (raises ConfigError).
+
+    A class weight may be "auto" (on one side at most): `with_class_counts` turns this into the
+    `KTOLoss` the loss uses, with that side set so that lambda_D * n_D / (lambda_U * n_U) = 1
+    (paper eq. 8).
+    """
+
+    beta: float = 0.1
+    desirable_weight: float | str = 1.0
+    undesirable_weight: float | str = 1.0
+
     def __post_init__(self) -> None:
-        beta = _check_number("loss.beta", self.beta)
+        beta = check_number("loss.beta", self.beta)
         if beta <= 0:
             raise ConfigError(f"loss.beta must be > 0, got {self.beta!r}")
-        weights = [
-            _parse_weight(f"loss.{key}", getattr(self, key))
-            for key in ("desirable_weight", "undesirable_weight")
-        ]
-        if weights == [AUTO, AUTO]:
-            raise ConfigError(
-                "loss.desirable_weight and loss.undesirable_weight are both 'auto'; at most one "
-                "may be 'auto' (set the other to a number, e.g. 1.0)"
-            )
-        if weights == [0, 0]:
-            raise ConfigError(
-                "loss.desirable_weight and loss.undesirable_weight are both 0; "
-                "at least one must be > 0"
-            )
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(
-                f"loss.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}"
-            )
+        check_weights(self.desirable_weight, self.undesirable_weight)
+        _check_estimator(self.estimator)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(
                 f"loss.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
             )
 
-    @property
-    def needs_kl_rows(self) -> bool:
-        """Whether the batch must carry (prompt, unrelated completion) KL rows."""
-        return self.loss_type == "kto" and self.estimator == "mismatched"
-
-    @property
-    def weights_resolved(self) -> bool:
-        """False while a class weight is still "auto"."""
-        return all(not isinstance(w, str) for w in (self.desirable_weight, self.undesirable_weight))
-
-    def with_class_counts(
-        self, n_desirable: int, n_undesirable: int
-    ) -> tuple[KTOLossConfig, list[str]]:
-        """This config with "auto" weights set from the class counts, and warnings to log."""
+    def with_class_counts(self, n_desirable: int, n_undesirable: int) -> tuple[KTOLoss, list[str]]:
+        """The `KTOLoss` for these class counts (an "auto" weight resolved), and warnings to log."""
         desirable, undesirable, warnings = resolve_class_weights(
             self.desirable_weight, self.undesirable_weight, n_desirable, n_undesirable
         )
-        return replace(self, desirable_weight=desirable, undesirable_weight=undesirable), warnings
+        loss = KTOLoss(
+            beta=float(self.beta),
+            desirable_weight=desirable,
+            undesirable_weight=undesirable,
+            estimator=self.estimator,
+            loss_type=self.loss_type,
+        )
+        return loss, warnings
+
+
+@dataclass(frozen=True)
+class KTOLoss(_LossShape):
+    """The loss's hyperparameters as `kto_loss` uses them: numbers only.
+
+    Built by `KTOLossConfig.with_class_counts`, which validates; tests may build one directly.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,23 +134,20 @@ def kl_statistics(
         ``zero``. Summing these over ranks and then calling `reference_point_from_statistics`
         gives the global mean, which averaging per-rank means would not when ranks differ in size.
     """
+    _check_estimator(estimator)
     device = policy_logps.device
     if estimator == "zero":
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return zero, zero.clone()
     if estimator == "batch":
         ratios = policy_logps.detach().float() - reference_logps.detach().float()
-    elif estimator == "mismatched":
+    else:  # mismatched
         if kl_policy_logps is None or kl_reference_logps is None:
             raise ValueError(
                 "estimator 'mismatched' needs kl_policy_logps and kl_reference_logps "
                 "(the batch has no KL rows)"
             )
         ratios = kl_policy_logps.detach().float() - kl_reference_logps.detach().float()
-    else:
-        raise ConfigError(
-            f"loss.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
-        )
     count = torch.tensor(float(ratios.numel()), dtype=torch.float32, device=device)
     return ratios.sum(), count
 
@@ -169,7 +174,7 @@ def kto_loss(
     reference_logps: Tensor,
     labels: Tensor,
     reference_point: Tensor,
-    config: KTOLossConfig,
+    config: KTOLoss,
 ) -> KTOLossOutput:
     """Per-example KTO (or unpaired APO-zero) loss.
 
@@ -210,133 +215,3 @@ def kto_loss(
     undesirable_loss = config.undesirable_weight * torch.sigmoid(margin)
     losses = torch.where(desirable, desirable_loss, undesirable_loss)
     return KTOLossOutput(losses=losses, rewards=rewards.detach(), reference_point=z_ref)
-
-
-def kto_loss_single_process(
-    policy_logps: Tensor,
-    reference_logps: Tensor,
-    labels: Tensor,
-    config: KTOLossConfig,
-    kl_policy_logps: Tensor | None = None,
-    kl_reference_logps: Tensor | None = None,
-) -> KTOLossOutput:
-    """`kl_statistics` -> `reference_point_from_statistics` -> `kto_loss`, with no reduction.
-
-    Shapes as in `kto_loss`; ``kl_*`` are (K,) and needed only when ``config.needs_kl_rows``.
-    """
-    # apo_zero_unpaired ignores z_ref, so it must not demand KL rows whatever the estimator.
-    estimator = config.estimator if config.loss_type == "kto" else "zero"
-    total, count = kl_statistics(
-        estimator, policy_logps, reference_logps, kl_policy_logps, kl_reference_logps
-    )
-    reference_point = reference_point_from_statistics(total, count)
-    return kto_loss(policy_logps, reference_logps, labels, reference_point, config)
-
-
-# ------------------------------------------------------------------------------- class weights
-
-AUTO = "auto"
-# Paper eq. 8: lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3].
-RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)
-
-
-def _parse_weight(key: str, value: float | str) -> float | str:
-    if isinstance(value, str):
-        if value.strip().lower() == AUTO:
-            return AUTO
-        raise ConfigError(f"{key} must be a number >= 0 or {AUTO!r}, got {value!r}")
-    weight = _check_number(key, value)
-    if weight < 0:
-        raise ConfigError(f"{key} must be >= 0, got {value!r}")
-    return weight
-
-
-def resolve_class_weights(
-    desirable_weight: float | str,
-    undesirable_weight: float | str,
-    n_desirable: int,
-    n_undesirable: int,
-) -> tuple[float, float, list[str]]:
-    """Turn an ``"auto"`` weight into a number from the class counts (paper eq. 8).
-
-    - One side ``"auto"`` (case-insensitive): it is set so that
-      ``lambda_D * n_D / (lambda_U * n_U) == 1``, the low end of the recommended
-      `RECOMMENDED_RATIO` range; the other side keeps its value.
-    - Both numeric: returned unchanged, with a warning when the ratio is outside
-      `RECOMMENDED_RATIO` that states the ratio, the counts and the weight that would make it 1.
-    - A class with no rows: no ratio exists; an ``"auto"`` side becomes 1.0 and a warning names
-      the missing class.
-
-    Args:
-        desirable_weight: ``loss.desirable_weight``, a number >= 0 or ``"auto"``.
-        undesirable_weight: ``loss.undesirable_weight``, a number >= 0 or ``"auto"``.
-        n_desirable: desirable rows in the training set.
-        n_undesirable: undesirable rows in the training set.
-
-    Returns:
-        ``(lambda_D, lambda_U, warnings)``; the warnings are messages for the caller to log.
-
-    Raises:
-        ConfigError: both sides ``"auto"``, a value that is neither a number >= 0 nor
-            ``"auto"``, or a numeric 0 opposite an ``"auto"`` side (that would make both 0).
-        DataError: both counts are 0.
-    """
-    keys = ("loss.desirable_weight", "loss.undesirable_weight")
-    w_d = _parse_weight(keys[0], desirable_weight)
-    w_u = _parse_weight(keys[1], undesirable_weight)
-    if n_desirable < 0 or n_undesirable < 0:
-        raise ValueError(f"class counts must be >= 0, got {n_desirable} and {n_undesirable}")
-    if w_d == AUTO and w_u == AUTO:
-        raise ConfigError(
-            f"{keys[0]} and {keys[1]} are both {AUTO!r}; at most one may be {AUTO!r} "
-            "(set the other to a number, e.g. 1.0)"
-        )
-    if n_desirable + n_undesirable == 0:
-        raise DataError("the training set has no rows, so class weights cannot be resolved")
-
-    warnings: list[str] = []
-    if n_desirable == 0 or n_undesirable == 0:
-        missing = "desirable" if n_desirable == 0 else "undesirable"
-        present = n_undesirable if n_desirable == 0 else n_desirable
-        other = "undesirable" if n_desirable == 0 else "desirable"
-        message = (
-            f"the training data is single-class: 0 {missing} rows ({present} {other}), so "
-            f"lambda_D*n_D/(lambda_U*n_U) has no value"
-        )
-        if AUTO in (w_d, w_u):
-            message += f"; {keys[0] if w_d == AUTO else keys[1]}={AUTO} falls back to 1.0"
-        warnings.append(message)
-        return (
-            1.0 if w_d == AUTO else float(w_d),
-            1.0 if w_u == AUTO else float(w_u),
-            warnings,
-        )
-
-    if w_d == AUTO or w_u == AUTO:
-        auto_key, fixed_key = keys if w_d == AUTO else keys[::-1]
-        fixed = w_u if w_d == AUTO else w_d
-        assert isinstance(fixed, float)
-        if fixed == 0:
-            raise ConfigError(
-                f"{fixed_key}=0 leaves nothing for {auto_key}={AUTO} to balance against "
-                "(both weights would be 0); set it > 0"
-            )
-        if w_d == AUTO:
-            return fixed * n_undesirable / n_desirable, fixed, warnings
-        return fixed, fixed * n_desirable / n_undesirable, warnings
-
-    assert isinstance(w_d, float) and isinstance(w_u, float)
-    ratio = w_d * n_desirable / (w_u * n_undesirable) if w_u > 0 else math.inf
-    low, high = RECOMMENDED_RATIO
-    # A relative tolerance so that weights typed to a few decimals (e.g. 1.3333) are not flagged.
-    if ratio < low * (1 - 1e-6) or ratio > high * (1 + 1e-6):
-        if w_u > 0:
-            fix = f"{keys[0]}={w_u * n_undesirable / n_desirable:.4g}"
-        else:
-            fix = f"{keys[1]}={w_d * n_desirable / n_undesirable:.4g}"
-        warnings.append(
-            f"{keys[0]}={w_d!r} and {keys[1]}={w_u!r} give lambda_D*n_D/(lambda_U*n_U) = "
-            f"{ratio:.4g} with {n_desirable} desirable and {n_undesirable} undesirable rows, "
-            f"outside the recommended [1, 4/3]; {fix} (or {AUTO} on that side) sets it to 1"
-        )
-    return w_d, w_u, warnings

@@ -1,8 +1,8 @@
 """KTO metrics as sums and counts, so that ranks and steps combine count-weighted.
 
-A batch yields one vector of sums (`batch_sums`); vectors add across steps and ranks; `finalize`
-turns the total into means. Averaging per-rank averages would weight a rank with 3 desirable rows
-the same as one with 30; adding sums and counts does not.
+A batch yields one vector of sums (`batch_sums`); vectors add across steps and ranks;
+`metrics_from_sums` turns the total into means. Averaging per-rank averages would weight a rank
+with 3 desirable rows the same as one with 30; adding sums and counts does not.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _ratio(sums: Tensor, num: str, den: str) -> Tensor:
     return torch.where(count > 0, sums[_INDEX[num]] / count.clamp(min=1), torch.nan)
 
 
-def finalize(sums: Tensor) -> dict[str, Tensor]:
+def metrics_from_sums(sums: Tensor) -> dict[str, Tensor]:
     """Means from a (possibly reduced, possibly accumulated) sums vector."""
     chosen = _ratio(sums, "reward_desirable_sum", "desirable")
     rejected = _ratio(sums, "reward_undesirable_sum", "undesirable")

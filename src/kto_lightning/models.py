@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +47,10 @@ BYTE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<assistant>\n' }}{% endif %}"
 )
 
+# A transformers causal LM, or a peft PeftModel wrapping one. Their methods reach the model through
+# nn.Module.__getattr__ and peft's own __getattr__, which a type checker cannot follow: Any.
+CausalLM = Any
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +59,7 @@ class ModelSource(Protocol):
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase: ...
 
-    def load_policy(self) -> PreTrainedModel: ...
+    def load_policy(self) -> CausalLM: ...
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -151,7 +155,6 @@ class TinyLlama:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     def config(self) -> LlamaConfig:
-        tokenizer_ids = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
         return LlamaConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -162,13 +165,15 @@ class TinyLlama:
             max_position_embeddings=self.max_seq_len,
             attention_dropout=self.dropout,
             tie_word_embeddings=False,
-            **tokenizer_ids,
+            bos_token_id=256,  # the byte-level tokenizer's special tokens
+            eos_token_id=257,
+            pad_token_id=258,
         )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return byte_level_tokenizer()
 
-    def load_policy(self) -> PreTrainedModel:
+    def load_policy(self) -> CausalLM:
         # Random init follows the global seed, which train.py sets before calling this.
         policy = apply_lora(LlamaForCausalLM(self.config()), self.lora)
         return disable_dropout(policy) if self.disable_dropout else policy
@@ -219,7 +224,7 @@ class Pretrained:
             raise ModelLoadError(f"could not load the tokenizer from {source!r}: {error}") from None
         return ensure_pad_token(tokenizer)
 
-    def load_policy(self) -> PreTrainedModel:
+    def load_policy(self) -> CausalLM:
         _check_reachable(self.name_or_path, "model.name_or_path")
         kwargs: dict = {
             "revision": self.revision,
@@ -239,7 +244,7 @@ class Pretrained:
         return disable_dropout(policy) if self.disable_dropout else policy
 
 
-def apply_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, lora: dict | None) -> CausalLM:
     """Wrap `model` with LoRA adapters (peft) when `lora` is set; only the adapters then train.
 
     `lora` holds peft.LoraConfig arguments, e.g. {r: 16, lora_alpha: 32, lora_dropout: 0.0,
@@ -272,7 +277,7 @@ _DROPOUT_MODULES = (
 )
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
+def disable_dropout(model: CausalLM) -> CausalLM:
     """Set every dropout probability in `model` to 0, in place (TRL's `disable_dropout=True`).
 
     The policy trains in train mode and the reference runs in eval mode; with dropout the two
@@ -307,7 +312,7 @@ def _zero_dropout_attributes(owner: object) -> None:
             setattr(owner, name, 0.0)
 
 
-def make_reference(policy: PreTrainedModel) -> PreTrainedModel:
+def make_reference(policy: CausalLM) -> CausalLM:
     """The frozen reference: an exact copy of the policy as it is before training."""
     reference = copy.deepcopy(policy)
     reference.eval()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LinearLR, LRScheduler, SequentialLR
+from transformers import get_constant_schedule, get_wsd_schedule
 
 from kto_lightning.errors import ConfigError
 
@@ -89,10 +89,11 @@ def warmup_schedule(
     warmup_ratio: float = 0.1,
     decay: str = "linear",
     min_lr_ratio: float = 0.0,
-) -> LambdaLR:
+) -> LRScheduler:
     """Linear warmup to the peak, then `decay` down to `min_lr_ratio` x the peak at `total_steps`.
 
     Step s of w warmup steps runs at (s + 1) / (w + 1) of the peak, so no step has a zero rate.
+    After `total_steps` the rate stays at the floor.
 
     Args:
         optimizer: the optimizer whose learning rate is scheduled.
@@ -113,13 +114,24 @@ def warmup_schedule(
     if warmup < 0:
         raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {warmup}")
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-    return LambdaLR(optimizer, factor)
+    if decay == "constant":
+        after = get_constant_schedule(optimizer)
+    else:
+        # transformers' warmup-stable-decay schedule with no warmup and no stable phase: the
+        # decay to `min_lr_ratio`, held there after the last step. Its warmup-with-decay
+        # siblings do not fit: `get_linear_schedule_with_warmup` has no floor, and
+        # `get_cosine_with_min_lr_schedule_with_warmup` climbs back up after `total_steps`.
+        after = get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=0,
+            num_stable_steps=0,
+            num_decay_steps=max(1, total - warmup),
+            decay_type=decay,
+            min_lr_ratio=min_lr_ratio,
+        )
+    # The warmup is torch's LinearLR, not transformers': theirs runs step s at s / w of the peak,
+    # so the first step trains at a rate of 0; from 1 / (w + 1) the ramp reaches (s + 1) / (w + 1).
+    # With no warmup it does nothing, but stays: every schedule then has the same state layout, and
+    # a checkpoint loads into a run whose total_steps, and so warmup, differ (more epochs).
+    ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, after], milestones=[warmup])

@@ -21,17 +21,19 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.data.tokenize import tokenizer_fingerprint
+from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import sequence_logprobs
+from kto_lightning.models import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +115,15 @@ def _as_trained(policy: nn.Module, precision: str, device: torch.device) -> Iter
         policy.to(dtype=home_dtype)
 
 
-def _score(model: nn.Module, batch: dict[str, Tensor], chunk_size: int, with_kl: bool):
+def _score(model: nn.Module, batch: dict[str, Tensor], chunk_size: int, needs_kl_rows: bool):
     """(main, KL or None) log-probs of one batch, in one forward over main and KL rows."""
-    if not with_kl:
+    if not needs_kl_rows:
         return sequence_logprobs(
             model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size
         ), None
     keys = ("input_ids", "attention_mask", "completion_mask")
-    both = [torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys]
-    main, kl = sequence_logprobs(model, *both, chunk_size=chunk_size).chunk(2)
+    ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
+    main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size).chunk(2)
     return main, kl
 
 
@@ -144,7 +146,7 @@ class ReferenceProvider(nn.Module):
         batch: dict[str, Tensor],
         split: str,
         chunk_size: int,
-        with_kl: bool,
+        needs_kl_rows: bool,
     ) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
@@ -152,22 +154,22 @@ class ReferenceProvider(nn.Module):
 class CopyReference(ReferenceProvider):
     """A separate frozen model (an exact copy of the initial policy)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CausalLM) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model: CausalLM = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, policy, batch, split, chunk_size, with_kl):
-        return _score(self.model, batch, chunk_size, with_kl)
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
+        return _score(self.model, batch, chunk_size, needs_kl_rows)
 
 
 class AdapterReference(ReferenceProvider):
     """The policy with its LoRA adapters switched off: the base weights, which never train."""
 
     @torch.no_grad()
-    def logps(self, policy, batch, split, chunk_size, with_kl):
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
         with _eval_mode(policy), policy.disable_adapter():
-            return _score(policy, batch, chunk_size, with_kl)
+            return _score(policy, batch, chunk_size, needs_kl_rows)
 
 
 class CachedReference(ReferenceProvider):
@@ -188,10 +190,10 @@ class CachedReference(ReferenceProvider):
     def _lookup(self, name: str, index: Tensor) -> Tensor:
         return getattr(self, name.replace("/", "__"))[index].view(self.dtypes[name])
 
-    def logps(self, policy, batch, split, chunk_size, with_kl):
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
         index = batch["index"]
         main = self._lookup(f"{split}/main", index)
-        kl = self._lookup(f"{split}/kl", index) if with_kl else None
+        kl = self._lookup(f"{split}/kl", index) if needs_kl_rows else None
         return main, kl
 
 
@@ -204,7 +206,15 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(datasets_by_split: dict[str, Dataset]) -> str:
+class Rows(Protocol):
+    """A split's examples, by position (KTODataset is one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+
+def data_fingerprint(datasets_by_split: dict[str, Rows]) -> str:
     """A hash of the token ids of every row and of its KL partner's completion, per split."""
     digest = hashlib.blake2b(digest_size=16)
     for split, dataset in sorted(datasets_by_split.items()):
@@ -219,10 +229,10 @@ def data_fingerprint(datasets_by_split: dict[str, Dataset]) -> str:
 def cache_key(
     policy: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    datasets_by_split: dict[str, Dataset],
+    datasets_by_split: dict[str, Rows],
     max_length: int,
     max_prompt_length: int,
-    with_kl: bool,
+    needs_kl_rows: bool,
     precision: str = "32-true",
 ) -> str:
     """The content hash a cache file is stored under; any change to an input changes it.
@@ -234,7 +244,7 @@ def cache_key(
         weights_fingerprint(policy),
         tokenizer_fingerprint(tokenizer),
         data_fingerprint(datasets_by_split),
-        f"{max_length}:{max_prompt_length}:{with_kl}",
+        f"{max_length}:{max_prompt_length}:{needs_kl_rows}",
         trainer_precision(precision),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
@@ -245,7 +255,7 @@ def fill_cache(
     policy: nn.Module,
     loaders: dict[str, DataLoader],
     chunk_size: int,
-    with_kl: bool,
+    needs_kl_rows: bool,
     precision: str = "32-true",
 ) -> dict[str, Tensor]:
     """Score every row of every split with the (untrained) policy, in eval mode.
@@ -263,12 +273,12 @@ def fill_cache(
     policy.to(device)
     with _eval_mode(policy), _as_trained(policy, precision, device):
         for split, loader in loaders.items():
-            n = len(loader.dataset)
+            n = len(cast(Rows, loader.dataset))
             main = torch.full((n,), torch.nan, dtype=dtype)
             kl = torch.full((n,), torch.nan, dtype=dtype)
             for batch in tqdm(loader, desc=f"Reference log-probs ({split})", leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                scored, scored_kl = _score(policy, batch, chunk_size, with_kl)
+                scored, scored_kl = _score(policy, batch, chunk_size, needs_kl_rows)
                 main[batch["index"].cpu()] = scored.to(dtype).cpu()
                 if scored_kl is not None:
                     kl[batch["index"].cpu()] = scored_kl.to(dtype).cpu()
@@ -284,7 +294,7 @@ def load_or_fill_cache(
     policy: nn.Module,
     loaders: dict[str, DataLoader],
     chunk_size: int,
-    with_kl: bool,
+    needs_kl_rows: bool,
     precision: str = "32-true",
 ) -> tuple[dict[str, Tensor], bool]:
     """The cached table for `key`, computed and written first on a miss; returns (table, hit).
@@ -296,7 +306,7 @@ def load_or_fill_cache(
         log.info("reference log-probs: read from the cache %s", path)
         return load_file(path), True
     log.info("reference log-probs: not cached yet; scoring every row once -> %s", path)
-    table = fill_cache(policy, loaders, chunk_size, with_kl, precision)
+    table = fill_cache(policy, loaders, chunk_size, needs_kl_rows, precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(table, str(partial))
@@ -306,11 +316,11 @@ def load_or_fill_cache(
 
 def build_provider(
     spec: ReferenceSpec,
-    policy: nn.Module,
+    policy: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     datamodule,
     chunk_size: int,
-    with_kl: bool,
+    needs_kl_rows: bool,
     precision: str | int | None = "32-true",
 ) -> ReferenceProvider:
     """The provider `spec` asks for; for `cache`, the table is read or filled here, before training.
@@ -336,9 +346,9 @@ def build_provider(
         policy,
         tokenizer,
         splits,
-        datamodule.max_length,
-        datamodule.max_prompt_length,
-        with_kl,
+        datamodule.lengths.max_length,
+        datamodule.lengths.max_prompt_length,
+        needs_kl_rows,
         precision,
     )
     loaders = {
@@ -348,6 +358,6 @@ def build_provider(
         for name, dataset in splits.items()
     }
     table, _ = load_or_fill_cache(
-        spec.cache_dir, key, policy, loaders, chunk_size, with_kl, precision
+        spec.cache_dir, key, policy, loaders, chunk_size, needs_kl_rows, precision
     )
     return CachedReference(table)

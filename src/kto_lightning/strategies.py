@@ -145,6 +145,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not (path / ".metadata").is_file():  # a full checkpoint, one file: nothing is sharded
             return super().load_checkpoint(path, weights_only)
         module = self.lightning_module
+        assert module is not None, "the strategy loads a checkpoint once the module is attached"
         trainable = StateDictOptions(ignore_frozen_params=True)
         state = {"state_dict": get_model_state_dict(module, options=trainable)}
         dcp.load(state, checkpoint_id=path)

@@ -1,4 +1,4 @@
-"""Entry point: compose the config, build everything, fit, summarise; returns the sweep objective.
+"""Entry point: compose the config, build everything, fit; returns the sweep objective.
 
 python -m kto_lightning.train                               # tiny model + bundled task, CPU
 python -m kto_lightning.train model=llama1b loss.beta=0.1   # a real model
@@ -11,9 +11,8 @@ import json
 import logging
 import math
 import sys
-import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +21,34 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from kto_lightning import schemas
 from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from kto_lightning.errors import ConfigError, KTOError, user_error
-from kto_lightning.export import export_policy
-from kto_lightning.guards import explain_unknown_key
+from kto_lightning.errors import ConfigError, user_error
+from kto_lightning.guards import explain_unknown_key, run_explained
+from kto_lightning.lifecycle import (
+    HuggingFaceExport,
+    ReleaseHostMemory,
+    RunSummary,
+    TrainingCurves,
+    scalar_metrics,
+)
 from kto_lightning.losses import KTOLossConfig
-from kto_lightning.models import ModelSource
+from kto_lightning.models import CausalLM, ModelSource
 from kto_lightning.module import KTOModule
-from kto_lightning.plot import plot_run
 from kto_lightning.reference import CopyReference, build_provider
 from kto_lightning.security import redact_secrets, scrub_files, secret_values
-from kto_lightning.strategies import FSDP2Strategy, check_deepspeed
+from kto_lightning.strategies import check_deepspeed
 
 log = logging.getLogger("kto_lightning")
+schemas.register()  # before any config is composed: the YAML files extend these
 
 
 def config_dir() -> Path:
     """`conf/` of a source checkout, else the copy packed into the installed wheel."""
     checkout = Path(__file__).resolve().parents[2] / "conf"
     return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
-
-
-def _sharded(trainer: L.Trainer) -> bool:
-    """Whether the policy's parameters are split across ranks (FSDP, DeepSpeed)."""
-    return isinstance(trainer.strategy, FSDP2Strategy | DeepSpeedStrategy)
-
-
-def _plot(run_dir: str) -> Path | None:
-    """The training-curves PNG of the run, when it logged CSV metrics."""
-    if not (Path(run_dir) / "csv" / "metrics.csv").is_file():
-        return None
-    try:
-        return plot_run(run_dir)
-    except KTOError as error:  # e.g. no training step logged: nothing to draw
-        log.warning("no training curves: %s", error)
-        return None
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -69,46 +58,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
-
-
-def _summary(
-    before: dict[str, float],
-    after: dict[str, float],
-    seconds: float,
-    trainer: L.Trainer,
-    padding: float | None,
-) -> str:
-    rows = [
-        ("validation reward AUROC", "val/rewards/auroc", "{:.3f}"),
-        ("validation reward accuracy", "val/rewards/accuracy", "{:.3f}"),
-        ("validation reward margin", "val/rewards/margins", "{:+.3f}"),
-        ("validation KL reference point", "val/kl", "{:.4f}"),
-        ("validation loss", "val/loss", "{:.4f}"),
-    ]
-    lines = [
-        f"KTO training finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
-        f"{trainer.current_epoch} epoch(s)"
-    ]
-    width = max(len(label) for label, _, _ in rows)
-    for label, key, fmt in rows:
-        if key not in after:
-            continue
-        start = fmt.format(before[key]) if key in before else "n/a"
-        lines.append(f"  {label:<{width}}  {start} -> {fmt.format(after[key])}")
-    if padding is not None:
-        lines.append(f"  padding in training batches: {100 * padding:.1f}% of token slots")
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.dirpath:
-        lines.append(f"  checkpoints: {checkpoint.dirpath}")
-    lines.append(f"  run directory: {trainer.default_root_dir}")
-    return "\n".join(lines)
-
-
-def compile_backbones(
-    policy: torch.nn.Module, reference: torch.nn.Module, options: DictConfig
-) -> None:
+def compile_backbones(policy: CausalLM, reference: torch.nn.Module, options: DictConfig) -> None:
     """torch.compile the decoder stacks in place (state-dict keys are unchanged).
 
     Only the backbones are compiled: the chunked LM head is a custom autograd function that runs
@@ -131,37 +81,38 @@ class Run:
 
 def build(cfg: DictConfig) -> Run:
     """Seed, then build model, data, module and trainer from `cfg`."""
+    schemas.check(cfg)  # '+group.key' additions: Hydra adds them even to structured configs
     # The reference model is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if "DeepSpeedStrategy" in str(cfg.strategy.get("_target_")):
         check_deepspeed(cfg.trainer.accelerator)  # before any data or model is loaded
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
-    loss_config: KTOLossConfig = instantiate(cfg.loss)
+    loss_config: KTOLossConfig = instantiate(cfg.loss)  # as YAML says: a weight may be "auto"
     tokenizer = source.load_tokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, with_kl=loss_config.needs_kl_rows)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, needs_kl_rows=loss_config.needs_kl_rows)
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
     datamodule.setup("fit")
-    # The weights balance the labels as trained on, which data.balanced_batches can change.
+    # The weights balance the labels as trained on: data.batching.balanced_batches changes them.
     drawn, rows = datamodule.trained_label_counts, datamodule.label_counts
     if drawn[0] * rows[1] != drawn[1] * rows[0]:
         log.info(
             "class weights use the %d desirable and %d undesirable rows an epoch draws, not the "
-            "dataset's %d and %d: data.balanced_batches repeats rows to put both labels in "
-            "every batch",
+            "dataset's %d and %d: data.batching.balanced_batches repeats rows to put both labels "
+            "in every batch",
             *drawn, *rows,
         )  # fmt: skip
-    loss_config, notes = loss_config.with_class_counts(*drawn)
+    loss, notes = loss_config.with_class_counts(*drawn)
     for note in notes:
         log.warning("%s", note)
     log.info(
         "loss: %s, beta=%g, desirable_weight=%.4g, undesirable_weight=%.4g, estimator=%s",
-        loss_config.loss_type,
-        loss_config.beta,
-        loss_config.desirable_weight,
-        loss_config.undesirable_weight,
-        loss_config.estimator,
+        loss.loss_type,
+        loss.beta,
+        loss.desirable_weight,
+        loss.undesirable_weight,
+        loss.estimator,
     )
     policy = source.load_policy()
     if cfg.gradient_checkpointing:
@@ -173,7 +124,7 @@ def build(cfg: DictConfig) -> Run:
         tokenizer,
         datamodule,
         cfg.logprob_chunk_size,
-        with_kl=loss_config.needs_kl_rows,
+        needs_kl_rows=loss.needs_kl_rows,
         precision=cfg.trainer.precision,
     )
     if cfg.compile.enabled:
@@ -181,25 +132,30 @@ def build(cfg: DictConfig) -> Run:
     module = KTOModule(
         policy=policy,
         reference=reference,
-        loss=loss_config,
+        loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         logprob_chunk_size=cfg.logprob_chunk_size,
     )
     loggers = _instantiate_group(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
+    # What every run does around its fit, whatever the callbacks group holds.
+    around_fit: list[L.Callback] = [ReleaseHostMemory(), RunSummary(), TrainingCurves()]
+    if cfg.export.enabled:
+        around_fit.append(HuggingFaceExport(tokenizer, merge_lora=cfg.export.merge_lora))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         strategy=strategy,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
+        callbacks=[*_instantiate_group(cfg.get("callbacks")), *around_fit],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
-    # Secrets (a hub token, an API key) never reach a logger or a checkpoint.
-    hparams = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
-    # Log the weights the loss uses, not "auto".
-    hparams["loss"]["desirable_weight"] = loss_config.desirable_weight
-    hparams["loss"]["undesirable_weight"] = loss_config.undesirable_weight
+    # Secrets (a hub token, an API key) never reach a logger or a checkpoint. The config as
+    # composed (a weight may say "auto"), and beside it the loss as it is trained.
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(composed, dict)
+    hparams = redact_secrets(composed)
+    hparams["resolved_loss"] = asdict(loss)
     for logger in loggers:
         logger.log_hyperparams(hparams)
     module.run_config = hparams
@@ -207,48 +163,25 @@ def build(cfg: DictConfig) -> Run:
 
 
 def train(cfg: DictConfig, run: Run | None = None) -> float | None:
-    """Build from `cfg` (unless given `run`), fit, print a summary; returns `cfg.objective`."""
+    """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
     run = run or build(cfg)
-    trainer, module, datamodule = run.trainer, run.module, run.datamodule
     resume = resume_checkpoint(cfg.get("resume"), cfg.paths.output_dir)
-    before: dict[str, float] = {}
     if cfg.validate_before_training and resume is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        before = _scalars(trainer.callback_metrics)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    seconds = time.perf_counter() - start
-    after = _scalars(trainer.callback_metrics)
-    if trainer.is_global_zero:
-        summary = _summary(before, after, seconds, trainer, module.train_padding_share)
-        curves = _plot(trainer.default_root_dir)
-        log.info("%s%s", summary, f"\n  training curves: {curves}" if curves else "")
-        if cfg.export.enabled and _sharded(trainer):
-            log.warning(
-                "  Hugging Face export skipped: under %s the policy's weights are sharded across "
-                "ranks; save full checkpoints (strategy.save_distributed_checkpoint=false) and run "
-                "python -m kto_lightning.export CKPT OUT",
-                type(trainer.strategy).__name__,
-            )
-        elif cfg.export.enabled:
-            exported = export_policy(
-                module.policy,
-                datamodule.tokenizer,
-                Path(trainer.default_root_dir) / "hf_model",
-                merge_lora=cfg.export.merge_lora,
-            )
-            log.info("  Hugging Face model: %s", exported)
+        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+    return objective(cfg.get("objective"), run.trainer)
 
-    objective = cfg.get("objective")
-    if not objective:
+
+def objective(name: str | None, trainer: L.Trainer) -> float | None:
+    """The metric `name` after the fit (None when not finite), also written to objective.json."""
+    if not name:
         return None
-    if objective not in after:
-        raise ConfigError(
-            f"objective={objective!r} was not logged; logged metrics: {sorted(after)}"
-        )
-    value = after[objective] if math.isfinite(after[objective]) else None
+    metrics = scalar_metrics(trainer.callback_metrics)
+    if name not in metrics:
+        raise ConfigError(f"objective={name!r} was not logged; logged metrics: {sorted(metrics)}")
+    value = metrics[name] if math.isfinite(metrics[name]) else None
     if trainer.is_global_zero:
-        record = {"objective": objective, "value": value}
+        record = {"objective": name, "value": value}
         (Path(trainer.default_root_dir) / "objective.json").write_text(json.dumps(record) + "\n")
     return value
 
@@ -278,4 +211,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_explained(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from kto_lightning.export import main as export_main
@@ -53,6 +54,37 @@ def test_trainer_config_trains_on_cpu(make_config, name: str) -> None:
     assert run.trainer.optimizers[0].param_groups[0]["fused"]
 
 
+def test_scratch_model_trains_at_the_sizes_of_edifice(make_config) -> None:
+    # model=scratch: Edifice.Meta.KTO build/1's defaults, two training steps on CPU.
+    # ~58M parameters: short rows, and no validation, callbacks, checkpoint or export, to keep
+    # it to seconds (`python -m kto_lightning.train model=scratch debug=fast` takes minutes).
+    cfg = make_config(
+        "model=scratch", "data.batching.batch_size=2", "data.lengths.max_length=64",
+        "data.lengths.max_prompt_length=32", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=0", "validate_before_training=false", "objective=null",
+        "callbacks=none", "+trainer.enable_checkpointing=false", "export.enabled=false",
+    )  # fmt: skip
+    run = build(cfg)
+    config = run.module.policy.config
+    sizes = (
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+        config.vocab_size, config.max_position_embeddings, config.intermediate_size,
+    )  # fmt: skip
+    assert sizes == (512, 6, 8, 32000, 2048, 2048)
+    # The file's dropout of 0.1 is zeroed by model.disable_dropout (true), as TRL does.
+    assert cfg.model.dropout == 0.1 and config.attention_dropout == 0.0
+    weights = {n: p.detach().clone() for n, p in run.module.policy.named_parameters()}
+    train(cfg, run=run)
+    assert run.trainer.global_step == 2
+    moved = [n for n, p in run.module.policy.named_parameters() if not torch.equal(p, weights[n])]
+    assert moved, "no weight changed"
+
+
+def test_scratch_model_keeps_its_dropout_when_asked(make_config) -> None:
+    cfg = make_config("model=scratch", "model.disable_dropout=false", fast=False)
+    assert instantiate(cfg.model).load_policy().config.attention_dropout == 0.1
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
     return subprocess.run(
@@ -71,7 +103,7 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
     run = [
         f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer=gpu",  # bf16-mixed with fused AdamW and clipping, under each strategy
-        "debug=fast", "data.toy_rows=160", "trainer.max_epochs=2",
+        "debug=fast", "data.source.toy_rows=160", "trainer.max_epochs=2",
     ]  # fmt: skip
     result = _cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -102,7 +134,7 @@ def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path
     result = _cli(
         "strategy=fsdp", "strategy.save_distributed_checkpoint=false", "trainer.accelerator=cpu",
         "trainer.devices=2", "reference=adapter", f"+model.lora={LORA_HEAD}", "debug=fast",
-        "data.toy_rows=160", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        "data.source.toy_rows=160", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import Pretrained, TinyLlama
+from kto_lightning.schemas import BUILDS, check
 from kto_lightning.train import config_dir
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir())
@@ -26,7 +28,7 @@ def test_every_group_of_the_design_is_present() -> None:
     assert expected <= set(GROUPS)
     assert {"auto", "ddp"} <= {name for g, name in FILES if g == "strategy"}
     assert {"csv", "wandb"} <= {name for g, name in FILES if g == "logger"}
-    assert {"tiny", "llama1b", "local"} <= {name for g, name in FILES if g == "model"}
+    assert {"tiny", "scratch", "llama1b", "local"} <= {name for g, name in FILES if g == "model"}
 
 
 @pytest.mark.parametrize(("group", "name"), FILES, ids=[f"{g}={n}" for g, n in FILES])
@@ -34,6 +36,7 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
     cfg = make_config(f"{group}={name}", fast=False)
     # Resolve everything; mandatory `???` values (a path the user must give) may stay missing.
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    check(cfg)  # every key is an argument of what its node builds
     section = cfg.get(group)
     if group in ("paths", "debug", "experiment") or section is None:
         return
@@ -49,7 +52,7 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
     if group in ("callbacks", "logger"):
         built = [instantiate(entry) for entry in section.values()]
         assert all(b is not None for b in built)
-    elif group == "data" and OmegaConf.is_missing(section, "source"):
+    elif group == "data" and OmegaConf.is_missing(section.source, "path"):
         assert section._target_ == "kto_lightning.data.KTODataModule"
     elif group == "data":
         from kto_lightning.models import byte_level_tokenizer
@@ -66,10 +69,21 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
             assert isinstance(built, TinyLlama | Pretrained)
 
 
+SCHEMA_FILES = [(g, n) for g, n in FILES if g in {group for group, _, _ in BUILDS}]
+
+
+@pytest.mark.parametrize(("group", "name"), SCHEMA_FILES, ids=[f"{g}={n}" for g, n in SCHEMA_FILES])
+def test_file_extends_the_schema_of_what_it_builds(make_config, group: str, name: str) -> None:
+    section = make_config(f"{group}={name}", fast=False)[group]
+    schema = OmegaConf.get_type(section)
+    assert dataclasses.is_dataclass(schema), f"conf/{group}/{name}.yaml extends no schema"
+    assert schema.__name__ == get_object(section._target_).__name__
+
+
 def test_defaults_are_the_embedded_default(make_config) -> None:
     cfg = make_config(fast=False)
     assert cfg.model._target_ == "kto_lightning.models.TinyLlama"
-    assert cfg.data.source == "toy"
+    assert cfg.data.source.path == "toy"
     assert cfg.loss.beta == 0.1
     assert cfg.loss.estimator == "mismatched"
     assert cfg.strategy._args_ == ["auto"]

@@ -106,14 +106,14 @@ SHAPES = {
     "paired text, explicit prompt": (
         "pairs.jsonl",
         lambda: [{"question": p, "chosen": g, "rejected": b} for p, g, b in _pairs()],
-        ["data.prompt_column=question"],
+        ["data.columns.prompt=question"],
     ),
-    "paired text, implicit prompt": ("pairs.jsonl", _paired_hh, ["data.prompt_column=null"]),
+    "paired text, implicit prompt": ("pairs.jsonl", _paired_hh, ["data.columns.prompt=null"]),
     "paired conversational": ("pairs.jsonl", _paired_chat, []),
     "score threshold": (
         "scored.jsonl",
         _scored,
-        ["data.score_column=rating", "data.score_threshold=5"],
+        ["data.columns.score=rating", "data.columns.score_threshold=5"],
     ),
 }
 
@@ -136,7 +136,7 @@ def test_every_shape_trains_from_a_local_file(make_config, tmp_path, shape: str)
     filename, make_rows, extra = SHAPES[shape]
     rows = make_rows()
     path = _write(tmp_path / filename, rows)
-    overrides = ["data=local", f"data.source={path}", "data.val_fraction=0.25", *extra]
+    overrides = ["data=local", f"data.source.path={path}", "data.source.val_fraction=0.25", *extra]
     run, objective = _train(make_config, overrides)
     summary = run.datamodule.summaries["train"]
     expected_rows = 2 * N_PAIRS if shape.startswith("paired") else len(rows)
@@ -155,13 +155,13 @@ def test_preset_schema_trains_from_a_local_file(make_config, tmp_path, preset: s
     train_file = _write(tmp_path / "train.jsonl", PRESETS[preset]())
     test_file = _write(tmp_path / "test.jsonl", PRESETS[preset]()[:12])
     cfg = make_config(f"data={preset}")
-    assert "/" in cfg.data.source, "a preset names a hub dataset"
+    assert "/" in cfg.data.source.path, "a preset names a hub dataset"
     overrides = [
         f"data={preset}",
-        f"data.source={train_file}",
-        f"data.val_source={test_file}",
-        "data.max_length=192",
-        "data.max_prompt_length=64",
+        f"data.source.path={train_file}",
+        f"data.source.val_path={test_file}",
+        "data.lengths.max_length=192",
+        "data.lengths.max_prompt_length=64",
     ]
     run, _ = _train(make_config, overrides)
     assert run.datamodule.summaries["validation"].kept == 12 * (1 if preset == "kto_mix" else 2)
@@ -172,9 +172,10 @@ def test_preset_on_the_command_line(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run(
         [
-            sys.executable, "-m", "kto_lightning.train", "data=hh_rlhf", f"data.source={path}",
-            "data.val_split=null", "data.val_fraction=0.25", "data.max_length=192",
-            "data.max_prompt_length=64", "debug=fast",
+            sys.executable, "-m", "kto_lightning.train", "data=hh_rlhf",
+            f"data.source.path={path}", "data.source.val_split=null",
+            "data.source.val_fraction=0.25", "data.lengths.max_length=192",
+            "data.lengths.max_prompt_length=64", "debug=fast",
             f"hydra.run.dir={tmp_path}/run",
         ],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -192,7 +193,7 @@ def test_bad_row_stops_before_training_with_the_line_named(tmp_path) -> None:
     path.write_text(f'{good}\n{good}\n{{"prompt": "a",\n{good}\n', encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", "data=local", f"data.source={path}",
+        [sys.executable, "-m", "kto_lightning.train", "data=local", f"data.source.path={path}",
          f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -207,10 +208,10 @@ def test_auto_class_weight_balances_the_classes(make_config, tmp_path, caplog) -
     rows = _unpaired()
     rows = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]][: N_PAIRS // 3]
     path = _write(tmp_path / "skewed.jsonl", rows)
-    base = ["data=local", f"data.source={path}", "data.val_fraction=0.2"]
+    base = ["data=local", f"data.source.path={path}", "data.source.val_fraction=0.2"]
     run = build(make_config(*base, "loss.desirable_weight=1.0", "loss.undesirable_weight=auto"))
     n_d, n_u = run.datamodule.label_counts
-    loss = run.module.loss_config
+    loss = run.module.loss
     assert loss.desirable_weight == 1.0
     assert loss.undesirable_weight == pytest.approx(n_d / n_u)
     assert loss.desirable_weight * n_d / (loss.undesirable_weight * n_u) == pytest.approx(1.0)
@@ -224,16 +225,17 @@ def test_balanced_batches_hold_both_labels(make_config, tmp_path) -> None:
     rows = _unpaired()
     rows = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]][:10]
     path = _write(tmp_path / "skewed.jsonl", rows)
-    run = build(make_config("data=local", f"data.source={path}", "data.balanced_batches=true"))
+    balanced = "data.batching.balanced_batches=true"
+    run = build(make_config("data=local", f"data.source.path={path}", balanced))
     for batch in run.datamodule.train_dataloader():
         assert batch["labels"].any() and not batch["labels"].all()
-    train(make_config("data=local", f"data.source={path}"), run=run)
+    train(make_config("data=local", f"data.source.path={path}"), run=run)
 
 
 def test_a_sweep_reuses_the_tokenization(make_config, tmp_path) -> None:
     path = _write(tmp_path / "rows.jsonl", _unpaired())
     notes = []
     for beta in (0.05, 0.3):
-        run = build(make_config("data=local", f"data.source={path}", f"loss.beta={beta}"))
+        run = build(make_config("data=local", f"data.source.path={path}", f"loss.beta={beta}"))
         notes.append(run.datamodule.summaries["train"].tokenization)
     assert notes == ["computed", "cached"]

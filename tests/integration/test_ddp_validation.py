@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 COMMON = [
-    "data.toy_rows=150", "trainer.accelerator=cpu", "callbacks=none", "~logger",
+    "data.source.toy_rows=150", "trainer.accelerator=cpu", "callbacks=none", "~logger",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
 ]  # fmt: skip
-SINGLE = ["trainer.devices=1", "data.eval_batch_size=6"]
-TWO_RANKS = ["strategy=ddp", "trainer.devices=2", "data.eval_batch_size=3"]
+SINGLE = ["trainer.devices=1", "data.batching.eval_batch_size=6"]
+TWO_RANKS = ["strategy=ddp", "trainer.devices=2", "data.batching.eval_batch_size=3"]
 # Depends on how rows fall into batches (each pads to its longest row), not on what is scored.
 BATCHING_ONLY = {"val/padding"}
 

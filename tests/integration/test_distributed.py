@@ -20,8 +20,8 @@ from torch.distributed.fsdp import FSDPModule
 from kto_lightning.data import KTOCollator
 from kto_lightning.data.tokenize import Example
 from kto_lightning.distributed import all_reduce_sum, gather_cat
-from kto_lightning.losses import KTOLossConfig
-from kto_lightning.metrics import finalize, reward_auroc
+from kto_lightning.losses import KTOLoss
+from kto_lightning.metrics import metrics_from_sums, reward_auroc
 from kto_lightning.models import TinyLlama, byte_level_tokenizer, make_reference
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference
@@ -43,7 +43,7 @@ def _module() -> KTOModule:
         for model, scale in ((reference.model, 0.2), (policy, 0.05)):
             for parameter in model.parameters():
                 parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    loss = KTOLossConfig(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0)
+    loss = KTOLoss(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0)
     optimizer = functools.partial(torch.optim.SGD, lr=0.1)
     return KTOModule(policy, reference, loss, optimizer)
 
@@ -69,9 +69,10 @@ def _results(
     """
     module.train()
     module.policy.zero_grad()
-    loss, sums, rewards = module._step(batch, "train")
+    result = module._step(batch, "train")
+    loss, sums, rewards = result.loss, result.metric_sums, result.output.rewards
     loss.backward()
-    out = {f"metric/{k}": v for k, v in finalize(all_reduce_sum(sums)).items()}
+    out = {f"metric/{k}": v for k, v in metrics_from_sums(all_reduce_sum(sums)).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     # DDP averages gradients over ranks; the loss a step reports is the mean over ranks too.
     out["loss"] = all_reduce_sum(loss.detach()) / world

@@ -26,7 +26,7 @@ def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProce
     )  # fmt: skip
 
 
-FAST = ["debug=fast", "data.toy_rows=160", "trainer.limit_val_batches=1"]
+FAST = ["debug=fast", "data.source.toy_rows=160", "trainer.limit_val_batches=1"]
 
 
 def test_multirun_gives_each_run_its_directory_and_objective(tmp_path) -> None:
@@ -107,8 +107,8 @@ def test_two_accumulated_micro_batches_equal_one_batch(make_config, estimator) -
     ]  # fmt: skip
     weights = []
     for overrides in (
-        ["data.batch_size=8", "trainer.accumulate_grad_batches=1"],
-        ["data.batch_size=4", "trainer.accumulate_grad_batches=2"],
+        ["data.batching.batch_size=8", "trainer.accumulate_grad_batches=1"],
+        ["data.batching.batch_size=4", "trainer.accumulate_grad_batches=2"],
     ):
         cfg = make_config(*common, *overrides)
         run = build(cfg)

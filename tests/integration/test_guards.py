@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 
 from kto_lightning.errors import KTOError
 from kto_lightning.guards import NonFiniteGuard, ZeroKLWarning, explain_unknown_key
+from kto_lightning.schemas import check
 from kto_lightning.security import redact_secrets
 from kto_lightning.train import build, train
 
@@ -31,11 +38,12 @@ def _poison_step(run, how: str) -> None:
     original = module._step
 
     def _step(batch, split):
-        loss, sums, rewards = original(batch, split)
+        result = original(batch, split)
         if split == "train" and module.trainer.global_step + 1 == POISONED_STEP:
             nan = torch.tensor(float("nan"))
-            loss = loss + nan if how == "loss" else loss * nan
-        return loss, sums, rewards
+            loss = result.loss + nan if how == "loss" else result.loss * nan
+            result = dataclasses.replace(result, loss=loss)
+        return result
 
     module._step = _step
 
@@ -155,7 +163,8 @@ def test_unknown_data_key_is_explained(make_config) -> None:
         "data.bad_key is not a setting of kto_lightning.data.datamodule.KTODataModule; "
         "check the spelling"
     )
-    assert "batch_size" in message and "(see conf/data/)" in message
+    # The data group nests its batch settings under `batching` (issue 10, point 6).
+    assert "batching" in message and "(see conf/data/)" in message
 
 
 def test_misspelt_loss_key_gets_a_suggestion(make_config) -> None:
@@ -171,6 +180,110 @@ def test_other_errors_are_not_explained() -> None:
     assert explain_unknown_key(ValueError("bad value")) is None
     # A TypeError outside Hydra's instantiation names no config node.
     assert explain_unknown_key(TypeError("f() got an unexpected keyword argument 'x'")) is None
+
+
+# (override, what the group builds, the suggestion): the key is the override's left side.
+SCHEMA_TYPOS = [
+    ("loss.betta=0.1", "kto_lightning.losses.KTOLossConfig", "loss.beta"),
+    ("model.hiden_size=3", "kto_lightning.models.TinyLlama", "model.hidden_size"),
+    ("reference.kinds=copy", "kto_lightning.reference.ReferenceSpec", "reference.kind"),
+    (
+        "scheduler.warmup_ration=0.2",
+        "kto_lightning.optim.warmup_schedule",
+        "scheduler.warmup_ratio",
+    ),
+]
+
+
+def _explained(key: str, target: str, suggestion: str) -> str:
+    return f"{key} is not a setting of {target}; check the spelling (did you mean {suggestion}?)"
+
+
+@pytest.mark.parametrize(("override", "target", "suggestion"), SCHEMA_TYPOS)
+def test_a_key_outside_the_schema_is_refused_when_composing(
+    make_config, override: str, target: str, suggestion: str
+) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        make_config(override, fast=False)
+    key = override.split("=")[0]
+    assert explain_unknown_key(caught.value).startswith(_explained(key, target, suggestion))
+
+
+@pytest.mark.parametrize(("override", "target", "suggestion"), SCHEMA_TYPOS)
+def test_a_key_added_with_plus_is_refused_before_anything_is_built(
+    make_config, override: str, target: str, suggestion: str
+) -> None:
+    # Hydra adds a '+' key even to a structured config; `check` refuses it.
+    cfg = make_config(f"+{override}", fast=False)
+    with pytest.raises(ConfigCompositionException) as caught:
+        check(cfg)
+    key = override.split("=")[0]
+    assert explain_unknown_key(caught.value).startswith(_explained(key, target, suggestion))
+
+
+def test_a_key_of_a_group_without_schema_is_checked_against_its_target(make_config) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        check(make_config("+trainer.max_epoch=2", fast=False))
+    assert explain_unknown_key(caught.value).startswith(
+        _explained(
+            "trainer.max_epoch", "lightning.pytorch.trainer.trainer.Trainer", "trainer.max_epochs"
+        )
+    )
+
+
+def test_a_key_outside_the_schema_in_a_yaml_file_is_refused(make_config, tmp_path) -> None:
+    (tmp_path / "extra" / "loss").mkdir(parents=True)
+    (tmp_path / "extra" / "loss" / "typo.yaml").write_text(
+        "defaults:\n  - /schema/loss/KTOLossConfig@_here_\n  - _self_\n"
+        "_target_: kto_lightning.losses.KTOLossConfig\nbetta: 0.2\n"
+    )
+    with pytest.raises(ConfigCompositionException) as caught:
+        make_config(f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "loss=typo", fast=False)
+    assert explain_unknown_key(caught.value).startswith(
+        _explained("loss.betta", "kto_lightning.losses.KTOLossConfig", "loss.beta")
+    )
+
+
+def test_schema_checks_types_and_leaves_auto_weights_to_the_loss(make_config) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        make_config("model.hidden_size=wide", fast=False)
+    assert explain_unknown_key(caught.value) is None  # a bad value, not an unknown key
+    cfg = make_config("loss.desirable_weight=1.0", "loss.undesirable_weight=auto", fast=False)
+    assert cfg.loss.undesirable_weight == "auto"
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        ["+model.lora.r=4", "+model.lora.target_modules=all-linear"],
+        ["+model.lora={r: 4, target_modules: all-linear}"],
+    ],
+)
+def test_lora_arguments_stay_free_form(make_config, lora: list[str]) -> None:
+    cfg = make_config(*lora, fast=False)
+    check(cfg)
+    assert cfg.model.lora == {"r": 4, "target_modules": "all-linear"}
+    policy = instantiate(cfg.model).load_policy()
+    assert any("lora_A" in name for name, _ in policy.named_parameters())
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
+    return subprocess.run(
+        [sys.executable, "-m", "kto_lightning.train", *args, f"hydra.run.dir={cwd}/run"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("override", ["loss.betta=0.1", "+loss.betta=0.1"])
+def test_command_line_names_a_misspelt_key_in_one_line(tmp_path, override: str) -> None:
+    result = _cli(override, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "betta" in line]
+    assert line.startswith(
+        "error: " + _explained("loss.betta", "kto_lightning.losses.KTOLossConfig", "loss.beta")
+    )
 
 
 # ------------------------------------------------------------------- secrets

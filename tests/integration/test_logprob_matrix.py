@@ -20,12 +20,12 @@ import torch
 from torch.testing import assert_close
 
 from kto_lightning.data import KTODataModule
-from kto_lightning.logprobs import compute_logprobs
-from kto_lightning.losses import KTOLossConfig
-from kto_lightning.metrics import finalize
+from kto_lightning.losses import KTOLoss
+from kto_lightning.metrics import metrics_from_sums
 from kto_lightning.models import TinyLlama
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import ReferenceSpec, build_provider
+from naive_logprobs import compute_logprobs
 
 BATCH = 4
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
@@ -48,9 +48,11 @@ def datamodule(tmp_path_factory) -> KTODataModule:
     tokenizer = TinyLlama().load_tokenizer()
     cache = tmp_path_factory.mktemp("datasets")
     data = KTODataModule(
-        tokenizer, toy_rows=40, batch_size=BATCH, max_length=56, max_prompt_length=40,
-        cache_dir=str(cache),
-    )  # fmt: skip
+        tokenizer,
+        source={"toy_rows": 40, "cache_dir": str(cache)},
+        lengths={"max_length": 56, "max_prompt_length": 40},
+        batching={"batch_size": BATCH},
+    )
     data.setup("fit")
     return data
 
@@ -77,9 +79,15 @@ def _module(case, datamodule: KTODataModule, cache_dir: Path) -> KTOModule:
     policy = TinyLlama(hidden_size=32, num_layers=1, dropout=dropout, lora=lora).load_policy()
     spec = ReferenceSpec(kind=reference, cache_dir=str(cache_dir), batch_size=BATCH)
     provider = build_provider(
-        spec, policy, datamodule.tokenizer, datamodule, chunk, with_kl=True, precision=precision
+        spec,
+        policy,
+        datamodule.tokenizer,
+        datamodule,
+        chunk,
+        needs_kl_rows=True,
+        precision=precision,
     )
-    loss = KTOLossConfig(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+    loss = KTOLoss(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
     optimizer = functools.partial(torch.optim.SGD, lr=0.5)
     return KTOModule(policy, provider, loss, optimizer, logprob_chunk_size=chunk).train()
 
@@ -87,10 +95,10 @@ def _module(case, datamodule: KTODataModule, cache_dir: Path) -> KTOModule:
 def _grads(module: KTOModule, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The gradient of one step's loss, and the step's metric sums."""
     module.policy.zero_grad()
-    loss, sums, _ = module._step(batch, "train")
-    loss.backward()
+    result = module._step(batch, "train")
+    result.loss.backward()
     grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    return grads, sums
+    return grads, result.metric_sums
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
@@ -103,10 +111,10 @@ def test_step_zero_is_neutral_and_every_path_is_the_naive_one(case, datamodule, 
         logps = module.forward_logps(batch, "train")
         naive = _naive(module.policy, batch)
     # Policy == reference at step 0: every reward and the KL estimate are exactly 0.
-    assert (logps["policy"] - logps["reference"]).abs().max() == 0
-    assert (logps["kl_policy"] - logps["kl_reference"]).abs().max() == 0
+    assert (logps.policy - logps.reference).abs().max() == 0
+    assert (logps.kl_policy - logps.kl_reference).abs().max() == 0
     tol = LOGP_TOL[precision]
-    assert_close(logps["policy"], naive.float(), rtol=tol / 10, atol=tol)
+    assert_close(logps.policy, naive.float(), rtol=tol / 10, atol=tol)
 
     # One optimizer step, then the gradient of the next step against the naive path.
     optimizer = torch.optim.SGD([p for p in module.policy.parameters() if p.requires_grad], lr=0.5)
@@ -115,13 +123,13 @@ def test_step_zero_is_neutral_and_every_path_is_the_naive_one(case, datamodule, 
     optimizer.step()
     with _autocast(precision):
         chunked, sums = _grads(module, batch)
-        moved = module.forward_logps(batch, "train")["policy"]
+        moved = module.forward_logps(batch, "train").policy
         naive = _naive(module.policy, batch)
         module._logps = lambda model, batch, prefix="": _naive(model, batch, prefix)
         expected, _ = _grads(module, batch)
     # After a step LoRA's B is no longer zero: an adapter that a path bypassed would show here.
     assert_close(moved, naive.float(), rtol=LOGP_TOL[precision] / 10, atol=LOGP_TOL[precision])
-    assert finalize(sums)["rewards/margins"] != 0, "the step must move the rewards"
+    assert metrics_from_sums(sums)["rewards/margins"] != 0, "the step must move the rewards"
     assert any("lm_head" in name for name in expected), "the head must train"
     for name, grad in expected.items():
         scale = grad.abs().max()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from kto_lightning import reference as reference_module
 from kto_lightning.data import KTODataModule
 from kto_lightning.errors import ConfigError
-from kto_lightning.losses import KTOLossConfig
+from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import FIELDS
 from kto_lightning.models import TinyLlama, byte_level_tokenizer
 from kto_lightning.module import KTOModule
@@ -54,8 +54,8 @@ def test_cached_log_probs_equal_the_live_reference(make_config, tmp_path) -> Non
         for batch in loader:
             a = live.module.forward_logps(batch, split)
             b = cached.module.forward_logps(batch, split)
-            torch.testing.assert_close(b["reference"], a["reference"], rtol=0, atol=1e-5)
-            torch.testing.assert_close(b["kl_reference"], a["kl_reference"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.reference, a.reference, rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.kl_reference, a.kl_reference, rtol=0, atol=1e-5)
 
 
 def test_training_with_the_cache_gives_the_live_losses(make_config, tmp_path) -> None:
@@ -99,8 +99,8 @@ def test_a_second_run_reuses_the_cache_and_loads_no_reference(
     [
         "seed=7",  # other initial weights (and another pairing)
         "data.seed=7",  # the same weights, another KL pairing and split
-        "data.max_length=160",
-        "data.max_prompt_length=48",
+        "data.lengths.max_length=160",
+        "data.lengths.max_prompt_length=48",
         "loss.estimator=batch",  # no KL rows any more
         "model.hidden_size=32",
         "trainer.precision=bf16-mixed",  # scored under autocast: another table
@@ -114,7 +114,8 @@ def test_a_change_to_any_hashed_input_misses_the_cache(make_config, tmp_path, ch
 
 
 def _datamodule(tokenizer, **kwargs) -> KTODataModule:
-    dm = KTODataModule(tokenizer, source="toy", toy_rows=60, batch_size=4, **kwargs)
+    source = {"path": "toy", "toy_rows": 60}
+    dm = KTODataModule(tokenizer, source=source, batching={"batch_size": 4}, **kwargs)
     dm.setup()
     return dm
 
@@ -127,10 +128,12 @@ def test_cache_key_follows_weights_tokenizer_and_data() -> None:
     splits = {"train": dm.train_set, "validation": dm.val_set}
 
     def key(
-        model=model, tokenizer=tokenizer, splits=splits, max_length=256, with_kl=True,
+        model=model, tokenizer=tokenizer, splits=splits, max_length=256, needs_kl_rows=True,
         precision="32-true",
     ):  # fmt: skip
-        return cache_key(model, tokenizer, splits, max_length, 128, with_kl, precision=precision)
+        return cache_key(
+            model, tokenizer, splits, max_length, 128, needs_kl_rows, precision=precision
+        )
 
     base = key()
     assert key() == base, "the key must be reproducible"
@@ -142,7 +145,7 @@ def test_cache_key_follows_weights_tokenizer_and_data() -> None:
     other_tokenizer.chat_template = "{{ messages }}"
     assert key(tokenizer=other_tokenizer) != base
     assert key(max_length=200) != base
-    assert key(with_kl=False) != base
+    assert key(needs_kl_rows=False) != base
     precisions = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
     keys = {key(precision=precision) for precision in precisions}
     assert len(keys) == len(precisions), "a bf16 run must never read an fp32 table"
@@ -171,7 +174,7 @@ def _step_zero(run, split: str, batch: dict[str, torch.Tensor]):
     run.module.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logps = run.module.forward_logps(batch, split)
-        _, sums, _ = run.module._step(batch, split)
+        sums = run.module._step(batch, split).metric_sums
     return logps, dict(zip(FIELDS, sums.tolist(), strict=True))
 
 
@@ -190,14 +193,14 @@ def test_bf16_mixed_cache_gives_zero_log_ratios_at_step_zero(
         a, live_sums = _step_zero(live, split, batch)
         b, cached_sums = _step_zero(cached, split, batch)
         # The live copy runs under the same autocast as the policy: exactly 0.
-        assert torch.equal(a["policy"], a["reference"])
-        assert torch.equal(a["kl_policy"], a["kl_reference"])
-        offsets.append((b["policy"] - b["reference"]).mean().item())
-        offsets.append((b["kl_policy"] - b["kl_reference"]).mean().item())
-        assert torch.equal(b["policy"], b["reference"]), f"mean offset {offsets[-2]:.3g}"
-        assert torch.equal(b["kl_policy"], b["kl_reference"]), f"KL offset {offsets[-1]:.3g}"
-        assert torch.equal(b["reference"], a["reference"])
-        assert torch.equal(b["kl_reference"], a["kl_reference"])
+        assert torch.equal(a.policy, a.reference)
+        assert torch.equal(a.kl_policy, a.kl_reference)
+        offsets.append((b.policy - b.reference).mean().item())
+        offsets.append((b.kl_policy - b.kl_reference).mean().item())
+        assert torch.equal(b.policy, b.reference), f"mean offset {offsets[-2]:.3g}"
+        assert torch.equal(b.kl_policy, b.kl_reference), f"KL offset {offsets[-1]:.3g}"
+        assert torch.equal(b.reference, a.reference)
+        assert torch.equal(b.kl_reference, a.kl_reference)
         for name in ("reward_desirable_sum", "reward_undesirable_sum", "kl_sum"):
             assert live_sums[name] == cached_sums[name] == 0.0, name
     assert len(offsets) >= 4 and all(offset == 0.0 for offset in offsets)
@@ -218,15 +221,15 @@ def test_the_cache_is_scored_as_lightning_runs_the_policy(tmp_path, monkeypatch,
     dm = _datamodule(tokenizer)
     spec = ReferenceSpec(kind="cache", cache_dir=str(tmp_path), batch_size=8)
     reference = build_provider(spec, policy, tokenizer, dm, 64, True, precision=precision)
-    loss = KTOLossConfig(beta=0.1)
+    loss = KTOLoss(beta=0.1)
     module = KTOModule(policy, reference, loss, functools.partial(torch.optim.SGD))
     module = plugin.convert_module(module)  # *-true: the policy and any float buffer change dtype
     module.train()
     for split, batch in _cache_batches(dm, spec.batch_size):
         with plugin.forward_context():
             logps = module.forward_logps(batch, split)
-        assert torch.equal(logps["policy"], logps["reference"])
-        assert torch.equal(logps["kl_policy"], logps["kl_reference"])
+        assert torch.equal(logps.policy, logps.reference)
+        assert torch.equal(logps.kl_policy, logps.kl_reference)
 
 
 @pytest.mark.parametrize("precision", ["transformer-engine", "8-mixed"])

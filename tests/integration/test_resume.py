@@ -14,8 +14,8 @@ import torch
 
 STEPS_PER_EPOCH = 18  # 144 training rows of the 160-row toy task, batch 8
 COMMON = [
-    "data.toy_rows=160",
-    "data.batch_size=8",
+    "data.source.toy_rows=160",
+    "data.batching.batch_size=8",
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",

@@ -135,7 +135,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
-    result = _cli("debug=fast", "data.toy_rows=160", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = _cli(
+        "debug=fast", "data.source.toy_rows=160", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "KTO training finished" in output
@@ -154,7 +156,10 @@ def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("loss.beta=-1", "loss.beta"), ("data.max_prompt_length=200", "data.max_prompt_length")],
+    [
+        ("loss.beta=-1", "loss.beta"),
+        ("data.lengths.max_prompt_length=200", "data.lengths.max_prompt_length"),
+    ],
 )
 def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: str) -> None:
     result = _cli(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
@@ -166,7 +171,8 @@ def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: st
 def test_a_secret_in_the_config_is_written_nowhere(tmp_path) -> None:
     secret = "hf_DoNotWriteMe0123456789"
     result = _cli(
-        "debug=fast", "data.toy_rows=160", f"+hub_token={secret}", f"hydra.run.dir={tmp_path}/run",
+        "debug=fast", "data.source.toy_rows=160", f"+hub_token={secret}",
+        f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

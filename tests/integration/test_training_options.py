@@ -36,9 +36,9 @@ def test_group_by_length_trains_with_less_padding(make_config, tmp_path) -> None
     shuffled = build(make_config(f"paths.output_dir={shuffled_dir}"))
     train(make_config(f"paths.output_dir={shuffled_dir}"), run=shuffled)
 
-    grouped = build(make_config("data.group_by_length=true"))
+    grouped = build(make_config("data.batching.group_by_length=true"))
     before = _snapshot(grouped.module.policy)
-    train(make_config("data.group_by_length=true"), run=grouped)
+    train(make_config("data.batching.group_by_length=true"), run=grouped)
 
     after = grouped.module.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not train"
@@ -64,7 +64,7 @@ def _gradients_of_one_step(run, batch: dict[str, torch.Tensor]) -> tuple[dict, i
     calls = []
     layer = run.module.policy.get_decoder().layers[-1]
     handle = layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    loss = run.module._step(batch, "train")[0]
+    loss = run.module._step(batch, "train").loss
     forward_calls = len(calls)
     loss.backward()
     handle.remove()
@@ -140,8 +140,8 @@ def test_lora_policy_with_adapter_reference_trains_the_adapters_only(make_config
     batch = next(iter(run.datamodule.train_dataloader()))
     with torch.no_grad():
         logps = run.module.forward_logps(batch, "train")
-    torch.testing.assert_close(logps["reference"], logps["policy"])
-    torch.testing.assert_close(logps["kl_reference"], logps["kl_policy"])
+    torch.testing.assert_close(logps.reference, logps.policy)
+    torch.testing.assert_close(logps.kl_reference, logps.kl_policy)
     assert policy.training, "scoring the reference must hand the policy back in train mode"
 
     before = _snapshot(policy)
@@ -160,4 +160,4 @@ def test_lora_policy_with_adapter_reference_trains_the_adapters_only(make_config
     # Trained adapters now move the policy away from its reference.
     with torch.no_grad():
         logps = run.module.forward_logps(batch, "train")
-    assert not torch.allclose(logps["reference"], logps["policy"])
+    assert not torch.allclose(logps.reference, logps.policy)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from kto_lightning.data.resumable import EpochShuffleSampler
+from kto_lightning.data.sampler import EpochShuffleSampler
+from kto_lightning.data.sharding import RankShard
 from kto_lightning.errors import ConfigError
 
 
@@ -44,13 +45,13 @@ def test_atomic_checkpoint_leaves_a_whole_file_and_no_partial(tmp_path) -> None:
 
 
 def test_epoch_shuffle_depends_on_seed_and_epoch_and_skips_once() -> None:
-    sampler = EpochShuffleSampler(20, seed=3)
+    sampler = RankShard(EpochShuffleSampler(20, seed=3))  # one rank: the order itself
     epoch0 = list(sampler)
     assert sorted(epoch0) == list(range(20)) and epoch0 == list(sampler)
     sampler.set_epoch(1)
     epoch1 = list(sampler)
     assert epoch1 != epoch0
-    sampler.skip_next(8)
+    sampler.load_state_dict({"epoch": 1, "samples_seen": 8})  # as a checkpoint restores it
     assert list(sampler) == epoch1[8:], "a restart continues at the exact next sample"
     assert list(sampler) == epoch1, "the skip applies once"
     assert list(EpochShuffleSampler(20, seed=4)) != epoch0

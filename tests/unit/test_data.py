@@ -23,10 +23,10 @@ from kto_lightning.data import (
     tokenize_rows,
     toy_rows,
 )
-from kto_lightning.data.formats import Schema, normalise
+from kto_lightning.data.config import Columns, check_lengths
+from kto_lightning.data.formats import normalise
 from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
-from kto_lightning.data.tokenize import check_lengths
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 
@@ -95,8 +95,8 @@ def test_parse_label_rejects_naming_where_and_value(value):
 # errors name the file and its line (while reading) or its row, counted from 1 (while normalising).
 
 
-def read(path: Path, schema: Schema | None = None) -> list[Row]:
-    rows, fmt, chat = normalise(load_source(str(path)), schema or Schema(), str(path), seed=0)
+def read(path: Path, columns: Columns | None = None) -> list[Row]:
+    rows, fmt, chat = normalise(load_source(str(path)), columns or Columns(), str(path), seed=0)
     assert (fmt, chat) == ("unpaired", False)
     out = [Row(row["prompt"], row["completion"], row["label"]) for row in rows]
     assert all(type(row.label) is bool for row in out)  # not 1/0 carried over from the file
@@ -123,8 +123,8 @@ def test_read_integer_labels_become_bools(tmp_path):
 def test_read_custom_columns(tmp_path):
     line = json.dumps({"q": "Why?", "a": "Because.", "ok": 0, "extra": 1})
     path = write_lines(tmp_path / "data.jsonl", [line])
-    schema = Schema(prompt_column="q", completion_column="a", label_column="ok")
-    assert read(path, schema) == [Row("Why?", "Because.", False)]
+    columns = Columns(prompt="q", completion="a", label="ok")
+    assert read(path, columns) == [Row("Why?", "Because.", False)]
 
 
 def test_read_missing_file_names_the_path(tmp_path):
@@ -169,11 +169,11 @@ def test_read_missing_column_names_it_and_lists_the_columns(tmp_path):
         [json.dumps({"prompt": f"Q{i}", "completion": f"A{i}", "rating": 1}) for i in range(2)],
     )
     with pytest.raises(DataError) as info:
-        read(path, Schema(format="unpaired"))
+        read(path, Columns(format="unpaired"))
     message = str(info.value)
     assert f"{path}: missing column 'label'" in message
     assert "['completion', 'prompt', 'rating']" in message
-    assert "data.label_column" in message
+    assert "data.columns.label" in message
     # Left to tell the shape itself, it lists the columns it found and the ones it looked for.
     with pytest.raises(DataError) as info:
         read(path)
@@ -370,10 +370,10 @@ def test_tokenize_no_rows(tokenizer):
 @pytest.mark.parametrize(
     ("max_length", "max_prompt_length", "key"),
     [
-        (1, 1, "data.max_length"),
-        (8, 0, "data.max_prompt_length"),
-        (8, 8, "data.max_prompt_length"),
-        (8, 9, "data.max_prompt_length"),
+        (1, 1, "data.lengths.max_length"),
+        (8, 0, "data.lengths.max_prompt_length"),
+        (8, 8, "data.lengths.max_prompt_length"),
+        (8, 9, "data.lengths.max_prompt_length"),
     ],
 )
 def test_check_lengths_errors_name_the_key(tokenizer, max_length, max_prompt_length, key):
@@ -450,7 +450,7 @@ def test_kl_pairing_error_when_no_partner_differs_after_the_cut():
     examples = [ex([BOS, 1, 2, 3], [7, 8]), ex([BOS], [7, 8, 9, EOS])]
     with pytest.raises(DataError, match="example 0") as info:
         assign_kl_partners(examples, max_length=6, seed=0)
-    assert "data.max_length" in str(info.value)
+    assert "data.lengths.max_length" in str(info.value)
 
 
 @pytest.mark.parametrize("count", [0, 1])
@@ -533,7 +533,7 @@ def test_collator_masks_recover_the_tokens():
 
 
 def test_collator_without_kl_omits_kl_keys_and_pads_to_the_main_rows():
-    batch = KTOCollator(pad_token_id=PAD, with_kl=False)(collator_examples())
+    batch = KTOCollator(pad_token_id=PAD, needs_kl_rows=False)(collator_examples())
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "labels", "index"}
     assert batch["input_ids"].shape == (2, 7)
     assert batch["input_ids"][0].tolist() == [BOS, 1, 2, 3, EOS, PAD, PAD]
@@ -554,18 +554,22 @@ def decoded_prompts(dataset, tokenizer) -> list[str]:
     return [tokenizer.decode(e.prompt_ids, skip_special_tokens=True) for e in dataset.examples]
 
 
-def make_datamodule(tokenizer, **overrides) -> KTODataModule:
-    settings = dict(
-        source="toy",
-        toy_rows=60,
-        val_fraction=0.2,
-        max_length=96,
-        max_prompt_length=48,
-        batch_size=4,
-        seed=0,
-    )
-    settings.update(overrides)
-    dm = KTODataModule(tokenizer, **settings)
+DEFAULTS = {
+    "source": {"path": "toy", "toy_rows": 60, "val_fraction": 0.2},
+    "lengths": {"max_length": 96, "max_prompt_length": 48},
+    "batching": {"batch_size": 4},
+}
+
+
+def make_datamodule(
+    tokenizer, seed: int = 0, needs_kl_rows: bool = True, **groups
+) -> KTODataModule:
+    """A set-up data module: DEFAULTS, with the keys of each group in `groups` replaced."""
+    settings = {
+        name: {**DEFAULTS.get(name, {}), **groups.get(name, {})}
+        for name in ("source", "columns", "lengths", "batching")
+    }
+    dm = KTODataModule(tokenizer, **settings, seed=seed, needs_kl_rows=needs_kl_rows)
     dm.setup("fit")
     return dm
 
@@ -581,7 +585,7 @@ def test_datamodule_split_is_seeded_and_disjoint(tokenizer, tmp_path):
     every = {f"Question {i}?" for i in range(40)}
 
     def split(seed):
-        dm = make_datamodule(tokenizer, source=str(path), val_fraction=0.25, seed=seed)
+        dm = make_datamodule(tokenizer, source={"path": str(path), "val_fraction": 0.25}, seed=seed)
         return decoded_prompts(dm.train_set, tokenizer), decoded_prompts(dm.val_set, tokenizer)
 
     train, val = split(seed=0)
@@ -604,7 +608,7 @@ def test_datamodule_toy_is_the_same_for_the_same_seed(tokenizer):
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_datamodule_every_train_batch_has_unrelated_kl_rows(tokenizer, batch_size):
-    dm = make_datamodule(tokenizer, batch_size=batch_size)
+    dm = make_datamodule(tokenizer, batching={"batch_size": batch_size})
     loader = dm.train_dataloader()
     batches = 0
     for batch in loader:
@@ -625,12 +629,12 @@ def test_datamodule_every_train_batch_has_unrelated_kl_rows(tokenizer, batch_siz
 
 
 def test_datamodule_train_loader_is_shuffled_and_seeded(tokenizer):
-    dm = make_datamodule(tokenizer, batch_size=48)
+    dm = make_datamodule(tokenizer, batching={"batch_size": 48})
     first = next(iter(dm.train_dataloader()))["input_ids"]
     in_order = KTOCollator(PAD)(dm.train_set.examples)["input_ids"]
     assert not torch.equal(first, in_order)
     # Same seed, fresh data module: the same order.
-    twin = make_datamodule(tokenizer, batch_size=48)
+    twin = make_datamodule(tokenizer, batching={"batch_size": 48})
     assert torch.equal(first, next(iter(twin.train_dataloader()))["input_ids"])
     # The order is a function of (seed, epoch), so a resumed run can replay it exactly:
     # the same epoch gives the same order, the next epoch another.
@@ -640,8 +644,62 @@ def test_datamodule_train_loader_is_shuffled_and_seeded(tokenizer):
     assert not torch.equal(first, next(iter(loader))["input_ids"])
 
 
+def _indices(batches) -> list[list[int]]:
+    return [batch["index"].tolist() for batch in batches]
+
+
+def test_datamodule_state_resumes_the_train_order_after_the_last_batch(tokenizer):
+    # Epoch 1 of 12 batches; a checkpoint after the 5th. Lightning sets the epoch (again) after
+    # restoring, before the first batch; the resumed loader gives exactly the 7 batches left.
+    whole = make_datamodule(tokenizer).train_dataloader()
+    whole.sampler.set_epoch(1)
+    order = _indices(whole)
+    run = make_datamodule(tokenizer)
+    loader = run.train_dataloader()
+    loader.sampler.set_epoch(1)
+    batches = iter(loader)
+    assert _indices(next(batches) for _ in range(5)) == order[:5]
+    state = run.state_dict()
+    assert state == {"train_order": {"epoch": 1, "samples_seen": 20}}
+
+    restored_first = make_datamodule(tokenizer)  # restored, then the loader built
+    restored_first.load_state_dict(state)
+    resumed = restored_first.train_dataloader()
+    resumed.sampler.set_epoch(1)
+    assert _indices(resumed) == order[5:]
+
+    built_first = make_datamodule(tokenizer)  # loader and iterator made, then restored
+    early = built_first.train_dataloader()
+    iterator = iter(early)
+    built_first.load_state_dict(state)
+    early.sampler.set_epoch(1)
+    assert _indices(iterator) == order[5:]
+
+
+def test_datamodule_cannot_apply_a_position_to_an_order_already_drawn(tokenizer):
+    dm = make_datamodule(tokenizer)
+    next(iter(dm.train_dataloader()))  # as worker processes do when the iterator is made
+    with pytest.raises(ConfigError, match=r"data\.batching\.num_workers=0"):
+        dm.load_state_dict({"train_order": {"epoch": 0, "samples_seen": 8}})
+
+
+def test_settings_groups_accept_mappings_and_name_an_unknown_key(tokenizer):
+    from omegaconf import OmegaConf
+
+    from kto_lightning.data import Batching, Lengths
+
+    dm = KTODataModule(
+        tokenizer,
+        lengths=Lengths(max_length=64, max_prompt_length=32),
+        batching=OmegaConf.create({"batch_size": 3}),
+    )
+    assert (dm.lengths.max_length, dm.batching, dm.source.path) == (64, Batching(3), "toy")
+    with pytest.raises(ConfigError, match=r"data\.batching\.batch_sise is not a setting"):
+        KTODataModule(tokenizer, batching={"batch_sise": 3})
+
+
 def test_datamodule_val_loader_keeps_order_and_eval_batch_size(tokenizer):
-    dm = make_datamodule(tokenizer, eval_batch_size=5)
+    dm = make_datamodule(tokenizer, batching={"eval_batch_size": 5})
     batches = list(dm.val_dataloader())
     assert [len(b["labels"]) for b in batches] == [5, 5, 2]
     labels = torch.cat([b["labels"] for b in batches]).tolist()
@@ -650,7 +708,7 @@ def test_datamodule_val_loader_keeps_order_and_eval_batch_size(tokenizer):
 
 def test_datamodule_jsonl_source(tokenizer, tmp_path):
     path = numbered_rows(tmp_path / "rows.jsonl", 20)
-    dm = make_datamodule(tokenizer, source=str(path), val_fraction=0.1)
+    dm = make_datamodule(tokenizer, source={"path": str(path), "val_fraction": 0.1})
     assert len(dm.train_set) == 18
     assert len(dm.val_set) == 2
     example = dm.train_set.examples[0]
@@ -662,7 +720,9 @@ def test_datamodule_jsonl_source(tokenizer, tmp_path):
 def test_datamodule_val_source(tokenizer, tmp_path):
     train = numbered_rows(tmp_path / "train.jsonl", 10)
     val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
-    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val), val_fraction=0.0)
+    dm = make_datamodule(
+        tokenizer, source={"path": str(train), "val_path": str(val), "val_fraction": 0.0}
+    )
     assert sorted(decoded_prompts(dm.train_set, tokenizer)) == sorted(
         f"Question {i}?" for i in range(10)
     )
@@ -673,7 +733,9 @@ def test_datamodule_without_kl_rows(tokenizer, tmp_path):
     train = numbered_rows(tmp_path / "train.jsonl", 10)
     val = numbered_rows(tmp_path / "val.jsonl", 1, start=100)
     # One validation row cannot be paired, but without KL rows it need not be.
-    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val), with_kl=False)
+    dm = make_datamodule(
+        tokenizer, source={"path": str(train), "val_path": str(val)}, needs_kl_rows=False
+    )
     batch = next(iter(dm.train_dataloader()))
     assert not any(key.startswith("kl_") for key in batch)
     assert len(dm.val_set) == 1
@@ -683,38 +745,42 @@ def test_datamodule_kl_pairing_error_names_the_validation_source(tokenizer, tmp_
     train = numbered_rows(tmp_path / "train.jsonl", 10)
     val = numbered_rows(tmp_path / "val.jsonl", 1, start=100)
     with pytest.raises(DataError, match="at least 2 rows, got 1") as info:
-        make_datamodule(tokenizer, source=str(train), val_source=str(val))
+        make_datamodule(tokenizer, source={"path": str(train), "val_path": str(val)})
     assert str(info.value).startswith(f"{val}: ")
 
 
 def test_datamodule_too_few_rows_to_split(tokenizer, tmp_path):
     path = numbered_rows(tmp_path / "rows.jsonl", 2)
-    with pytest.raises(DataError, match=r"data\.val_fraction") as info:
-        make_datamodule(tokenizer, source=str(path), val_fraction=0.5)
+    with pytest.raises(DataError, match=r"data\.source\.val_fraction") as info:
+        make_datamodule(tokenizer, source={"path": str(path), "val_fraction": 0.5})
     assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key"),
+    ("group", "overrides", "key"),
     [
-        ({"val_fraction": 0.0}, "data.val_fraction"),
-        ({"val_fraction": 1.0}, "data.val_fraction"),
-        ({"val_fraction": -0.1}, "data.val_fraction"),
-        ({"batch_size": 0}, "data.batch_size"),
-        ({"eval_batch_size": 0}, "data.eval_batch_size"),
-        ({"max_prompt_length": 96}, "data.max_prompt_length"),
-        ({"max_length": 1, "max_prompt_length": 1}, "data.max_length"),
+        ("source", {"val_fraction": 0.0}, "data.source.val_fraction"),
+        ("source", {"val_fraction": 1.0}, "data.source.val_fraction"),
+        ("source", {"val_fraction": -0.1}, "data.source.val_fraction"),
+        ("batching", {"batch_size": 0}, "data.batching.batch_size"),
+        ("batching", {"eval_batch_size": 0}, "data.batching.eval_batch_size"),
+        ("lengths", {"max_prompt_length": 96}, "data.lengths.max_prompt_length"),
+        ("lengths", {"max_length": 1, "max_prompt_length": 1}, "data.lengths.max_length"),
     ],
 )
-def test_datamodule_bad_settings_name_the_key(tokenizer, overrides, key):
-    settings = {"source": "toy", "max_length": 96, "max_prompt_length": 48, **overrides}
+def test_datamodule_bad_settings_name_the_key(tokenizer, group, overrides, key):
+    settings = {
+        "source": {"path": "toy"},
+        "lengths": {"max_length": 96, "max_prompt_length": 48},
+    }
+    settings[group] = {**settings.get(group, {}), **overrides}
     with pytest.raises(ConfigError, match=key):
         KTODataModule(tokenizer, **settings)
 
 
 def test_datamodule_missing_source_file(tokenizer, tmp_path):
     path = tmp_path / "missing.jsonl"
-    dm = KTODataModule(tokenizer, source=str(path))
+    dm = KTODataModule(tokenizer, source={"path": str(path)})
     with pytest.raises(DataError, match="not found"):
         dm.setup("fit")
 
@@ -722,7 +788,7 @@ def test_datamodule_missing_source_file(tokenizer, tmp_path):
 def test_datamodule_label_counts_and_summary(tokenizer, tmp_path):
     train = numbered_rows(tmp_path / "train.jsonl", 10)  # labels 0, 1, 0, ...: 5 of each
     val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
-    dm = make_datamodule(tokenizer, source=str(train), val_source=str(val))
+    dm = make_datamodule(tokenizer, source={"path": str(train), "val_path": str(val)})
     assert dm.label_counts == (5, 5)
     summary = dm.summaries["train"]
     assert (summary.format, summary.conversational) == ("unpaired", False)
@@ -756,15 +822,17 @@ def test_datamodule_conversations_need_a_chat_template(tmp_path):
     plain = byte_level_tokenizer()
     plain.chat_template = None
     with pytest.raises(DataError) as info:
-        make_datamodule(plain, source=str(path))
+        make_datamodule(plain, source={"path": str(path)})
     message = str(info.value)
     assert str(path) in message
     assert "no chat template" in message
-    assert "data.chat_template" in message
-    # data.chat_template supplies one.
+    assert "data.columns.chat_template" in message
+    # data.columns.chat_template supplies one.
     fixed = byte_level_tokenizer()
     fixed.chat_template = None
-    dm = make_datamodule(fixed, source=str(path), chat_template=BYTE_CHAT_TEMPLATE)
+    dm = make_datamodule(
+        fixed, source={"path": str(path)}, columns={"chat_template": BYTE_CHAT_TEMPLATE}
+    )
     assert dm.summaries["train"].conversational
     example = dm.train_set.examples[0]
     assert tokenizer_text(fixed, example.prompt_ids).startswith("<user>\nQuestion ")
@@ -778,12 +846,16 @@ def tokenizer_text(tokenizer, ids: list[int]) -> str:
 def test_datamodule_fewer_rows_than_one_batch(tokenizer, tmp_path):
     path = numbered_rows(tmp_path / "rows.jsonl", 10)  # 8 training rows after the split
     with pytest.raises(DataError) as info:
-        make_datamodule(tokenizer, source=str(path), val_fraction=0.2, batch_size=9)
+        make_datamodule(
+            tokenizer, source={"path": str(path), "val_fraction": 0.2}, batching={"batch_size": 9}
+        )
     message = str(info.value)
     assert str(path) in message
     assert "8 training rows are fewer than one batch" in message
-    assert "data.batch_size=9" in message
-    make_datamodule(tokenizer, source=str(path), val_fraction=0.2, batch_size=8)  # exactly one
+    assert "data.batching.batch_size=9" in message
+    make_datamodule(
+        tokenizer, source={"path": str(path), "val_fraction": 0.2}, batching={"batch_size": 8}
+    )  # exactly one
 
 
 def test_datamodule_single_class_data_trains_with_a_warning(tokenizer, tmp_path, caplog):
@@ -791,7 +863,7 @@ def test_datamodule_single_class_data_trains_with_a_warning(tokenizer, tmp_path,
         tmp_path / "rows.jsonl", [record(f"Q{i}?", f"A{i}.", True) for i in range(10)]
     )
     with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        dm = make_datamodule(tokenizer, source=str(path))
+        dm = make_datamodule(tokenizer, source={"path": str(path)})
     assert dm.label_counts == (8, 0)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("train set has no undesirable rows" in w for w in warnings), warnings
@@ -808,16 +880,15 @@ def test_datamodule_long_prompt_is_cut_from_the_left_with_a_warning(tokenizer, t
     with caplog.at_level(logging.WARNING, logger="kto_lightning"):
         dm = make_datamodule(
             tokenizer,
-            source=str(train),
-            val_source=str(val),
-            max_length=64,
-            max_prompt_length=16,
+            source={"path": str(train), "val_path": str(val)},
+            lengths={"max_length": 64, "max_prompt_length": 16},
         )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(
-        "train set: 1 prompt(s) longer than data.max_prompt_length=16 were cut from the left" in w
-        for w in warnings
-    ), warnings
+    cut_warning = (
+        "train set: 1 prompt(s) longer than data.lengths.max_prompt_length=16 were cut "
+        "from the left"
+    )
+    assert any(cut_warning in w for w in warnings), warnings
     assert dm.summaries["train"].prompts_truncated == 1
     assert dm.summaries["validation"].prompts_truncated == 0
     cut = [e for e in dm.train_set.examples if e.completion_ids == [*b("end."), EOS]]
@@ -832,7 +903,7 @@ def test_datamodule_bad_row_names_the_file_and_row(tokenizer, tmp_path):
     train = write_lines(tmp_path / "train.jsonl", rows)
     val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
     with pytest.raises(DataError, match=f"{train}, row 7, column 'label'"):
-        make_datamodule(tokenizer, source=str(train), val_source=str(val))
+        make_datamodule(tokenizer, source={"path": str(train), "val_path": str(val)})
 
 
 def test_datamodule_bad_row_in_a_held_out_split_names_the_file_row(tokenizer, tmp_path):
@@ -841,7 +912,7 @@ def test_datamodule_bad_row_in_a_held_out_split_names_the_file_row(tokenizer, tm
     path = write_lines(tmp_path / "rows.jsonl", rows)
     for seed in range(3):
         with pytest.raises(DataError, match=r", row 7, column 'label'"):
-            make_datamodule(tokenizer, source=str(path), val_fraction=0.25, seed=seed)
+            make_datamodule(tokenizer, source={"path": str(path), "val_fraction": 0.25}, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ caching
@@ -855,18 +926,20 @@ def tokenization(dm: KTODataModule) -> tuple[str, str]:
 
 def test_datamodule_tokenization_is_cached_and_keyed_on_settings_and_content(tokenizer, tmp_path):
     path = numbered_rows(tmp_path / "rows.jsonl", 20)
-    first = make_datamodule(tokenizer, source=str(path))
+    first = make_datamodule(tokenizer, source={"path": str(path)})
     assert tokenization(first) == ("computed", "computed")
-    again = make_datamodule(tokenizer, source=str(path))
+    again = make_datamodule(tokenizer, source={"path": str(path)})
     assert tokenization(again) == ("cached", "cached")
     assert again.train_set.examples == first.train_set.examples
     assert again.val_set.examples == first.val_set.examples
-    longer = make_datamodule(tokenizer, source=str(path), max_length=97)
+    longer = make_datamodule(tokenizer, source={"path": str(path)}, lengths={"max_length": 97})
     assert tokenization(longer) == ("computed", "computed")
-    shorter_prompts = make_datamodule(tokenizer, source=str(path), max_prompt_length=47)
+    shorter_prompts = make_datamodule(
+        tokenizer, source={"path": str(path)}, lengths={"max_prompt_length": 47}
+    )
     assert tokenization(shorter_prompts) == ("computed", "computed")
     numbered_rows(path, 20, start=1)  # new content, same path
-    edited = make_datamodule(tokenizer, source=str(path))
+    edited = make_datamodule(tokenizer, source={"path": str(path)})
     assert tokenization(edited) == ("computed", "computed")
     assert decoded_prompts(edited.train_set, tokenizer) != decoded_prompts(
         first.train_set, tokenizer
@@ -875,9 +948,9 @@ def test_datamodule_tokenization_is_cached_and_keyed_on_settings_and_content(tok
 
 def test_datamodule_tokenization_cache_is_keyed_on_the_chat_template(tmp_path):
     path = chat_rows(tmp_path / "chat.jsonl", 20)
-    first = make_datamodule(byte_level_tokenizer(), source=str(path))
+    first = make_datamodule(byte_level_tokenizer(), source={"path": str(path)})
     assert tokenization(first) == ("computed", "computed")
-    assert tokenization(make_datamodule(byte_level_tokenizer(), source=str(path))) == (
+    assert tokenization(make_datamodule(byte_level_tokenizer(), source={"path": str(path)})) == (
         "cached",
         "cached",
     )
@@ -886,7 +959,11 @@ def test_datamodule_tokenization_cache_is_keyed_on_the_chat_template(tmp_path):
         "'<' + message['role'] + '>", "'[' + message['role'] + ']"
     ).replace("'<assistant>", "'[assistant]")
     assert "'<" not in other_template
-    other = make_datamodule(byte_level_tokenizer(), source=str(path), chat_template=other_template)
+    other = make_datamodule(
+        byte_level_tokenizer(),
+        source={"path": str(path)},
+        columns={"chat_template": other_template},
+    )
     assert tokenization(other) == ("computed", "computed")
     prompt = tokenizer_text(byte_level_tokenizer(), other.train_set.examples[0].prompt_ids)
     assert prompt.startswith("[user]\n")
@@ -898,9 +975,12 @@ def test_datamodule_toy_task_is_tokenized_in_memory(tokenizer):
 
 def test_datamodule_num_proc_gives_the_same_examples(tokenizer, tmp_path):
     path = numbered_rows(tmp_path / "rows.jsonl", 40)
-    serial = make_datamodule(tokenizer, source=str(path), cache_dir=str(tmp_path / "serial"))
+    serial = make_datamodule(
+        tokenizer, source={"path": str(path), "cache_dir": str(tmp_path / "serial")}
+    )
     parallel = make_datamodule(
-        tokenizer, source=str(path), cache_dir=str(tmp_path / "parallel"), num_proc=2
+        tokenizer,
+        source={"path": str(path), "cache_dir": str(tmp_path / "parallel"), "num_proc": 2},
     )
     # A fresh cache folder: the two processes really tokenized.
     assert tokenization(parallel) == ("computed", "computed")
@@ -914,7 +994,7 @@ def test_datamodule_num_proc_errors_name_the_row_of_the_file(tokenizer, tmp_path
     train = write_lines(tmp_path / "train.jsonl", rows)
     val = numbered_rows(tmp_path / "val.jsonl", 4, start=100)
     with pytest.raises(DataError, match=f"{train}, row 16, column 'label'"):
-        make_datamodule(tokenizer, source=str(train), val_source=str(val), num_proc=2)
+        make_datamodule(tokenizer, source={"path": str(train), "val_path": str(val), "num_proc": 2})
 
 
 # ------------------------------------------------------------------------------------ toy task

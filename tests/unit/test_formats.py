@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kto_lightning.data.formats import Schema, normalise, split_shared_prefix
+from kto_lightning.data.config import Columns
+from kto_lightning.data.formats import normalise, resolve_format, split_shared_prefix
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.tokenize import encode
 from kto_lightning.errors import ConfigError, DataError
@@ -45,10 +46,10 @@ def assistant(content: str) -> dict[str, str]:
 
 
 def norm(
-    rows: list[dict] | datasets.Dataset, schema: Schema | None = None, seed: int = 0
+    rows: list[dict] | datasets.Dataset, schema: Columns | None = None, seed: int = 0
 ) -> tuple[list[dict], str, bool]:
     data = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(rows)
-    out, fmt, chat = normalise(data, schema or Schema(), "rows.jsonl", seed)
+    out, fmt, chat = normalise(data, schema or Columns(), "rows.jsonl", seed)
     rows_out = out.to_list()
     # `row` names each output row's source row: every source row is named (twice for a pair).
     source_rows = [row.pop("row") for row in rows_out]
@@ -104,7 +105,7 @@ def test_unpaired_text_labels_in_every_encoding_and_file_type(tmp_path, suffix, 
 def test_unpaired_custom_columns_and_extra_columns_dropped():
     rows, fmt, _ = norm(
         [{"q": "Why?", "a": "Because.", "ok": 0, "extra": 1}],
-        Schema(prompt_column="q", completion_column="a", label_column="ok"),
+        Columns(prompt="q", completion="a", label="ok"),
     )
     assert fmt == "unpaired"
     assert rows == [{"prompt": "Why?", "completion": "Because.", "label": False}]
@@ -227,7 +228,7 @@ def test_text_and_conversations_mixed_in_one_file_names_the_row(tmp_path):
         path = tmp_path / "mixed.jsonl"
         path.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n", encoding="utf-8")
         with pytest.raises(DataError) as info:
-            normalise(load_source(str(path)), Schema(), str(path), 0)
+            normalise(load_source(str(path)), Columns(), str(path), 0)
         assert f"{path}, row 2, column 'prompt': {expected}" in str(info.value)
 
 
@@ -301,7 +302,7 @@ def test_paired_without_a_shared_prefix_names_the_row_and_the_key():
         norm(rows)
     message = str(info.value)
     assert "rows.jsonl, row 2: no shared prompt" in message
-    assert "data.prompt_column" in message
+    assert "data.columns.prompt" in message
 
 
 def test_paired_conversational_ultrafeedback_style():
@@ -378,7 +379,7 @@ def test_score_at_or_above_the_threshold_is_desirable():
     scores = [0.5, 2.0, 3, -1.0, 1.99]
     rows, fmt, _ = norm(
         [{"prompt": f"Q{i}", "completion": f"A{i}", "rating": s} for i, s in enumerate(scores)],
-        Schema(format="score", score_column="rating", score_threshold=2.0),
+        Columns(format="score", score="rating", score_threshold=2.0),
     )
     assert fmt == "score"
     assert labels_of(rows) == [False, True, True, False, False]
@@ -396,7 +397,7 @@ def test_score_at_or_above_the_threshold_is_desirable():
 def test_score_that_is_not_a_number_names_the_row(scores, row, shown):
     data = [{"prompt": "Q", "completion": "A", "rating": s} for s in scores]
     with pytest.raises(DataError) as info:
-        norm(data, Schema(format="score", score_column="rating", score_threshold=2.0))
+        norm(data, Columns(format="score", score="rating", score_threshold=2.0))
     assert f"rows.jsonl, row {row}, column 'rating': not a number ({shown})" in str(info.value)
 
 
@@ -405,7 +406,7 @@ def test_score_of_mixed_types_in_a_jsonl_file_names_the_row(tmp_path):
     lines = [{"prompt": "Q", "completion": "A", "rating": 3.5}, {"prompt": "Q", "completion": "B"}]
     lines[1]["rating"] = "high"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    schema = Schema(score_column="rating", score_threshold=1.0)  # format auto
+    schema = Columns(score="rating", score_threshold=1.0)  # format auto
     with pytest.raises(DataError, match=f"{path}, row 2, column 'rating': not a number"):
         normalise(load_source(str(path)), schema, str(path), 0)
 
@@ -413,14 +414,14 @@ def test_score_of_mixed_types_in_a_jsonl_file_names_the_row(tmp_path):
 @pytest.mark.parametrize(
     ("schema", "key"),
     [
-        ({"format": "score"}, "data.score_column and data.score_threshold"),
-        ({"format": "score", "score_column": "s"}, "data.score_threshold"),
-        ({"format": "ranked"}, "data.format"),
+        ({"format": "score"}, "data.columns.score and data.columns.score_threshold"),
+        ({"format": "score", "score": "s"}, "data.columns.score_threshold"),
+        ({"format": "ranked"}, "data.columns.format"),
     ],
 )
 def test_schema_config_errors_name_the_key(schema, key):
     with pytest.raises(ConfigError, match=key):
-        Schema(**schema)
+        Columns(**schema)
 
 
 # ------------------------------------------------------------------------------ auto-detection
@@ -429,24 +430,24 @@ def test_schema_config_errors_name_the_key(schema, key):
 @pytest.mark.parametrize(
     ("columns", "schema", "expected"),
     [
-        (["prompt", "completion", "label"], Schema(), "unpaired"),
-        (["prompt", "completion", "label", "chosen", "rejected"], Schema(), "unpaired"),
-        (["chosen", "rejected"], Schema(), "paired"),
-        (["prompt", "chosen", "rejected", "score"], Schema(), "paired"),
+        (["prompt", "completion", "label"], Columns(), "unpaired"),
+        (["prompt", "completion", "label", "chosen", "rejected"], Columns(), "unpaired"),
+        (["chosen", "rejected"], Columns(), "paired"),
+        (["prompt", "chosen", "rejected", "score"], Columns(), "paired"),
         (
             ["prompt", "completion", "rating"],
-            Schema(score_column="rating", score_threshold=1.0),
+            Columns(score="rating", score_threshold=1.0),
             "score",
         ),
         (
             ["q", "a", "y"],
-            Schema(prompt_column="q", completion_column="a", label_column="y"),
+            Columns(prompt="q", completion="a", label="y"),
             "unpaired",
         ),
     ],
 )
 def test_format_auto_detection(columns, schema, expected):
-    assert schema.resolve(columns, "rows.jsonl") == expected
+    assert resolve_format(schema, columns, "rows.jsonl") == expected
 
 
 def test_auto_detection_error_lists_the_columns_found_and_the_keys():
@@ -458,21 +459,21 @@ def test_auto_detection_error_lists_the_columns_found_and_the_keys():
     assert "['answer', 'question', 'thumbs']" in message
     assert "'prompt'/'completion'/'label'" in message
     assert "'chosen'/'rejected'" in message
-    assert "data.score_column" in message
+    assert "data.columns.score" in message
 
 
 @pytest.mark.parametrize(
     ("schema", "missing", "key"),
     [
-        (Schema(format="unpaired"), "'label'", "data.label_column"),
+        (Columns(format="unpaired"), "'label'", "data.columns.label"),
         (
-            Schema(format="unpaired", completion_column="answer"),
+            Columns(format="unpaired", completion="answer"),
             "'answer'",
-            "data.completion_column",
+            "data.columns.completion",
         ),
-        (Schema(format="paired"), "'chosen'", "data.chosen_column"),
-        (Schema(format="score", score_column="s", score_threshold=0), "'s'", "data.score_column"),
-        (Schema(format="unpaired", prompt_column=None), "(none", "data.prompt_column"),
+        (Columns(format="paired"), "'chosen'", "data.columns.chosen"),
+        (Columns(format="score", score="s", score_threshold=0), "'s'", "data.columns.score"),
+        (Columns(format="unpaired", prompt=None), "(none", "data.columns.prompt"),
     ],
 )
 def test_explicit_format_missing_column_names_it_the_key_and_the_columns_found(

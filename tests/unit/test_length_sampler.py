@@ -11,7 +11,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from kto_lightning.data.datamodule import KTODataModule
 from kto_lightning.data.sampler import LengthGroupedSampler
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.metrics import batch_sums, finalize
+from kto_lightning.metrics import batch_sums, metrics_from_sums
 from kto_lightning.models import byte_level_tokenizer
 
 
@@ -149,7 +149,7 @@ def test_lightnings_distributed_wrapper_keeps_the_grouping():
 
 @pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "8"])
 def test_bad_batch_size_names_the_key(batch_size):
-    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+    with pytest.raises(ConfigError, match=r"data\.batching\.batch_size"):
         LengthGroupedSampler([3, 4, 5], batch_size)
 
 
@@ -162,13 +162,11 @@ def test_datamodule_refuses_two_samplers_naming_both_keys():
     with pytest.raises(ConfigError) as error:
         KTODataModule(
             byte_level_tokenizer(),
-            source="toy",
-            toy_rows=100,
-            balanced_batches=True,
-            group_by_length=True,
+            source={"path": "toy", "toy_rows": 100},
+            batching={"balanced_batches": True, "group_by_length": True},
         )
-    assert "data.balanced_batches" in str(error.value)
-    assert "data.group_by_length" in str(error.value)
+    assert "data.batching.balanced_batches" in str(error.value)
+    assert "data.batching.group_by_length" in str(error.value)
 
 
 # ------------------------------------------------------------------------------ padding metric
@@ -192,21 +190,21 @@ def _sums(real_tokens, slot_tokens) -> torch.Tensor:
 
 def test_padding_of_one_batch():
     # 30 real tokens in 40 slots: 10 of 40 are padding.
-    assert finalize(_sums(30.0, 40.0))["padding"].item() == pytest.approx(0.25)
+    assert metrics_from_sums(_sums(30.0, 40.0))["padding"].item() == pytest.approx(0.25)
     # The module passes the real count as a tensor (a mask sum) and the slots as a float.
-    assert finalize(_sums(torch.tensor(30), 40.0))["padding"].item() == pytest.approx(0.25)
+    assert metrics_from_sums(_sums(torch.tensor(30), 40.0))["padding"].item() == pytest.approx(0.25)
 
 
 def test_padding_adds_count_weighted_across_batches():
     # 30/40 and 10/60: 40 real tokens in 100 slots -> 0.6, not the mean of 0.25 and 0.8333.
     total = _sums(30.0, 40.0) + _sums(torch.tensor(10), 60.0)
-    share = finalize(total)["padding"].item()
+    share = metrics_from_sums(total)["padding"].item()
     assert share == pytest.approx(0.6)
     assert share != pytest.approx((0.25 + 50 / 60) / 2)
 
 
 def test_padding_without_slots_is_nan():
-    assert math.isnan(finalize(_sums(0.0, 0.0))["padding"].item())
+    assert math.isnan(metrics_from_sums(_sums(0.0, 0.0))["padding"].item())
 
 
 @pytest.mark.parametrize(("group", "num_replicas"), [(0, None), (50, 0)])

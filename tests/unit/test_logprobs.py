@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_lightning.logprobs import compute_logprobs, sequence_logprobs, token_logprobs_chunked
+from kto_lightning.logprobs import sequence_logprobs, token_logprobs_chunked
+from naive_logprobs import compute_logprobs, naive_sequence_logprobs
 
 V, H, N = 300, 24, 37  # vocab, hidden, selected rows (H != V so V only appears as the vocab dim)
 
@@ -256,12 +257,6 @@ def make_batch(side, shapes=SHAPES, seed=0, pad_id=0):
         am[i, start : start + len(s)] = 1
         cm[i, start + p : start + p + c] = 1
     return ids, am, cm
-
-
-def naive_sequence_logprobs(model, ids, am, cm):
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
-    logits = model(ids, attention_mask=am, position_ids=pos).logits
-    return compute_logprobs(logits[:, :-1], ids[:, 1:], cm[:, 1:])
 
 
 def test_get_decoder_is_backbone_and_reproduces_logits():

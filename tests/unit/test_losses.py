@@ -8,20 +8,27 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from kto_lightning.class_weights import AUTO, RECOMMENDED_RATIO, resolve_class_weights
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.losses import (
-    AUTO,
     ESTIMATORS,
     LOSS_TYPES,
-    RECOMMENDED_RATIO,
     KTOLossConfig,
     KTOLossOutput,
     kl_statistics,
     kto_loss,
-    kto_loss_single_process,
     reference_point_from_statistics,
-    resolve_class_weights,
 )
+from kto_lightning.step import StepLogps, kto_step
+
+
+def kto_loss_single_process(
+    policy, reference, labels, config: KTOLossConfig, kl_policy=None, kl_reference=None
+) -> KTOLossOutput:
+    """The real step (`kto_step`) in one process, for a config with numeric weights."""
+    loss, _ = config.with_class_counts(1, 1)  # numeric weights: the counts change nothing
+    logps = StepLogps(policy, reference, kl_policy, kl_reference)
+    return kto_step(logps, labels, loss).output
 
 
 def sig(x: float) -> float:

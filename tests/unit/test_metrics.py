@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from kto_lightning import distributed
-from kto_lightning.metrics import FIELDS, batch_sums, finalize, reward_auroc
+from kto_lightning.metrics import FIELDS, batch_sums, metrics_from_sums, reward_auroc
 
 
 def t(values) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_batch_sums_hand_worked():
 
 def test_finalize_hand_worked():
     check(
-        finalize(four_rows()),
+        metrics_from_sums(four_rows()),
         {
             "loss": 2.5,
             "loss/desirable": 1.5,
@@ -99,19 +99,19 @@ def test_finalize_hand_worked():
 
 def test_accuracy_uses_the_threshold():
     # Threshold 0.2: 0.5 > 0.2 right, -0.2 wrong, 0.1 < 0.2 right, -0.3 < 0.2 right.
-    check(finalize(four_rows(threshold=0.2)), {"rewards/accuracy": 0.75})
-    check(finalize(four_rows(threshold=t(0.2))), {"rewards/accuracy": 0.75})
+    check(metrics_from_sums(four_rows(threshold=0.2)), {"rewards/accuracy": 0.75})
+    check(metrics_from_sums(four_rows(threshold=t(0.2))), {"rewards/accuracy": 0.75})
     # Threshold -0.25: 0.5 right, -0.2 right, 0.1 wrong, -0.3 right.
-    check(finalize(four_rows(threshold=-0.25)), {"rewards/accuracy": 0.75})
+    check(metrics_from_sums(four_rows(threshold=-0.25)), {"rewards/accuracy": 0.75})
 
 
 def test_accuracy_counts_ties_as_wrong():
     sums = sums_of([0.2, 0.2], [True, False], threshold=0.2)
-    check(finalize(sums), {"rewards/accuracy": 0.0})
+    check(metrics_from_sums(sums), {"rewards/accuracy": 0.0})
 
 
 def test_finalize_missing_class_is_nan_not_zero():
-    metrics = finalize(sums_of([1.0, 3.0], [True, True], losses=[0.5, 1.5]))
+    metrics = metrics_from_sums(sums_of([1.0, 3.0], [True, True], losses=[0.5, 1.5]))
     check(
         metrics,
         {
@@ -126,8 +126,8 @@ def test_finalize_missing_class_is_nan_not_zero():
 
 
 def test_finalize_clamps_kl_at_zero_and_reports_zero_without_kl_rows():
-    check(finalize(sums_of([1.0], [True], kl_sum=-0.6, kl_count=3.0)), {"kl": 0.0})
-    check(finalize(sums_of([1.0], [True], kl_sum=0.0, kl_count=0.0)), {"kl": 0.0})
+    check(metrics_from_sums(sums_of([1.0], [True], kl_sum=-0.6, kl_count=3.0)), {"kl": 0.0})
+    check(metrics_from_sums(sums_of([1.0], [True], kl_sum=0.0, kl_count=0.0)), {"kl": 0.0})
 
 
 def test_batch_sums_detach_their_inputs():
@@ -154,7 +154,7 @@ def test_adding_sums_gives_the_count_weighted_mean_over_the_union():
         kl_sum=0.5,
         kl_count=5.0,
     )
-    union = finalize(a + b)
+    union = metrics_from_sums(a + b)
     check(
         union,
         {
@@ -169,7 +169,9 @@ def test_adding_sums_gives_the_count_weighted_mean_over_the_union():
             "count/undesirable": 5.0,
         },
     )
-    mean_of_means = (finalize(a)["rewards/chosen"] + finalize(b)["rewards/chosen"]) / 2
+    mean_of_means = (
+        metrics_from_sums(a)["rewards/chosen"] + metrics_from_sums(b)["rewards/chosen"]
+    ) / 2
     assert not torch.isclose(union["rewards/chosen"], mean_of_means)
 
 

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from kto_lightning import hub
 from kto_lightning.data import Example, KTOCollator
 from kto_lightning.errors import ConfigError, ModelLoadError
-from kto_lightning.losses import KTOLossConfig
-from kto_lightning.metrics import FIELDS, finalize
+from kto_lightning.losses import KTOLoss
+from kto_lightning.metrics import FIELDS, metrics_from_sums
 from kto_lightning.models import (
     Pretrained,
     TinyLlama,
@@ -243,13 +243,13 @@ def _step_zero_sums(source: TinyLlama) -> dict[str, torch.Tensor]:
     """The metric sums of a first training step, the policy in train mode, reference == policy."""
     torch.manual_seed(0)
     policy = source.load_policy()
-    loss = KTOLossConfig(beta=0.1)
+    loss = KTOLoss(beta=0.1)
     module = KTOModule(
         policy, CopyReference(make_reference(policy)), loss, functools.partial(torch.optim.SGD)
     )
     module.train()
     assert policy.training
-    _, sums, _ = module._step(_kto_batch(), "train")
+    sums = module._step(_kto_batch(), "train").metric_sums
     return dict(zip(FIELDS, sums, strict=True))
 
 
@@ -262,7 +262,7 @@ def test_dropout_is_off_by_default_so_step_zero_rewards_and_kl_are_exactly_zero(
     sums = _step_zero_sums(TinyLlama(**TINY, **kwargs))
     for name in ("reward_desirable_sum", "reward_undesirable_sum", "kl_sum"):
         assert sums[name].item() == 0.0, f"{name} = {sums[name].item()} at step 0"
-    metrics = finalize(torch.stack(list(sums.values())))
+    metrics = metrics_from_sums(torch.stack(list(sums.values())))
     assert metrics["rewards/chosen"].item() == metrics["rewards/rejected"].item() == 0.0
     assert metrics["kl"].item() == 0.0
 

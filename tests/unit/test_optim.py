@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -129,6 +130,77 @@ def test_no_warmup_with_ratio_zero():
 def test_zero_total_steps_is_treated_as_one():
     factors = lr_factors(2, total_steps=0, decay="linear")
     assert_close(factors, [1.0, 0.0])
+
+
+def hand_written_factor(
+    step: int, total: int, warmup: int, decay: str, min_lr_ratio: float
+) -> float:
+    """The schedule as this repository wrote it before it came from torch and transformers."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize(("total", "warmup"), [(1, 0), (10, 0), (10, 3), (37, 5), (4, 4), (3, 7)])
+def test_library_schedule_equals_the_hand_written_one(total, warmup, decay, min_lr_ratio):
+    # Past the last step too: the rate then stays at the floor (cosine does not climb back).
+    factors = lr_factors(
+        total + 10, total_steps=total, warmup_steps=warmup, decay=decay, min_lr_ratio=min_lr_ratio
+    )
+    expected = [
+        hand_written_factor(s, total, warmup, decay, min_lr_ratio) for s in range(total + 10)
+    ]
+    assert_close(factors, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_resumes_from_its_state_dict():
+    """A checkpoint holds the schedule's state; reloaded, it continues with the same rates."""
+
+    def make():
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        kwargs = {"warmup_steps": 3, "decay": "cosine", "min_lr_ratio": 0.1}
+        return optimizer, warmup_schedule(optimizer, total_steps=12, **kwargs)
+
+    optimizer, scheduler = make()
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    state = copy.deepcopy(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    )
+    expected = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        expected.append(optimizer.param_groups[0]["lr"])
+
+    resumed_optimizer, resumed = make()
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    resumed.load_state_dict(state["scheduler"])
+    rates = []
+    for _ in range(10):
+        resumed_optimizer.step()
+        resumed.step()
+        rates.append(resumed_optimizer.param_groups[0]["lr"])
+    assert rates == expected
+
+
+def test_a_schedule_state_loads_into_a_longer_run():
+    # Resuming with more epochs: the checkpoint's schedule had no warmup (int(0.1 * 6) = 0).
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    short = warmup_schedule(optimizer, total_steps=6)
+    for _ in range(6):
+        optimizer.step()
+        short.step()
+    longer = warmup_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 12)
+    longer.load_state_dict(short.state_dict())
+    assert longer.last_epoch == 6
 
 
 @pytest.mark.parametrize(

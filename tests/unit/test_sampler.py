@@ -1,7 +1,9 @@
-"""Tests for kto_lightning.data.sampler: LabelBalancedSampler and ShardedEvalBatches."""
+"""Tests for kto_lightning.data.sampler and .sharding: LabelBalancedSampler, RankShard (with its
+mid-epoch resume position) and ShardedEvalBatches."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from itertools import chain
 
@@ -9,8 +11,14 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from kto_lightning.data.sampler import LabelBalancedSampler, ShardedEvalBatches
+from kto_lightning.data.sampler import (
+    EpochShuffleSampler,
+    LabelBalancedSampler,
+    LengthGroupedSampler,
+)
+from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.losses import KTOLossConfig
 
@@ -132,7 +140,7 @@ def test_num_replicas_none_reads_world_size_one_without_distributed():
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
 def test_bad_batch_size_names_the_config_key(batch_size):
-    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+    with pytest.raises(ConfigError, match=r"data\.batching\.batch_size"):
         LabelBalancedSampler([True, False], batch_size=batch_size)
 
 
@@ -220,6 +228,117 @@ def test_label_counts_are_what_an_epoch_draws(world, n_desirable, n_undesirable)
     sampler = LabelBalancedSampler(labels, batch_size=8, seed=4, num_replicas=world)
     drawn = Counter(labels[i] for i in sampler)
     assert sampler.label_counts() == (drawn[True], drawn[False])
+
+
+# ------------------------------------------------------------------------------ training shards
+
+
+def _orders():
+    labels = make_labels(37, 66, seed=3)  # 103 rows: not a multiple of any world size below
+    lengths = torch.randint(1, 300, (103,), generator=torch.Generator().manual_seed(0)).tolist()
+    return {
+        "shuffle": lambda world: EpochShuffleSampler(103, seed=5),
+        "balanced": lambda world: LabelBalancedSampler(labels, 4, seed=5, num_replicas=world),
+        "grouped": lambda world: LengthGroupedSampler(lengths, 4, seed=5, num_replicas=world),
+    }
+
+
+@pytest.mark.parametrize("order", ["shuffle", "balanced", "grouped"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shards_split_the_order_as_lightnings_wrapper_does(order, world):
+    for epoch in (0, 3):
+        for rank in range(world):
+            ours = RankShard(_orders()[order](world), world, rank)
+            wrapper = DistributedSamplerWrapper(
+                _orders()[order](world), num_replicas=world, rank=rank, shuffle=False
+            )
+            ours.set_epoch(epoch)
+            wrapper.set_epoch(epoch)
+            assert list(ours) == list(wrapper)
+            assert len(ours) == len(wrapper)
+
+
+def test_rank_shards_are_a_distributed_sampler_lightning_keeps():
+    assert isinstance(RankShard(EpochShuffleSampler(10), 2, 1), DistributedSampler)
+
+
+@pytest.mark.parametrize("order", ["shuffle", "balanced", "grouped"])
+@pytest.mark.parametrize(("world", "new_world"), [(1, 1), (2, 2), (3, 3), (2, 1)])
+def test_a_restored_position_continues_every_rank_at_its_next_sample(order, world, new_world):
+    # Every rank draws 5 batches of 4 in epoch 2, then the run stops. The position is global
+    # (all ranks' samples), so the skip comes before the per-rank split: together the resumed
+    # ranks draw exactly the rest of the epoch's order, also on another number of ranks.
+    shards = [RankShard(_orders()[order](world), world, rank) for rank in range(world)]
+    for shard in shards:
+        shard.set_epoch(2)
+    drawn = [[next(it) for _ in range(20)] for it in map(iter, shards)]
+    state = shards[0].state_dict()
+    assert state == {"epoch": 2, "samples_seen": 20 * world}
+    assert {str(s.state_dict()) for s in shards} == {str(state)}, "the same on every rank"
+
+    full = _orders()[order](new_world)
+    full.set_epoch(2)
+    order_of_epoch = list(full)
+    resumed = []
+    for rank in range(new_world):
+        shard = RankShard(_orders()[order](new_world), new_world, rank)
+        shard.load_state_dict(state)
+        shard.set_epoch(2)  # Lightning sets the epoch again before it iterates: no change
+        resumed.append(list(shard))
+    if new_world == world:
+        for rank in range(world):
+            uninterrupted = RankShard(_orders()[order](world), world, rank)
+            uninterrupted.set_epoch(2)
+            assert drawn[rank] + resumed[rank] == list(uninterrupted)
+    together = [i for step in itertools.zip_longest(*resumed) for i in step if i is not None]
+    assert together[: len(order_of_epoch) - 20 * world] == order_of_epoch[20 * world :]
+
+
+def test_a_position_applies_once_and_only_to_its_epoch():
+    shard = RankShard(EpochShuffleSampler(20, seed=3))
+    shard.set_epoch(1)
+    epoch1 = list(shard)
+    shard.load_state_dict({"epoch": 1, "samples_seen": 8})
+    assert list(shard) == epoch1[8:], "a restart continues at the exact next sample"
+    assert list(shard) == epoch1, "the skip applies once"
+    # A checkpoint from the end of epoch 1 resumes with epoch 2, from its start.
+    shard.load_state_dict({"epoch": 1, "samples_seen": 20})
+    shard.set_epoch(2)
+    assert sorted(shard) == list(range(20))
+
+
+def test_the_order_is_drawn_at_the_first_sample_so_a_late_restore_applies():
+    # An iterator made before the checkpoint is restored (Lightning's estimated_stepping_batches
+    # does that) still starts at the restored position.
+    shard = RankShard(EpochShuffleSampler(20, seed=3))
+    reference = RankShard(EpochShuffleSampler(20, seed=3))
+    reference.set_epoch(4)
+    early = iter(shard)
+    assert not shard.drawn
+    shard.load_state_dict({"epoch": 4, "samples_seen": 12})
+    assert list(early) == list(reference)[12:]
+    assert shard.drawn
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stateful_loader_saves_the_position_of_the_last_batch_it_yielded(num_workers):
+    # With workers, torchdata draws ahead of the batches it yields; the saved position is the
+    # yielded one all the same, and a new loader continues right after it.
+    def loader():
+        shard = RankShard(EpochShuffleSampler(40, seed=1))
+        shard.set_epoch(1)
+        return StatefulDataLoader(list(range(40)), batch_size=4, sampler=shard,
+                                  num_workers=num_workers)  # fmt: skip
+
+    whole = [batch.tolist() for batch in loader()]
+    first = loader()
+    iterator = iter(first)
+    head = [next(iterator).tolist() for _ in range(3)]
+    state = first.state_dict()
+    assert shard_state(state) == {"epoch": 1, "samples_seen": 12}
+    second = loader()
+    second.load_state_dict(state)
+    assert head + [batch.tolist() for batch in second] == whole
 
 
 # ------------------------------------------------------------------------------ validation shards

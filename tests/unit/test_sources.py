@@ -30,7 +30,7 @@ def test_hub_name_offline_and_not_cached_fails_at_once_naming_the_key(monkeypatc
         load_source("some-org/some-dataset")
     assert time.monotonic() - start < 10  # no network retries
     message = str(info.value)
-    assert "data.source='some-org/some-dataset'" in message
+    assert "data.source.path='some-org/some-dataset'" in message
     assert "HF_HUB_OFFLINE is set" in message
     assert "not in the datasets cache" in message
 

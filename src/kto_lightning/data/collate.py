@@ -35,21 +35,21 @@ class KTOCollator:
     """Collate Examples into tensors.
 
     Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) for the rows themselves,
-    `labels` (B,) bool, `index` (B,) the examples' dataset positions, and with `with_kl` the
+    `labels` (B,) bool, `index` (B,) the examples' dataset positions, and with `needs_kl_rows` the
     same three tensors prefixed `kl_` for the rows built from each prompt and its partner's
     completion.
     """
 
-    def __init__(self, pad_token_id: int, with_kl: bool = True) -> None:
+    def __init__(self, pad_token_id: int, needs_kl_rows: bool = True) -> None:
         self.pad_token_id = pad_token_id
-        self.with_kl = with_kl
+        self.needs_kl_rows = needs_kl_rows
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
         main = [(e.prompt_ids, e.completion_ids) for e in examples]
-        kl = [(e.prompt_ids, e.kl_completion_ids) for e in examples] if self.with_kl else []
+        kl = [(e.prompt_ids, e.kl_completion_ids) for e in examples] if self.needs_kl_rows else []
         length = max(len(p) + len(c) for p, c in main + kl)
         batch = _pad(main, length, self.pad_token_id)
-        if self.with_kl:
+        if self.needs_kl_rows:
             batch.update({f"kl_{k}": v for k, v in _pad(kl, length, self.pad_token_id).items()})
         batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
         batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)

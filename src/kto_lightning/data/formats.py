@@ -1,8 +1,8 @@
 """Every supported shape of binary-feedback data, normalised to `{prompt, completion, label}`.
 
-Shapes (`data.format`, or `auto` to tell them from the columns):
+Shapes (`data.columns.format`, or `auto` to tell them from the columns):
 - `unpaired`: a prompt, a completion and a label (bool, 0/1, +1/-1, "true"/"false");
-- `score`: a prompt, a completion and a number; label = score >= `data.score_threshold`;
+- `score`: a prompt, a completion and a number; label = score >= `data.columns.score_threshold`;
 - `paired`: `chosen` and `rejected` completions, with an explicit prompt column or an implicit
   shared prefix; each pair becomes one desirable and one undesirable row.
 Prompt and completion are either text or conversations (lists of `{role, content}` messages, to be
@@ -13,76 +13,55 @@ Every error names the source, the row (counted from 1) and the column.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
+from kto_lightning.data.config import Columns
 from kto_lightning.data.rows import parse_label
-from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("auto", "unpaired", "paired", "score")
 
 
-@dataclass(frozen=True)
-class Schema:
-    """Which columns hold what. Keys are those of the `data` config."""
-
-    format: str = "auto"
-    prompt_column: str | None = "prompt"
-    completion_column: str = "completion"
-    label_column: str = "label"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    score_column: str | None = None
-    score_threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format must be one of {list(FORMATS)}, got {self.format!r}")
-        if self.format == "score" and (self.score_column is None or self.score_threshold is None):
-            raise ConfigError("data.format=score needs data.score_column and data.score_threshold")
-
-    def resolve(self, columns: list[str], where: str) -> str:
-        """The concrete format of a dataset with these columns."""
-        required = {  # format -> [(config key, column)]
-            "unpaired": [
-                ("data.prompt_column", self.prompt_column),
-                ("data.completion_column", self.completion_column),
-                ("data.label_column", self.label_column),
-            ],
-            "score": [
-                ("data.prompt_column", self.prompt_column),
-                ("data.completion_column", self.completion_column),
-                ("data.score_column", self.score_column),
-            ],
-            "paired": [
-                ("data.chosen_column", self.chosen_column),
-                ("data.rejected_column", self.rejected_column),
-            ],
-        }
-        if self.format != "auto":
-            for key, column in required[self.format]:
-                if column is None or column not in columns:
-                    name = "(none: data.prompt_column is null)" if column is None else repr(column)
-                    raise DataError(
-                        f"{where}: missing column {name} for data.format={self.format}; the "
-                        f"columns found are {sorted(columns)}; set {key} to the column that "
-                        "holds it"
-                    )
-            return self.format
-        for name in ("unpaired", "paired", "score"):
-            needed = [column for _, column in required[name]]
-            if None not in needed and all(c in columns for c in needed):
-                return name
-        raise DataError(
-            f"{where}: cannot tell the data's shape from its columns {sorted(columns)}. Expected "
-            f"{self.prompt_column!r}/{self.completion_column!r}/{self.label_column!r} (unpaired), "
-            f"{self.chosen_column!r}/{self.rejected_column!r} (paired), or a score column with "
-            "data.score_column and data.score_threshold. Set the data.*_column keys to your "
-            "column names."
-        )
+def resolve_format(columns: Columns, names: list[str], where: str) -> str:
+    """The concrete format of a dataset whose columns are `names`."""
+    required: dict[str, list[tuple[str, str | None]]] = {  # format -> [(config key, column)]
+        "unpaired": [
+            ("data.columns.prompt", columns.prompt),
+            ("data.columns.completion", columns.completion),
+            ("data.columns.label", columns.label),
+        ],
+        "score": [
+            ("data.columns.prompt", columns.prompt),
+            ("data.columns.completion", columns.completion),
+            ("data.columns.score", columns.score),
+        ],
+        "paired": [
+            ("data.columns.chosen", columns.chosen),
+            ("data.columns.rejected", columns.rejected),
+        ],
+    }
+    if columns.format != "auto":
+        for key, column in required[columns.format]:
+            if column is None or column not in names:
+                name = "(none: data.columns.prompt is null)" if column is None else repr(column)
+                raise DataError(
+                    f"{where}: missing column {name} for data.columns.format={columns.format}; "
+                    f"the columns found are {sorted(names)}; set {key} to the column that holds it"
+                )
+        return columns.format
+    for fmt in ("unpaired", "paired", "score"):
+        needed = [column for _, column in required[fmt]]
+        if None not in needed and all(c in names for c in needed):
+            return fmt
+    raise DataError(
+        f"{where}: cannot tell the data's shape from its columns {sorted(names)}. Expected "
+        f"{columns.prompt!r}/{columns.completion!r}/{columns.label!r} (unpaired), "
+        f"{columns.chosen!r}/{columns.rejected!r} (paired), or a score column with "
+        "data.columns.score and data.columns.score_threshold. Set the data.columns keys to your "
+        "column names."
+    )
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -133,20 +112,20 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | No
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _pair_rows(schema: Schema, row: dict, chat: bool, where: str) -> list[tuple[Any, Any]]:
+def _pair_rows(columns: Columns, row: dict, chat: bool, where: str) -> list[tuple[Any, Any]]:
     """[(prompt, chosen completion), (prompt, rejected completion)] of one paired row."""
-    chosen_where = f"{where}, column {schema.chosen_column!r}"
-    chosen = _text_or_chat(row[schema.chosen_column], chat, chosen_where)
-    rejected_where = f"{where}, column {schema.rejected_column!r}"
-    rejected = _text_or_chat(row[schema.rejected_column], chat, rejected_where)
-    explicit = row.get(schema.prompt_column) if schema.prompt_column else None
+    chosen_where = f"{where}, column {columns.chosen!r}"
+    chosen = _text_or_chat(row[columns.chosen], chat, chosen_where)
+    rejected_where = f"{where}, column {columns.rejected!r}"
+    rejected = _text_or_chat(row[columns.rejected], chat, rejected_where)
+    explicit = row.get(columns.prompt) if columns.prompt else None
     if chat:
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt: Any = chosen[:shared]
         if not prompt and explicit is not None:
-            prompt_where = f"{where}, column {schema.prompt_column!r}"
+            prompt_where = f"{where}, column {columns.prompt!r}"
             prompt = (
                 _messages(explicit, prompt_where)
                 if isinstance(explicit, list)
@@ -156,11 +135,12 @@ def _pair_rows(schema: Schema, row: dict, chat: bool, where: str) -> list[tuple[
         if not prompt or not all(completions):
             raise DataError(
                 f"{where}: chosen and rejected must share a prompt and differ after it "
-                f"({shared} shared messages); set data.prompt_column if the prompt is apart"
+                f"({shared} shared messages); set data.columns.prompt if the prompt is apart"
             )
         return [(prompt, completions[0]), (prompt, completions[1])]
+    assert isinstance(chosen, str) and isinstance(rejected, str)  # text rows (not chat)
     if explicit is not None:
-        prompt = _text_or_chat(explicit, False, f"{where}, column {schema.prompt_column!r}")
+        prompt = _text_or_chat(explicit, False, f"{where}, column {columns.prompt!r}")
         # Some datasets repeat the prompt at the start of each completion.
         cut = len(prompt) if chosen.startswith(prompt) and rejected.startswith(prompt) else 0
         if not chosen[cut:].strip() or not rejected[cut:].strip():
@@ -170,12 +150,12 @@ def _pair_rows(schema: Schema, row: dict, chat: bool, where: str) -> list[tuple[
     if split is None or not split[0].strip():
         raise DataError(
             f"{where}: no shared prompt found at the start of chosen and rejected; "
-            "set data.prompt_column to the column that holds the prompt"
+            "set data.columns.prompt to the column that holds the prompt"
         )
     return [(split[0], split[1]), (split[0], split[2])]
 
 
-def _row_normaliser(schema: Schema, fmt: str, chat: bool, name: str) -> Callable:
+def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callable:
     def normalise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"prompt": [], "completion": [], "label": [], "row": []}
         rows = [
@@ -184,14 +164,15 @@ def _row_normaliser(schema: Schema, fmt: str, chat: bool, name: str) -> Callable
         for index, row in zip(indices, rows, strict=True):
             where = f"{name}, row {index + 1}"
             if fmt == "paired":
-                (prompt, good), (_, bad) = _pair_rows(schema, row, chat, where)
+                (prompt, good), (_, bad) = _pair_rows(columns, row, chat, where)
                 out["prompt"] += [prompt, prompt]
                 out["completion"] += [good, bad]
                 out["label"] += [True, False]
                 out["row"] += [index, index]
                 continue
             out["row"].append(index)
-            prompt_col, completion_col = schema.prompt_column, schema.completion_column
+            prompt_col, completion_col = columns.prompt, columns.completion
+            assert prompt_col is not None, "resolve_format requires a prompt column here"
             out["prompt"].append(
                 _text_or_chat(row[prompt_col], chat, f"{where}, column {prompt_col!r}")
             )
@@ -199,30 +180,31 @@ def _row_normaliser(schema: Schema, fmt: str, chat: bool, name: str) -> Callable
                 _text_or_chat(row[completion_col], chat, f"{where}, column {completion_col!r}")
             )
             if fmt == "score":
-                out["label"].append(_score_label(schema, row, where))
+                out["label"].append(_score_label(columns, row, where))
             else:
-                label_where = f"{where}, column {schema.label_column!r}"
-                out["label"].append(parse_label(row[schema.label_column], label_where))
+                label_where = f"{where}, column {columns.label!r}"
+                out["label"].append(parse_label(row[columns.label], label_where))
         return out
 
     return normalise
 
 
-def _score_label(schema: Schema, row: dict, where: str) -> bool:
-    score = row[schema.score_column]
+def _score_label(columns: Columns, row: dict, where: str) -> bool:
+    assert columns.score is not None and columns.score_threshold is not None  # Columns checks
+    score = row[columns.score]
     if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
-        raise DataError(f"{where}, column {schema.score_column!r}: not a number ({score!r})")
-    return score >= schema.score_threshold
+        raise DataError(f"{where}, column {columns.score!r}: not a number ({score!r})")
+    return score >= columns.score_threshold
 
 
-def is_conversational(dataset: datasets.Dataset, schema: Schema, fmt: str) -> bool:
-    column = schema.chosen_column if fmt == "paired" else schema.completion_column
+def is_conversational(dataset: datasets.Dataset, columns: Columns, fmt: str) -> bool:
+    column = columns.chosen if fmt == "paired" else columns.completion
     return isinstance(dataset[0][column], list)
 
 
 def normalise(
     dataset: datasets.Dataset,
-    schema: Schema,
+    columns: Columns,
     name: str,
     seed: int,
     num_proc: int | None = None,
@@ -233,8 +215,8 @@ def normalise(
     the same `row`), so that a later split can keep pairs together and messages can name rows.
     Paired data is shuffled after the split into two rows (seeded) so that labels mix.
     """
-    fmt = schema.resolve(dataset.column_names, name)
-    chat = is_conversational(dataset, schema, fmt)
+    fmt = resolve_format(columns, dataset.column_names, name)
+    chat = is_conversational(dataset, columns, fmt)
     text: Any = (
         datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
         if chat
@@ -251,7 +233,7 @@ def normalise(
         }
     )
     rows = dataset.map(
-        _row_normaliser(schema, fmt, chat, name),
+        _row_normaliser(columns, fmt, chat, name),
         batched=True,
         with_indices=True,
         remove_columns=dataset.column_names,

@@ -1,22 +1,22 @@
-"""Samplers: label-balanced and length-grouped training batches, and unpadded validation shards.
+"""Training orders: one epoch's order of row indices, all ranks together, chosen per epoch.
 
+- EpochShuffleSampler: a plain seeded shuffle (the default).
 - LabelBalancedSampler: every batch holds desirable and undesirable rows. KTO's loss needs both
   labels in a batch for its weights to mean what eq. 8 says, and a plain shuffle of skewed data
   (say 95/5) leaves many batches one-class.
 - LengthGroupedSampler: rows of similar length share a batch, so dynamic padding pads less.
-- ShardedEvalBatches: under DDP, each rank's validation batches; every row is scored once.
+Each order depends only on (seed, epoch), so a resumed run replays it exactly; splitting it among
+ranks and resuming mid-epoch are kto_lightning.data.sharding's.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Sampler
 
-from kto_lightning.data.resumable import EpochSampler
 from kto_lightning.errors import ConfigError, DataError
 
 
@@ -24,6 +24,39 @@ def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+class EpochSampler(Sampler[int]):
+    """Base of the training orders: `__iter__` yields the order of the epoch set last.
+
+    Lightning calls `set_epoch` before each epoch (through kto_lightning.data.sharding.RankShard).
+    """
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order `__iter__` yields next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        raise NotImplementedError
+
+
+class EpochShuffleSampler(EpochSampler):
+    """A permutation of range(n) seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 def _draw(pool: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,8 +77,8 @@ class LabelBalancedSampler(EpochSampler):
     fills one slot of every batch and its rows repeat: the epoch then holds the labels in other
     proportions than the dataset (1 in ``batch_size``); `label_counts` gives the epoch's.
 
-    Under DDP, Lightning wraps this sampler in ``DistributedSamplerWrapper``, which hands rank
-    ``r`` the strided slice ``indices[r::world]``; so indices come in global blocks of
+    Under DDP, ``RankShard`` (like Lightning's ``DistributedSamplerWrapper``) hands rank ``r`` the
+    strided slice ``indices[r::world]``; so indices come in global blocks of
     ``batch_size * world`` in rank-interleaved order (position ``k * world + r`` of a block is row
     ``k`` of rank ``r``'s batch), and every rank's batches are balanced too.
 
@@ -77,7 +110,9 @@ class LabelBalancedSampler(EpochSampler):
         num_replicas: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+            raise ConfigError(
+                f"data.batching.batch_size must be an integer >= 1, got {batch_size!r}"
+            )
         if num_replicas is not None and num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1 or None, got {num_replicas!r}")
         if len(labels) == 0:
@@ -134,7 +169,7 @@ class LabelBalancedSampler(EpochSampler):
         generator.manual_seed(self.seed + self.epoch)
         n = len(self.labels)
         if not self._balanced:
-            return self._resume(torch.randperm(n, generator=generator).tolist())
+            return iter(torch.randperm(n, generator=generator).tolist())
 
         world = self.num_replicas or _world_size()
         batch_size = self.batch_size
@@ -156,7 +191,7 @@ class LabelBalancedSampler(EpochSampler):
         batches[~slots] = _draw(undesirable, total - n_desirable_slots, generator)
         # (blocks, world, B) -> (blocks, B, world): rank r's k-th row lands at k * world + r.
         blocks = batches.view(-1, world, batch_size).transpose(1, 2)
-        return self._resume(blocks.flatten().tolist())
+        return iter(blocks.flatten().tolist())
 
 
 class LengthGroupedSampler(EpochSampler):
@@ -185,7 +220,9 @@ class LengthGroupedSampler(EpochSampler):
         num_replicas: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+            raise ConfigError(
+                f"data.batching.batch_size must be an integer >= 1, got {batch_size!r}"
+            )
         if len(lengths) == 0:
             raise DataError("the training set has no rows to sample from")
         if group < 1:
@@ -214,63 +251,4 @@ class LengthGroupedSampler(EpochSampler):
         tail = [batches.pop()] if len(batches[-1]) < block else []
         # Shuffle whole (global) batches, so an epoch does not run from long rows to short ones.
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return self._resume(torch.cat([batches[i] for i in shuffled] + tail).tolist())
-
-
-class ShardedEvalBatches(DistributedSampler[list[int]]):
-    """One rank's validation batches, as lists of row indices; no row is repeated or left out.
-
-    Under DDP, Lightning puts a `DistributedSampler` into the validation DataLoader unless it
-    already has one; that one pads the rows to a multiple of the world size, so up to world - 1
-    rows would be scored twice. Being a `DistributedSampler`, this sampler is kept as it is. It
-    yields whole batches: use it with ``DataLoader(batch_size=None)`` over a dataset that takes a
-    list of indices.
-
-    Rank ``r`` scores rows ``r::world``, in order: global batch ``k`` (all ranks' ``k``-th
-    batches together) is rows ``k*B*world`` to ``(k+1)*B*world - 1``, the batches of one process
-    with ``B * world`` rows per batch (``B = batch_size``). Ranks may hold one row more or less,
-    but never a different number of batches: the module all-reduces the reference point in every
-    step, so a rank left with nothing in the last global batch would wait for its peers forever.
-    Hence a last global batch of fewer rows than ranks joins the one before it.
-
-    Args:
-        num_rows: rows of the validation set.
-        batch_size: rows per rank per batch.
-        num_replicas: the world size.
-        rank: this process's rank.
-
-    Raises:
-        DataError: fewer rows than ranks (but more than none): some rank would have no row to
-            score, and every rank must run the same validation steps.
-    """
-
-    def __init__(
-        self, num_rows: int, batch_size: int, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size must be an integer >= 1, got {batch_size!r}")
-        super().__init__(range(num_rows), num_replicas=num_replicas, rank=rank, shuffle=False)
-        if 0 < num_rows < num_replicas:
-            raise DataError(
-                f"the validation set has {num_rows} row(s), fewer than the {num_replicas} ranks; "
-                "every rank needs at least one: add validation rows (data.val_fraction, "
-                "data.val_source) or use fewer devices (trainer.devices)"
-            )
-        self.num_rows, self.batch_size = num_rows, batch_size
-
-    def _starts(self) -> list[int]:
-        """First row of each global batch."""
-        world = self.num_replicas
-        starts = list(range(0, self.num_rows, self.batch_size * world))
-        if len(starts) > 1 and self.num_rows - starts[-1] < world:
-            starts.pop()  # too few rows left for every rank: they join the batch before
-        return starts
-
-    def __len__(self) -> int:
-        return len(self._starts())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        bounds = [*self._starts(), self.num_rows]
-        for start, end in itertools.pairwise(bounds):
-            # start is a multiple of world, so these are exactly this rank's rows r::world.
-            yield list(range(start + self.rank, end, self.num_replicas))
+        return iter(torch.cat([batches[i] for i in shuffled] + tail).tolist())

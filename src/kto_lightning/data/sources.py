@@ -141,19 +141,20 @@ def load_hub(
     except Exception as error:
         if reason is not None:
             raise DataError(
-                f"data.source={name!r} is not a local file, it is not in the datasets cache, and "
-                f"{reason}. Download it where there is network and copy the cache "
+                f"data.source.path={name!r} is not a local file, it is not in the datasets cache, "
+                f"and {reason}. Download it where there is network and copy the cache "
                 "(HF_HOME or HF_DATASETS_CACHE), or export it to a local file "
-                "(`datasets.load_dataset(...).to_json('rows.jsonl')`) and set data.source to it."
+                "(`datasets.load_dataset(...).to_json('rows.jsonl')`) and set data.source.path "
+                "to it."
             ) from None
         raise DataError(
-            f"data.source={name!r} (subset {subset!r}, split {split!r}) could not be loaded: "
+            f"data.source.path={name!r} (subset {subset!r}, split {split!r}) could not be loaded: "
             f"{error}"
         ) from None
     finally:
         datasets.config.HF_HUB_OFFLINE = was_offline
     if len(dataset) == 0:
-        raise DataError(f"data.source={name!r}, split {split!r}: no rows")
+        raise DataError(f"data.source.path={name!r}, split {split!r}: no rows")
     return dataset
 
 

@@ -1,4 +1,4 @@
-"""Tokenization, truncation and KL pairing.
+"""Tokenization and truncation (the KL pairing is in kto_lightning.data.pairing).
 
 Prompt and completion are tokenized separately so the completion mask is exact.
 - Text rows:
@@ -11,29 +11,28 @@ Prompt and completion are tokenized separately so the completion mask is exact.
 Truncation, in this order:
   1. the prompt keeps its last `max_prompt_length` tokens (a leading BOS stays in front): the end
      of a prompt, nearest the answer, matters most;
-  2. the completion keeps its first `max_length - len(prompt)` tokens.
+  2. the completion keeps its first `max_length - len(prompt)` tokens (`fit_beside`, the rule
+     that also cuts a KL partner's completion to fit beside a prompt).
 A row whose completion is empty after that is dropped and counted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from kto_lightning.data.config import check_lengths
 from kto_lightning.data.rows import Row
-from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.errors import DataError
 
 # Bump when the encoding below changes, so cached tokenizations made by older code are not reused.
 ENCODING_VERSION = 1
-# Random draws per example before the eligible KL partners are listed explicitly.
-_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -47,27 +46,30 @@ class Example:
     index: int = -1  # position in its dataset; the reference cache is looked up by it
 
 
-def check_lengths(max_length: int, max_prompt_length: int) -> None:
-    if max_length < 2:
-        raise ConfigError(f"data.max_length must be >= 2, got {max_length}")
-    if not 1 <= max_prompt_length < max_length:
-        raise ConfigError(
-            f"data.max_prompt_length must be >= 1 and below data.max_length ({max_length}), "
-            f"got {max_prompt_length}"
-        )
+def fit_beside(prompt_length: int, completion: Sequence[int], max_length: int) -> list[int]:
+    """`completion` cut to the tokens that fit beside a prompt of `prompt_length` tokens.
+
+    The one truncation rule for completions: a row's own, and the KL partner's completion that
+    is paired with the row's prompt (kto_lightning.data.pairing).
+    """
+    return list(completion[: max_length - prompt_length])
 
 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict], where: str
 ) -> tuple[str, str]:
     """(prompt text, completion text) of a conversation, through the chat template."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    # With tokenize=False, apply_chat_template returns the rendered text.
+    prompt_text = cast(
+        str, tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    )
+    full_text = cast(str, tokenizer.apply_chat_template(prompt + completion, tokenize=False))
     if not full_text.startswith(prompt_text):
         raise DataError(
             f"{where}: the chat template renders the prompt differently alone (with the "
             "generation prompt) than followed by the completion, so the completion tokens "
-            "cannot be told apart; set data.chat_template to a template without that difference"
+            "cannot be told apart; set data.columns.chat_template to a template without that "
+            "difference"
         )
     return prompt_text, full_text[len(prompt_text) :]
 
@@ -108,7 +110,7 @@ def encode(
             head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
             prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
         out["prompt_ids"].append(prompt)
-        out["completion_ids"].append(completion[: max_length - len(prompt)])
+        out["completion_ids"].append(fit_beside(len(prompt), completion, max_length))
     return out
 
 
@@ -171,8 +173,8 @@ def tokenize_dataset(
     sweep over beta, say) reads it back instead of tokenizing again.
     """
     check_lengths(max_length, max_prompt_length)
-    key = (rows._fingerprint, tokenizer_fingerprint(tokenizer), chat, max_length)
-    key += (max_prompt_length, ENCODING_VERSION)
+    key: tuple[Any, ...] = (rows._fingerprint, tokenizer_fingerprint(tokenizer), chat)
+    key += (max_length, max_prompt_length, ENCODING_VERSION)
     fingerprint = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
     cached = _cached(rows, fingerprint)
 
@@ -200,73 +202,3 @@ def tokenize_dataset(
         desc=f"Tokenizing {name}",
     )
     return tokenized, cached
-
-
-def kl_partners(
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    max_length: int,
-    seed: int,
-) -> list[int]:
-    """For every example, the index of another whose completion is unrelated to it.
-
-    The partner's completion, cut to fit beside the example's prompt, must differ from the
-    example's own completion, and its prompt should differ too (paired data holds two rows per
-    prompt; a reply to the same prompt is not an unrelated completion). Drawn at random, seeded;
-    where every different completion shares the prompt, a different completion is enough.
-    """
-    n = len(completions)
-    if n < 2:
-        raise DataError(
-            f"the KL estimate needs at least 2 examples with different completions; got {n}"
-        )
-    if len({tuple(c) for c in completions}) < 2:
-        raise DataError(
-            "every example has the same completion, so no example can be paired with an "
-            "unrelated completion for the KL estimate"
-        )
-    rng = random.Random(seed)
-    partners = []
-    for i in range(n):
-        room = max_length - len(prompts[i])
-        own = list(completions[i][:room])
-
-        def unrelated(j: int, strict: bool, i: int = i, room: int = room, own: list = own) -> bool:
-            if list(completions[j][:room]) == own:
-                return False
-            return not strict or list(prompts[j]) != list(prompts[i])
-
-        partner = None
-        for _ in range(_DRAWS):  # rejection sampling: quick unless most rows are alike
-            j = rng.randrange(n)
-            if unrelated(j, strict=True):
-                partner = j
-                break
-        if partner is None:
-            eligible = [j for j in range(n) if unrelated(j, strict=True)]
-            eligible = eligible or [j for j in range(n) if unrelated(j, strict=False)]
-            if not eligible:
-                raise DataError(
-                    f"example {i}: every completion cut to the {room} token(s) left beside its "
-                    "prompt equals its own, so it has no unrelated completion for the KL "
-                    "estimate; raise data.max_length or lower data.max_prompt_length"
-                )
-            partner = rng.choice(eligible)
-        partners.append(partner)
-    return partners
-
-
-def assign_kl_partners(examples: Sequence[Example], max_length: int, seed: int) -> list[Example]:
-    """Examples with `kl_completion_ids` filled from `kl_partners`, cut to fit their prompt."""
-    partners = kl_partners(
-        [e.prompt_ids for e in examples], [e.completion_ids for e in examples], max_length, seed
-    )
-    return [
-        Example(
-            e.prompt_ids,
-            e.completion_ids,
-            e.label,
-            examples[j].completion_ids[: max_length - len(e.prompt_ids)],
-        )
-        for e, j in zip(examples, partners, strict=True)
-    ]

@@ -1,0 +1,188 @@
+"""The data module's settings, in four groups: `data.source`, `data.columns`, `data.lengths`,
+`data.batching` (conf/data/local.yaml documents every key).
+
+Each group is a frozen dataclass that checks itself on construction and names the full key of a
+bad value (`data.lengths.max_length`). KTODataModule takes each group as the dataclass or as the
+mapping Hydra gives (`as_group` converts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from kto_lightning.errors import ConfigError
+
+TOY = "toy"
+FORMATS = ("auto", "unpaired", "paired", "score")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the rows come from (`data.source`).
+
+    Args:
+        path: "toy", a local .jsonl/.json/.parquet/.csv file, or a hub dataset name.
+        subset: the hub dataset's configuration (subset) name.
+        split: the split of `path` to train on.
+        revision: the hub dataset's branch, tag or commit.
+        val_path: a file or hub dataset for validation; None uses `path`.
+        val_split: the split for validation; None (with no `val_path`) holds out `val_fraction`
+            of the training rows, seeded.
+        val_fraction: share of rows held out for validation when no validation data is named.
+        toy_rows: how many rows the bundled task generates (`path: toy` only).
+        cache_dir: the datasets cache folder; None is HF_DATASETS_CACHE.
+        num_proc: processes for reading and tokenizing (datasets.map).
+    """
+
+    path: str = TOY
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    val_path: str | None = None
+    val_split: str | None = None
+    val_fraction: float = 0.1
+    toy_rows: int = 1200
+    cache_dir: str | None = None
+    num_proc: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.holds_out and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"data.source.val_fraction must be in (0, 1), got {self.val_fraction}"
+            )
+
+    @property
+    def holds_out(self) -> bool:
+        """Validation rows are held out of the training rows (no validation data is named)."""
+        return self.val_path is None and self.val_split is None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The shape of the rows and which columns hold what (`data.columns`).
+
+    Args:
+        format: "auto", "unpaired", "paired" or "score" (see kto_lightning.data.formats).
+        prompt, completion, label: columns of unpaired rows; `prompt` may be None for paired
+            data whose prompt is the shared start of `chosen` and `rejected`.
+        chosen, rejected: columns of paired rows.
+        score, score_threshold: a numeric column, and the threshold from which a row is
+            desirable (`format: score`).
+        chat_template: a Jinja chat template replacing the tokenizer's own.
+    """
+
+    format: str = "auto"
+    prompt: str | None = "prompt"
+    completion: str = "completion"
+    label: str = "label"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    score: str | None = None
+    score_threshold: float | None = None
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(
+                f"data.columns.format must be one of {list(FORMATS)}, got {self.format!r}"
+            )
+        if self.format == "score" and (self.score is None or self.score_threshold is None):
+            raise ConfigError(
+                "data.columns.format=score needs data.columns.score and "
+                "data.columns.score_threshold"
+            )
+        if self.score is not None and self.score_threshold is None:
+            raise ConfigError(
+                f"data.columns.score={self.score!r} needs data.columns.score_threshold (rows "
+                "scoring at least that are desirable)"
+            )
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """Raise ConfigError unless a prompt of `max_prompt_length` leaves room for a completion."""
+    if max_length < 2:
+        raise ConfigError(f"data.lengths.max_length must be >= 2, got {max_length}")
+    if not 1 <= max_prompt_length < max_length:
+        raise ConfigError(
+            "data.lengths.max_prompt_length must be >= 1 and below data.lengths.max_length "
+            f"({max_length}), got {max_prompt_length}"
+        )
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token budgets (`data.lengths`); kto_lightning.data.tokenize applies them.
+
+    Args:
+        max_length: prompt plus completion, in tokens.
+        max_prompt_length: the prompt's share, in tokens (truncated from the left).
+    """
+
+    max_length: int = 256
+    max_prompt_length: int = 128
+
+    def __post_init__(self) -> None:
+        check_lengths(self.max_length, self.max_prompt_length)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How rows are grouped into batches (`data.batching`).
+
+    Args:
+        batch_size: rows per device per step (each row also brings its KL row).
+        eval_batch_size: validation rows per device; None means `batch_size`.
+        balanced_batches: every training batch holds both labels (LabelBalancedSampler).
+        group_by_length: batch rows of similar length together to cut padding
+            (LengthGroupedSampler); not together with `balanced_batches`.
+        num_workers: DataLoader worker processes.
+    """
+
+    batch_size: int = 16
+    eval_batch_size: int | None = None
+    balanced_batches: bool = False
+    group_by_length: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batching.batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(
+                f"data.batching.eval_batch_size must be >= 1, got {self.eval_batch_size}"
+            )
+        if self.balanced_batches and self.group_by_length:
+            raise ConfigError(
+                "data.batching.balanced_batches and data.batching.group_by_length each choose "
+                "the batches' rows; set at most one of them to true"
+            )
+        if self.num_workers < 0:
+            raise ConfigError(f"data.batching.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def validation_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+Group = TypeVar("Group", Source, Columns, Lengths, Batching)
+
+
+def as_group(cls: type[Group], value: Group | Mapping[str, Any] | None, key: str) -> Group:
+    """`value` (the dataclass, a dict, a DictConfig or None for the defaults) as a `cls`."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)  # type: ignore[assignment]
+    names = [f.name for f in fields(cls)]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"data.{key} must be a mapping with the keys {names}, got {value!r}")
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"data.{key}.{unknown[0]} is not a setting; data.{key} takes {names}")
+    return cls(**value)

@@ -1,0 +1,70 @@
+"""The tokenized split as a torch Dataset: item i is row i with its KL partner's completion."""
+
+from __future__ import annotations
+
+import datasets
+from torch.utils.data import Dataset
+
+from kto_lightning.data.tokenize import Example, fit_beside
+
+
+class KTODataset(Dataset):
+    """Tokenized rows; item i also carries its KL partner's completion, cut to fit its prompt.
+
+    Args:
+        rows: tokenized rows (`prompt_ids`, `completion_ids`, `label`).
+        partners: row i's KL partner (kto_lightning.data.pairing), or None without KL rows.
+        max_length: `data.lengths.max_length`, the room a prompt and a completion share.
+    """
+
+    def __init__(self, rows: datasets.Dataset, partners: list[int] | None, max_length: int) -> None:
+        self.rows = rows.select_columns(["prompt_ids", "completion_ids", "label"])
+        self.partners = partners
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Example:
+        row = self.rows[index]
+        kl: list[int] = []
+        if self.partners is not None:
+            partner = self.rows[self.partners[index]]["completion_ids"]
+            kl = fit_beside(len(row["prompt_ids"]), partner, self.max_length)
+        return Example(row["prompt_ids"], row["completion_ids"], bool(row["label"]), kl, index)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each row as a batch pads it: the longer of the row and its KL row."""
+        prompts = [len(ids) for ids in self.rows["prompt_ids"]]
+        completions = list(self.rows["completion_ids"])
+        lengths = [p + len(c) for p, c in zip(prompts, completions, strict=True)]
+        if self.partners is None:
+            return lengths
+        kl = [
+            p + len(fit_beside(p, completions[j], self.max_length))
+            for p, j in zip(prompts, self.partners, strict=True)
+        ]
+        return [max(a, b) for a, b in zip(lengths, kl, strict=True)]
+
+    @property
+    def labels(self) -> list[bool]:
+        return [bool(x) for x in self.rows["label"]]
+
+    @property
+    def examples(self) -> list[Example]:
+        return [self[i] for i in range(len(self))]
+
+
+class BatchesOf(Dataset):
+    """``BatchesOf(rows)[[i, j]]`` is ``[rows[i], rows[j]]``: for a loader whose sampler yields
+    whole batches (ShardedEvalBatches)."""
+
+    def __init__(self, rows: KTODataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, indices: list[int]) -> list[Example]:
+        return [self.rows[i] for i in indices]

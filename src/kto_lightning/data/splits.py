@@ -1,0 +1,91 @@
+"""A run's rows, read and normalised, as a training and a validation split (before tokenization).
+
+Validation rows come from `data.source.val_path` or `data.source.val_split`; with neither, a
+seeded `data.source.val_fraction` of the source rows is held out of the training rows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import datasets
+
+from kto_lightning.data.config import TOY, Columns, Source
+from kto_lightning.data.formats import normalise
+from kto_lightning.data.sources import load_source
+from kto_lightning.data.toy import toy_rows
+from kto_lightning.errors import DataError
+
+
+@dataclass(frozen=True)
+class ReadSplit:
+    """One split's rows as `{prompt, completion, label, row}` (see formats.normalise)."""
+
+    rows: datasets.Dataset
+    format: str  # the shape its source was read as
+    conversational: bool
+    split: str  # "train" or "validation"
+    name: str  # where the rows came from, as messages name it
+    rows_read: int  # source rows it holds (a pair is one)
+
+
+def _name(path: str, split: str) -> str:
+    return path if path == TOY or split == "train" else f"{path}[{split}]"
+
+
+def _read(
+    source: Source, columns: Columns, path: str, split: str, seed: int
+) -> tuple[datasets.Dataset, str, bool, int]:
+    """Load and normalise one source; returns (rows, format, conversational, rows read)."""
+    if path == TOY:
+        raw = datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed))
+    else:
+        raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
+    rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, source.num_proc)
+    return rows, fmt, chat, len(raw)
+
+
+def _hold_out(
+    rows: datasets.Dataset, n_source: int, fraction: float, seed: int, name: str
+) -> tuple[list[int], list[int], int]:
+    """Training and validation row indices, and the number of source rows held out.
+
+    A seeded share of the *source* rows is held out.
+
+    The split is made over source rows, after they were read and checked, so error messages
+    name rows as they stand in the file and both rows of a pair land on the same side.
+    """
+    order = list(range(n_source))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(n_source * fraction))
+    if n_source - n_val < 2:
+        raise DataError(
+            f"{name}: {n_source} rows are too few to hold out "
+            f"data.source.val_fraction={fraction} for validation"
+        )
+    held_out = set(order[:n_val])
+    source_rows = rows["row"]
+    train = [i for i, r in enumerate(source_rows) if r not in held_out]
+    val = [i for i, r in enumerate(source_rows) if r in held_out]
+    return train, val, n_val
+
+
+def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit, ReadSplit]:
+    """(training, validation) rows of `source`, read with `columns`; `seed` seeds the hold-out."""
+    train_name = _name(source.path, source.split)
+    rows, fmt, chat, n_read = _read(source, columns, source.path, source.split, seed)
+    if not source.holds_out:
+        val_path, val_split = source.val_path or source.path, source.val_split or source.split
+        val_rows, val_fmt, val_chat, n_val_read = _read(source, columns, val_path, val_split, seed)
+        return (
+            ReadSplit(rows, fmt, chat, "train", train_name, n_read),
+            ReadSplit(val_rows, val_fmt, val_chat, "validation", _name(val_path, val_split),
+                      n_val_read),
+        )  # fmt: skip
+    train_idx, val_idx, n_val_read = _hold_out(rows, n_read, source.val_fraction, seed, train_name)
+    return (
+        ReadSplit(rows.select(train_idx), fmt, chat, "train", train_name, n_read - n_val_read),
+        ReadSplit(rows.select(val_idx), fmt, chat, "validation", f"{train_name} (held out)",
+                  n_val_read),
+    )  # fmt: skip

@@ -1,0 +1,159 @@
+"""Callbacks around the fit, one job each; `train.build` gives them to every run.
+
+- `ReleaseHostMemory`: hand memory freed by a step back to the OS.
+- `RunSummary`: the closing summary, each validation metric before -> after training.
+- `TrainingCurves`: the training-curves PNG of the run.
+- `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from transformers import PreTrainedTokenizerBase
+
+from kto_lightning.errors import KTOError
+from kto_lightning.export import export_policy
+from kto_lightning.plot import plot_run
+from kto_lightning.strategies import FSDP2Strategy
+
+log = logging.getLogger("kto_lightning")
+
+
+def _malloc_trim() -> Callable[[int], object] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+class ReleaseHostMemory(L.Callback):
+    """Hand memory freed during the step back to the OS (glibc keeps it mapped otherwise).
+
+    A step frees hundreds of MB of temporaries; glibc keeps much of it in its heaps, and the next
+    step's allocations land beside it rather than in it, which raises the peak RSS of a CPU run.
+    Costs about a millisecond a step.
+    """
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of `trainer.callback_metrics`, as floats."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
+
+
+# (label, metric, format) of each summary row.
+SUMMARY_ROWS = (
+    ("validation reward AUROC", "val/rewards/auroc", "{:.3f}"),
+    ("validation reward accuracy", "val/rewards/accuracy", "{:.3f}"),
+    ("validation reward margin", "val/rewards/margins", "{:+.3f}"),
+    ("validation KL reference point", "val/kl", "{:.4f}"),
+    ("validation loss", "val/loss", "{:.4f}"),
+)
+
+
+class RunSummary(L.Callback):
+    """The closing summary: each validation metric before and after training, on rank 0.
+
+    "Before" is the validation run by `trainer.validate` ahead of `fit`, if there was one.
+    """
+
+    def __init__(self) -> None:
+        self.before: dict[str, float] = {}
+        self._start = 0.0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.before = scalar_metrics(trainer.callback_metrics)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            seconds = time.perf_counter() - self._start
+            after = scalar_metrics(trainer.callback_metrics)
+            padding = getattr(pl_module, "train_padding_share", None)
+            log.info("%s", self.format(after, seconds, trainer, padding))
+
+    def format(
+        self, after: dict[str, float], seconds: float, trainer: L.Trainer, padding: float | None
+    ) -> str:
+        lines = [
+            f"KTO training finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
+            f"{trainer.current_epoch} epoch(s)"
+        ]
+        width = max(len(label) for label, _, _ in SUMMARY_ROWS)
+        for label, key, fmt in SUMMARY_ROWS:
+            if key not in after:
+                continue
+            start = fmt.format(self.before[key]) if key in self.before else "n/a"
+            lines.append(f"  {label:<{width}}  {start} -> {fmt.format(after[key])}")
+        if padding is not None:
+            lines.append(f"  padding in training batches: {100 * padding:.1f}% of token slots")
+        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if checkpoints:
+            lines.append(f"  checkpoints: {checkpoints}")
+        lines.append(f"  run directory: {trainer.default_root_dir}")
+        return "\n".join(lines)
+
+
+class TrainingCurves(L.Callback):
+    """`<run dir>/training_curves.png` at the end of the fit, when the run logged CSV metrics."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.default_root_dir
+        if not trainer.is_global_zero or not (Path(run_dir) / "csv" / "metrics.csv").is_file():
+            return
+        try:
+            log.info("  training curves: %s", plot_run(run_dir))
+        except KTOError as error:  # e.g. no training step logged: nothing to draw
+            log.warning("no training curves: %s", error)
+
+
+class HuggingFaceExport(L.Callback):
+    """The trained policy as a Hugging Face folder, `<run dir>/hf_model`, at the end of the fit.
+
+    Args:
+        tokenizer: saved beside the weights.
+        merge_lora: merge LoRA adapters into plain weights (true) or keep the adapter alone.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, merge_lora: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.merge_lora = merge_lora
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if isinstance(trainer.strategy, FSDP2Strategy | DeepSpeedStrategy):
+            log.warning(
+                "  Hugging Face export skipped: under %s the policy's weights are sharded across "
+                "ranks; save full checkpoints (strategy.save_distributed_checkpoint=false) and run "
+                "python -m kto_lightning.export CKPT OUT",
+                type(trainer.strategy).__name__,
+            )
+            return
+        exported = export_policy(
+            pl_module.policy,
+            self.tokenizer,
+            Path(trainer.default_root_dir) / "hf_model",
+            merge_lora=self.merge_lora,
+        )
+        log.info("  Hugging Face model: %s", exported)
