@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
+from cli import train_cli
 from kto_lightning.export import main as export_main
 from kto_lightning.train import build, config_dir, train
 
@@ -85,14 +83,6 @@ def test_scratch_model_keeps_its_dropout_when_asked(make_config) -> None:
     assert instantiate(cfg.model).load_policy().config.attention_dropout == 0.1
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def _final_validation(run_dir: Path) -> dict[str, str]:
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     return [row for row in rows if row.get("val/loss")][-1]
@@ -105,7 +95,7 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
         "trainer=gpu",  # bf16-mixed with fused AdamW and clipping, under each strategy
         "debug=fast", "data.source.toy_rows=160", "trainer.max_epochs=2",
     ]  # fmt: skip
-    result = _cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = train_cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "KTO training finished" in output and "8 optimizer steps" in output
@@ -117,7 +107,7 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
     # FSDP2 writes sharded checkpoints (a folder per checkpoint, without the frozen reference);
     # resuming from the one at the end of epoch 1 must finish exactly as the run did.
     assert (checkpoints / "step4.ckpt" / ".metadata").is_file()
-    resumed = _cli(
+    resumed = train_cli(
         *run, f"resume={checkpoints / 'step4.ckpt'}", f"hydra.run.dir={tmp_path}/resumed",
         cwd=tmp_path,
     )  # fmt: skip
@@ -131,7 +121,7 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
 def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path: Path) -> None:
     # FSDP2 x LoRA (an adapter on the LM head) x reference=adapter x a full checkpoint x export.
     run_dir = tmp_path / "run"
-    result = _cli(
+    result = train_cli(
         "strategy=fsdp", "strategy.save_distributed_checkpoint=false", "trainer.accelerator=cpu",
         "trainer.devices=2", "reference=adapter", f"+model.lora={LORA_HEAD}", "debug=fast",
         "data.source.toy_rows=160", f"hydra.run.dir={run_dir}", cwd=tmp_path,
@@ -150,7 +140,7 @@ def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path
 
 @pytest.mark.parametrize("name", sorted(GPU_ONLY_STRATEGIES))
 def test_deepspeed_config_on_cpu_stops_with_one_message(tmp_path: Path, name: str) -> None:
-    result = _cli(
+    result = train_cli(
         f"strategy={name}", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )  # fmt: skip

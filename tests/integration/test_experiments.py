@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli import train_cli
 from kto_lightning.plot import FILENAME
 from kto_lightning.plot import main as plot_main
 from kto_lightning.train import build, train
 
 
 def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
-    env["WANDB_MODE"] = "offline"
-    env["WANDB_DIR"] = str(cwd)
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
+    return train_cli(*args, cwd=cwd, timeout=timeout, env=wandb)
 
 
 FAST = ["debug=fast", "data.source.toy_rows=160", "trainer.limit_val_batches=1"]

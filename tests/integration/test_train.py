@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli import train_cli
 from kto_lightning.models import TinyLlama, byte_level_tokenizer
 from kto_lightning.train import build, train
 
@@ -122,20 +120,8 @@ def test_local_pretrained_model_trains(make_config, tmp_path) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
-    result = _cli(
+    result = train_cli(
         "debug=fast", "data.source.toy_rows=160", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +133,9 @@ def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
 
 
 def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
-    result = _cli("model=llama1b", "loss.beta=0.1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = train_cli(
+        "model=llama1b", "loss.beta=0.1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "model.name_or_path='TinyLlama/TinyLlama-1.1B-Chat-v1.0'" in result.stderr
@@ -162,7 +150,7 @@ def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
     ],
 )
 def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: str) -> None:
-    result = _cli(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = train_cli(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert key in result.stderr
@@ -170,7 +158,7 @@ def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: st
 
 def test_a_secret_in_the_config_is_written_nowhere(tmp_path) -> None:
     secret = "hf_DoNotWriteMe0123456789"
-    result = _cli(
+    result = train_cli(
         "debug=fast", "data.source.toy_rows=160", f"+hub_token={secret}",
         f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
