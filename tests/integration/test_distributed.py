@@ -96,6 +96,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, sharded: bool) 
             assert head.to_local().shape[0] < head.shape[0], "the LM head must be sharded"
         results = _results(module, _batch(SPLIT[rank]), sharded)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done with every collective before either tears gloo down: a rank that
+        # destroys the group while its peer still waits on one can abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
