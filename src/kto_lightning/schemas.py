@@ -36,6 +36,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from kto_lightning.data import KTODataModule
 from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import Pretrained, TinyLlama
 from kto_lightning.optim import warmup_schedule
@@ -55,15 +56,49 @@ def _path(target: Callable[..., Any]) -> str:
 
 def _field_type(hint: Any) -> Any:
     """`hint` where OmegaConf can hold it as such (a scalar or a dataclass, optional or not),
-    else Any."""
-    if hint in _TYPES or dataclasses.is_dataclass(hint):
+    else Any.
+
+    A union that names one dataclass (`Lengths | Mapping[str, Any] | None`: the target also
+    takes the group as a plain mapping) is held as that dataclass, so that its keys are checked.
+    """
+    if hint in _TYPES:
         return hint
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _group_schema(hint)
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1 and (inner[0] in _TYPES or dataclasses.is_dataclass(inner[0])):
-            return inner[0] | None
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return Any
+    groups = [a for a in args if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    if len(groups) == 1:
+        group = _group_schema(groups[0])
+        return group | None if type(None) in args else group
+    inner = [a for a in args if a is not type(None)]
+    if type(None) in args and len(inner) == 1 and inner[0] in _TYPES:
+        return inner[0] | None
     return Any
+
+
+@functools.cache
+def _group_schema(group: type) -> type:
+    """A settable copy of the dataclass `group`, field for field.
+
+    OmegaConf makes the node of a frozen dataclass read-only, and a config file or an override
+    must be able to set its keys; the target still receives a mapping and builds the real one.
+    The copy keeps the name and module of `group`, so that errors name it.
+    """
+    fields = [(name, _field_type(hint), _default(value)) for name, hint, value in _arguments(group)]
+    schema = dataclasses.make_dataclass(group.__name__, fields)
+    schema.__module__, schema.__qualname__ = group.__module__, group.__qualname__
+    return schema
+
+
+def _default(default: Any) -> Any:
+    """A dataclass field for an argument's default (`dataclasses.MISSING`: none)."""
+    if default is dataclasses.MISSING:  # a required argument: "???" until a file sets it
+        return dataclasses.field(default=MISSING)
+    if isinstance(default, list | dict | set):  # a dataclass refuses a mutable default
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))
+    return dataclasses.field(default=default)
 
 
 def _arguments(target: Callable[..., Any]) -> Iterator[tuple[str, Any, Any]]:
@@ -89,52 +124,58 @@ def _arguments(target: Callable[..., Any]) -> Iterator[tuple[str, Any, Any]]:
         yield name, hint, default
 
 
-def schema_of(target: Callable[..., Any], called_with: tuple[str, ...] = ()) -> type:
-    """The schema of a config that builds `target`.
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """A config group, what its files build, and the arguments the code passes itself.
 
-    Args:
-        target: the class or function its `_target_` names.
-        called_with: arguments the code passes when it calls the partial (`_partial_: true`);
-            a config may not set them.
+    Attributes:
+        group: the config group (`conf/<group>/`).
+        target: the class or function its files' `_target_` names.
+        passed: arguments the code gives `instantiate` (or the partial, with `partial`); a
+            config may not set them.
+        partial: the files say `_partial_: true`; the code calls what `instantiate` returns.
     """
+
+    group: str
+    target: Callable[..., Any]
+    passed: tuple[str, ...] = ()
+    partial: bool = False
+
+
+def schema_of(build: Build) -> type:
+    """The schema of a config that builds `build.target`."""
+    target = build.target
     fields: list[tuple[str, Any, Any]] = [
         ("_target_", str, dataclasses.field(default=_path(target)))
     ]
-    if called_with:
+    if build.partial:
         fields.append(("_partial_", bool, dataclasses.field(default=True)))
     for name, hint, default in _arguments(target):
-        if name in called_with:
-            continue
-        if default is dataclasses.MISSING:  # a required argument: "???" until a file sets it
-            value = dataclasses.field(default=MISSING)
-        elif isinstance(default, list | dict | set):  # a dataclass refuses a mutable default
-            value = dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))
-        else:
-            value = dataclasses.field(default=default)
-        fields.append((name, _field_type(hint), value))
+        if name not in build.passed:
+            fields.append((name, _field_type(hint), _default(default)))
     # Named as the target, so that Hydra's own message reads "Key 'x' not in 'TinyLlama'".
     return dataclasses.make_dataclass(target.__name__, fields)
 
 
-# (config group, what its files build, arguments the code passes when it calls a partial).
 # Each is stored as `schema/<group>/<name of the target>`; a file of the group extends it with
 # `- /schema/<group>/<name>@_here_` in its defaults (`@model` in the `_global_` model files).
-# Adding a group, data say, is one line here and that line in each of its files.
-BUILDS: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = [
-    ("model", TinyLlama, ()),
-    ("model", Pretrained, ()),
-    ("reference", ReferenceSpec, ()),
-    ("loss", KTOLossConfig, ()),
-    ("scheduler", warmup_schedule, ("optimizer", "total_steps")),
+# Adding a group is one line here and that line in each of its files.
+BUILDS: list[Build] = [
+    Build("model", TinyLlama),
+    Build("model", Pretrained),
+    Build("reference", ReferenceSpec),
+    Build("loss", KTOLossConfig),
+    Build("data", KTODataModule, passed=("tokenizer", "needs_kl_rows")),
+    Build("scheduler", warmup_schedule, passed=("optimizer", "total_steps"), partial=True),
 ]
 
 
 def register() -> None:
     """Store every schema in Hydra's ConfigStore (train.py calls this on import)."""
     store = ConfigStore.instance()
-    for group, target, called_with in BUILDS:
+    for build in BUILDS:
         store.store(
-            group=f"schema/{group}", name=target.__name__, node=schema_of(target, called_with)
+            group=f"schema/{build.group}", name=build.target.__name__, node=schema_of(build)
         )
 
 
@@ -148,7 +189,9 @@ def accepted_keys(node: DictConfig) -> tuple[str | None, list[str] | None]:
     schema = OmegaConf.get_type(node)
     if isinstance(schema, type) and dataclasses.is_dataclass(schema):
         fields = {f.name: f.default for f in dataclasses.fields(schema)}
-        return str(fields["_target_"]), [name for name in fields if name not in RESERVED]
+        # A group inside a config (data.lengths) is its own dataclass, with no _target_.
+        built = str(fields["_target_"]) if "_target_" in fields else _path(schema)
+        return built, [name for name in fields if name not in RESERVED]
     if "_target_" not in node or OmegaConf.is_interpolation(node, "_target_"):
         return None, [str(key) for key in node if key not in RESERVED]
     try:
@@ -170,14 +213,14 @@ def _nodes(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise when a node with a `_target_` holds a key its schema or target does not take.
+    """Raise when a node with a `_target_` or a schema holds a key that it does not take.
 
     Raises:
         ConfigCompositionException: from an OmegaConf ConfigKeyError whose `key`, `full_key` and
             `parent_node` name the key, as Hydra raises for a key it refuses itself.
     """
     for prefix, node in _nodes(cfg):
-        if "_target_" not in node:
+        if "_target_" not in node and not dataclasses.is_dataclass(OmegaConf.get_type(node)):
             continue
         target, valid = accepted_keys(node)
         unknown = [k for k in map(str, node) if valid is not None and k not in (*valid, *RESERVED)]

@@ -69,7 +69,7 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
             assert isinstance(built, TinyLlama | Pretrained)
 
 
-SCHEMA_FILES = [(g, n) for g, n in FILES if g in {group for group, _, _ in BUILDS}]
+SCHEMA_FILES = [(g, n) for g, n in FILES if g in {build.group for build in BUILDS}]
 
 
 @pytest.mark.parametrize(("group", "name"), SCHEMA_FILES, ids=[f"{g}={n}" for g, n in SCHEMA_FILES])

@@ -192,6 +192,13 @@ SCHEMA_TYPOS = [
         "kto_lightning.optim.warmup_schedule",
         "scheduler.warmup_ratio",
     ),
+    ("data.sed=3", "kto_lightning.data.datamodule.KTODataModule", "data.seed"),
+    ("data.lengths.max_lenght=64", "kto_lightning.data.config.Lengths", "data.lengths.max_length"),
+    (
+        "data.batching.batch_sise=4",
+        "kto_lightning.data.config.Batching",
+        "data.batching.batch_size",
+    ),
 ]
 
 
@@ -248,6 +255,9 @@ def test_schema_checks_types_and_leaves_auto_weights_to_the_loss(make_config) ->
     with pytest.raises(ConfigCompositionException) as caught:
         make_config("model.hidden_size=wide", fast=False)
     assert explain_unknown_key(caught.value) is None  # a bad value, not an unknown key
+    with pytest.raises(ConfigCompositionException) as caught:
+        make_config("data.lengths.max_length=long", fast=False)
+    assert "data.lengths.max_length" in str(caught.value.__cause__)
     cfg = make_config("loss.desirable_weight=1.0", "loss.undesirable_weight=auto", fast=False)
     assert cfg.loss.undesirable_weight == "auto"
 
