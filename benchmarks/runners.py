@@ -168,15 +168,11 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
 
 
 def _time_cache_fill() -> dict[str, float]:
-    """Time kto_lightning.reference.fill_cache (the reference scoring of a cache miss), if any."""
+    """Time kto_lightning.reference_cache.fill_cache (the scoring of a cache miss), if any."""
+    from kto_lightning import reference_cache
+
     timing = {"seconds": 0.0, "calls": 0}
-    try:
-        from kto_lightning import reference
-    except ImportError:
-        return timing
-    original = getattr(reference, "fill_cache", None)
-    if original is None:
-        return timing
+    original = reference_cache.fill_cache
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -186,7 +182,7 @@ def _time_cache_fill() -> dict[str, float]:
             timing["seconds"] += time.perf_counter() - start
             timing["calls"] += 1
 
-    reference.fill_cache = timed
+    reference_cache.fill_cache = timed
     return timing
 
 

@@ -5,13 +5,17 @@ recomputes each chunk's logits in backward, so the peak extra memory is chunk_si
 N x V. `token_logprobs_via_head` does the same through the head module itself, for heads that
 are more than a weight matrix.
 `sequence_logprobs` is what the trainer calls: backbone -> hidden states of the positions that
-predict completion tokens -> chunked head -> per-sequence sums.
+predict completion tokens -> chunked head -> per-sequence sums. `batch_logprobs` scores a
+batch's main and KL rows in one such forward (the reference providers and the cache use it).
 
 Dtypes: all softmax math is done in float32, or in float64 when the inputs are float64 (so that
 gradient checks can be tight); the returned log-probs have that dtype.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -252,3 +256,28 @@ def unsharded_sequence_logprobs(
         token_lp = token_logprobs_via_head(hidden_sel, head, targets, chunk_size, softcap)  # (N,)
     sums = token_lp.new_zeros(input_ids.shape[0])  # (B,)
     return sums.index_add(0, batch_idx, token_lp)  # (B,)
+
+
+def batch_logprobs(
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int, needs_kl_rows: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(main, KL or None) log-probs of one batch, in one forward over main and KL rows."""
+    if not needs_kl_rows:
+        return sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size
+        ), None
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
+    main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size).chunk(2)
+    return main, kl
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout) for the block; then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

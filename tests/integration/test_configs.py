@@ -55,7 +55,7 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
     elif group == "data" and OmegaConf.is_missing(section.source, "path"):
         assert section._target_ == "kto_lightning.data.KTODataModule"
     elif group == "data":
-        from kto_lightning.models import byte_level_tokenizer
+        from kto_lightning.byte_tokenizer import byte_level_tokenizer
 
         assert instantiate(section, tokenizer=byte_level_tokenizer()) is not None
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):

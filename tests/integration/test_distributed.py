@@ -17,12 +17,13 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
+from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import KTOCollator
 from kto_lightning.data.tokenize import Example
 from kto_lightning.distributed import all_reduce_sum, gather_cat
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import metrics_from_sums, reward_auroc
-from kto_lightning.models import TinyLlama, byte_level_tokenizer, make_reference
+from kto_lightning.models import TinyLlama, make_reference
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference
 from kto_lightning.strategies import shard_models

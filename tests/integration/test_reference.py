@@ -12,20 +12,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kto_lightning import reference as reference_module
+from kto_lightning import reference_cache
+from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import KTODataModule
 from kto_lightning.errors import ConfigError
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import FIELDS
-from kto_lightning.models import TinyLlama, byte_level_tokenizer
+from kto_lightning.models import TinyLlama
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import (
     CachedReference,
     CopyReference,
     ReferenceSpec,
     build_provider,
-    cache_key,
 )
+from kto_lightning.reference_cache import cache_key
 from kto_lightning.train import build, train
 
 
@@ -80,7 +81,7 @@ def test_a_second_run_reuses_the_cache_and_loads_no_reference(
     def must_not_copy(*args, **kwargs):
         raise AssertionError("a reference model was built")
 
-    monkeypatch.setattr(reference_module, "fill_cache", must_not_score)
+    monkeypatch.setattr(reference_cache, "fill_cache", must_not_score)
     monkeypatch.setattr("kto_lightning.models.make_reference", must_not_copy)
     for beta in (0.05, 0.3):  # a sweep over beta shares the cache
         run = build(make_config(*_cache(tmp_path), f"loss.beta={beta}"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from kto_lightning.byte_tokenizer import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 from kto_lightning.data import (
     Example,
     KTOCollator,
@@ -28,7 +29,6 @@ from kto_lightning.data.formats import normalise
 from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.models import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 
 BOS, EOS, PAD = 256, 257, 258
 

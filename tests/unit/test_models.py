@@ -16,17 +16,12 @@ from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from kto_lightning import hub
+from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import Example, KTOCollator
 from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import FIELDS, metrics_from_sums
-from kto_lightning.models import (
-    Pretrained,
-    TinyLlama,
-    byte_level_tokenizer,
-    ensure_pad_token,
-    make_reference,
-)
+from kto_lightning.models import Pretrained, TinyLlama, ensure_pad_token, make_reference
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference
 from kto_lightning.train import config_dir

@@ -1,0 +1,236 @@
+"""The on-disk reference cache (`reference=cache`).
+
+Every main row's and KL row's reference log-prob, scored once by the untrained policy and stored
+under a content hash of (initial weights, tokenizer, tokenized data with its KL pairing, length
+settings, trainer precision), so that no change to any of them reuses a stale table. The table
+is scored the way the trainer will run the policy (`trainer.precision`), so that at step 0 the
+policy's log-probs equal it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
+from kto_lightning.errors import ConfigError
+from kto_lightning.logprobs import batch_logprobs, eval_mode
+
+if TYPE_CHECKING:
+    from kto_lightning.reference import ReferenceSpec
+
+log = logging.getLogger(__name__)
+
+# Bump when what a cache file holds, or how it is computed, changes.
+CACHE_VERSION = 2
+
+# How Lightning runs a step under each `trainer.precision` (single device and DDP): autocast for
+# `*-mixed` (MixedPrecision); the whole module cast to a dtype for `*-true` (HalfPrecision,
+# DoublePrecision), which also makes that dtype the default one inside forward.
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_CAST = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+# Lightning's older spellings of the same settings.
+_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def trainer_precision(precision: str | int | None) -> str:
+    """`trainer.precision` in Lightning's current spelling; ConfigError where the cache can't match.
+
+    None is Lightning's default, "32-true".
+    """
+    name = "32-true" if precision is None else _ALIASES.get(str(precision), str(precision))
+    supported = ["32-true", *_AUTOCAST, *_CAST]
+    if name not in supported:
+        raise ConfigError(
+            f"reference=cache scores the table as the trainer will run the policy, which it can do "
+            f"for trainer.precision in {supported}, not trainer.precision={precision!r}: choose "
+            "one of those, or use reference=copy"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def _as_trained(policy: nn.Module, precision: str, device: torch.device) -> Iterator[None]:
+    """Run `policy` on `device` the way the trainer's precision plugin will run it in training.
+
+    `*-mixed`: autocast, as Lightning's MixedPrecision does (16-mixed is bf16 on a CPU there too).
+    `*-true`: the policy cast to the dtype, with it as the default dtype; the policy comes back in
+    its own dtype, but 16-bit values stay rounded, as the trainer will round them anyway.
+    """
+    if precision in _AUTOCAST:
+        dtype = torch.bfloat16 if device.type == "cpu" else _AUTOCAST[precision]
+        with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
+            yield
+        return
+    if precision not in _CAST:  # 32-true: the policy as it is
+        yield
+        return
+    home_dtype, default_dtype = next(policy.parameters()).dtype, torch.get_default_dtype()
+    policy.to(dtype=_CAST[precision])
+    torch.set_default_dtype(_CAST[precision])
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default_dtype)
+        policy.to(dtype=home_dtype)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: names, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Rows(Protocol):
+    """A split's examples, by position (KTODataset is one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+
+def data_fingerprint(datasets_by_split: dict[str, Rows]) -> str:
+    """A hash of the token ids of every row and of its KL partner's completion, per split."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split, dataset in sorted(datasets_by_split.items()):
+        digest.update(f"{split}:{len(dataset)}".encode())
+        for example in (dataset[i] for i in range(len(dataset))):
+            for ids in (example.prompt_ids, example.completion_ids, example.kl_completion_ids):
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets_by_split: dict[str, Rows],
+    max_length: int,
+    max_prompt_length: int,
+    needs_kl_rows: bool,
+    precision: str = "32-true",
+) -> str:
+    """The content hash a cache file is stored under; any change to an input changes it.
+
+    `precision` is the trainer's: a bf16-mixed run never reads a table scored in fp32.
+    """
+    parts = [
+        f"v{CACHE_VERSION}",
+        weights_fingerprint(policy),
+        tokenizer_fingerprint(tokenizer),
+        data_fingerprint(datasets_by_split),
+        f"{max_length}:{max_prompt_length}:{needs_kl_rows}",
+        trainer_precision(precision),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def fill_cache(
+    policy: nn.Module,
+    loaders: dict[str, DataLoader],
+    chunk_size: int,
+    needs_kl_rows: bool,
+    precision: str = "32-true",
+) -> dict[str, Tensor]:
+    """Score every row of every split with the (untrained) policy, in eval mode.
+
+    Runs on a GPU when there is one (the trainer has not moved the policy yet), under the
+    trainer's `precision` (autocast for `*-mixed`, the policy cast for `*-true`), so that at step
+    0 the policy's log-probs equal the table's exactly. Hands the policy back where it was.
+    """
+    precision = trainer_precision(precision)
+    # float64 log-probs come out of a float64 model (64-true); everything else gives float32.
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    table: dict[str, Tensor] = {}
+    home = next(policy.parameters()).device
+    device = torch.device("cuda") if torch.cuda.is_available() else home
+    policy.to(device)
+    with eval_mode(policy), _as_trained(policy, precision, device):
+        for split, loader in loaders.items():
+            n = len(cast(Rows, loader.dataset))
+            main = torch.full((n,), torch.nan, dtype=dtype)
+            kl = torch.full((n,), torch.nan, dtype=dtype)
+            for batch in tqdm(loader, desc=f"Reference log-probs ({split})", leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                scored, scored_kl = batch_logprobs(policy, batch, chunk_size, needs_kl_rows)
+                main[batch["index"].cpu()] = scored.to(dtype).cpu()
+                if scored_kl is not None:
+                    kl[batch["index"].cpu()] = scored_kl.to(dtype).cpu()
+            table[f"{split}/main"] = main
+            table[f"{split}/kl"] = kl
+    policy.to(home)
+    return table
+
+
+def load_or_fill_cache(
+    cache_dir: str | Path,
+    key: str,
+    policy: nn.Module,
+    loaders: dict[str, DataLoader],
+    chunk_size: int,
+    needs_kl_rows: bool,
+    precision: str = "32-true",
+) -> tuple[dict[str, Tensor], bool]:
+    """The cached table for `key`, computed and written first on a miss; returns (table, hit).
+
+    `precision` (the trainer's) must be the one `key` was computed with.
+    """
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        log.info("reference log-probs: read from the cache %s", path)
+        return load_file(path), True
+    log.info("reference log-probs: not cached yet; scoring every row once -> %s", path)
+    table = fill_cache(policy, loaders, chunk_size, needs_kl_rows, precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(table, str(partial))
+    os.replace(partial, path)  # atomic: a crash or a concurrent run never leaves half a file
+    return table, False
+
+
+def cached_table(
+    spec: ReferenceSpec,
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datamodule,
+    chunk_size: int,
+    needs_kl_rows: bool,
+    precision: str,
+) -> dict[str, Tensor]:
+    """The table of the set-up `datamodule`'s train and validation rows, read or filled here."""
+    splits = {"train": datamodule.train_set, "validation": datamodule.val_set}
+    key = cache_key(
+        policy,
+        tokenizer,
+        splits,
+        datamodule.lengths.max_length,
+        datamodule.lengths.max_prompt_length,
+        needs_kl_rows,
+        precision,
+    )
+    loaders = {
+        name: DataLoader(
+            dataset, batch_size=spec.batch_size, shuffle=False, collate_fn=datamodule.collator
+        )
+        for name, dataset in splits.items()
+    }
+    table, _ = load_or_fill_cache(
+        spec.cache_dir, key, policy, loaders, chunk_size, needs_kl_rows, precision
+    )
+    return table
