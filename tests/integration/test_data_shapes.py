@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
+from cli import train_cli
 from kto_lightning.data.toy import toy_rows
 from kto_lightning.train import build, train
 
@@ -169,16 +167,11 @@ def test_preset_schema_trains_from_a_local_file(make_config, tmp_path, preset: s
 
 def test_preset_on_the_command_line(tmp_path) -> None:
     path = _write(tmp_path / "hh.jsonl", PRESETS["hh_rlhf"]())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "kto_lightning.train", "data=hh_rlhf",
-            f"data.source.path={path}", "data.source.val_split=null",
-            "data.source.val_fraction=0.25", "data.lengths.max_length=192",
-            "data.lengths.max_prompt_length=64", "debug=fast",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    result = train_cli(
+        "data=hh_rlhf", f"data.source.path={path}", "data.source.val_split=null",
+        "data.source.val_fraction=0.25", "data.lengths.max_length=192",
+        "data.lengths.max_prompt_length=64", "debug=fast", f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -191,12 +184,9 @@ def test_bad_row_stops_before_training_with_the_line_named(tmp_path) -> None:
     path = tmp_path / "rows.jsonl"
     good = json.dumps({"prompt": "a", "completion": "b", "label": True})
     path.write_text(f'{good}\n{good}\n{{"prompt": "a",\n{good}\n', encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", "data=local", f"data.source.path={path}",
-         f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = train_cli(
+        "data=local", f"data.source.path={path}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"{path}, line 3: malformed JSON" in result.stderr

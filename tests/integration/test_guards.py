@@ -7,9 +7,7 @@ import csv
 import dataclasses
 import logging
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +17,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from cli import train_cli
 from kto_lightning.errors import KTOError
 from kto_lightning.guards import NonFiniteGuard, ZeroKLWarning, explain_unknown_key
 from kto_lightning.schemas import check
@@ -278,11 +277,7 @@ def test_lora_arguments_stay_free_form(make_config, lora: list[str]) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", *args, f"hydra.run.dir={cwd}/run"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return train_cli(*args, f"hydra.run.dir={cwd}/run", cwd=cwd)
 
 
 @pytest.mark.parametrize("override", ["loss.betta=0.1", "+loss.betta=0.1"])
