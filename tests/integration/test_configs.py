@@ -89,6 +89,18 @@ def test_defaults_are_the_embedded_default(make_config) -> None:
     assert cfg.strategy._args_ == ["auto"]
 
 
+def test_groups_set_top_level_keys(make_config) -> None:
+    # train.yaml's own keys are the base: debug and experiment files change them, and the command
+    # line changes them again.
+    assert make_config(fast=False).validate_before_training is True
+    assert make_config("debug=fast", fast=False).validate_before_training is False
+    assert make_config("experiment=toy_apo", fast=False).task_name == "toy_apo"
+    assert make_config("experiment=toy_apo", "task_name=mine", fast=False).task_name == "mine"
+    assert make_config("debug=fast", "validate_before_training=true", fast=False)[
+        "validate_before_training"
+    ]
+
+
 def test_model_file_sets_its_learning_rate(make_config) -> None:
     assert make_config("model=llama1b", fast=False).optimizer.lr == pytest.approx(1e-6)
     assert make_config("model=tiny", fast=False).optimizer.lr == pytest.approx(3e-4)
