@@ -1,6 +1,7 @@
 """Callbacks around the fit, one job each; `train.build` gives them to every run.
 
 - `ReleaseHostMemory`: hand memory freed by a step back to the OS.
+- `ValidateAtLastStep`: a run that `trainer.max_steps` ends mid-epoch still validates at the end.
 - `RunSummary`: the closing summary, each validation metric before -> after training.
 - `TrainingCurves`: the training-curves PNG of the run.
 - `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`.
@@ -51,6 +52,21 @@ class ReleaseHostMemory(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self._trim is not None:
             self._trim(0)
+
+
+class ValidateAtLastStep(L.Callback):
+    """Validate once more when `trainer.max_steps` ends the run in the middle of an epoch.
+
+    Lightning validates at the end of an epoch (and every `val_check_interval`); a run that
+    max_steps stops mid-epoch would end with no validation metric, so with no closing summary
+    and no objective. Asking the trainer to stop at its last step makes Lightning's own loop
+    validate before it leaves, as it does for early stopping; at an epoch's end it validates once,
+    as it would anyway.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from kto_lightning.lifecycle import (
     ReleaseHostMemory,
     RunSummary,
     TrainingCurves,
+    ValidateAtLastStep,
     scalar_metrics,
 )
 from kto_lightning.losses import KTOLossConfig
@@ -140,7 +141,12 @@ def build(cfg: DictConfig) -> Run:
     loggers = _instantiate_group(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
     # What every run does around its fit, whatever the callbacks group holds.
-    around_fit: list[L.Callback] = [ReleaseHostMemory(), RunSummary(), TrainingCurves()]
+    around_fit: list[L.Callback] = [
+        ReleaseHostMemory(),
+        ValidateAtLastStep(),
+        RunSummary(),
+        TrainingCurves(),
+    ]
     if cfg.export.enabled:
         around_fit.append(HuggingFaceExport(tokenizer, merge_lora=cfg.export.merge_lora))
     trainer: L.Trainer = instantiate(
@@ -177,6 +183,14 @@ def objective(name: str | None, trainer: L.Trainer) -> float | None:
     if not name:
         return None
     metrics = scalar_metrics(trainer.callback_metrics)
+    if name not in metrics and not any(trainer.num_val_batches):
+        log.warning(
+            "objective=%s: no validation batch ran (trainer.limit_val_batches=%s), so the run has "
+            "no objective; it returns none to a sweeper",
+            name,
+            trainer.limit_val_batches,
+        )
+        return None
     if name not in metrics:
         raise ConfigError(f"objective={name!r} was not logged; logged metrics: {sorted(metrics)}")
     value = metrics[name] if math.isfinite(metrics[name]) else None

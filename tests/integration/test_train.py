@@ -10,6 +10,7 @@ import torch
 
 from cli import train_cli
 from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama
 from kto_lightning.train import build, train
 
@@ -93,6 +94,30 @@ def test_checkpoint_restores_the_policy_and_keeps_the_reference(make_config, tmp
     moved = fresh.module.policy.state_dict()
     assert any(not torch.equal(trained[k], moved[k]) for k in trained)
     assert fresh.trainer.global_step == 2 * run.trainer.global_step
+
+
+def test_a_run_stopped_mid_epoch_by_max_steps_validates_at_its_end(make_config, tmp_path) -> None:
+    # FAST trains 6 batches an epoch; max_steps=3 stops in the middle of the first.
+    cfg = make_config("trainer.max_steps=3", "validate_before_training=false")
+    run = build(cfg)
+    value = train(cfg, run=run)
+    assert run.trainer.global_step == 3
+    assert value == run.trainer.callback_metrics["val/rewards/auroc"].item()
+    assert (tmp_path / "objective.json").is_file()
+
+
+def test_a_run_without_validation_batches_warns_and_returns_no_objective(
+    make_config, caplog
+) -> None:
+    with caplog.at_level("WARNING", logger="kto_lightning"):
+        value = train(make_config("trainer.limit_val_batches=0", "validate_before_training=false"))
+    assert value is None
+    assert "no validation batch ran (trainer.limit_val_batches=0)" in caplog.text
+
+
+def test_a_misspelt_objective_is_still_an_error(make_config) -> None:
+    with pytest.raises(ConfigError, match="objective='val/reward/auroc' was not logged"):
+        train(make_config("objective=val/reward/auroc", "validate_before_training=false"))
 
 
 def test_apo_zero_and_batch_estimator_train(make_config) -> None:
