@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
@@ -74,9 +76,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, path)
+
+
+def _writer_is_gone(partial: Path) -> bool:
+    """Whether the process that was writing `partial` (.<name>.<host>.<pid>.partial) has ended.
+
+    Only a writer on this host can be checked; a file from another host is left alone.
+    """
+    parts = partial.name.rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def remove_partial_checkpoints(runs: Path) -> list[Path]:
+    """Delete the half-written checkpoints a killed process left under `runs/*/checkpoints/`.
+
+    A file still being written by a live process (another job of a sweep) is kept.
+    """
+    removed = [p for p in runs.glob("*/checkpoints/.*.partial") if _writer_is_gone(p)]
+    for partial in removed:
+        partial.unlink(missing_ok=True)
+        log.info("removed %s: a checkpoint whose writer was killed mid-write", partial)
+    return removed
+
+
+class LastCheckpoint(L.Callback):
+    """`<dirpath>/last.ckpt` holds the state at the end of training.
+
+    Lightning's ModelCheckpoint rewrites its last.ckpt only when it saves for its own reason (a
+    new best, a period), so the end of a run could be missing from it. The periodic checkpoint
+    (`save_last: true`) updates the same file at every period.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
 
 
 def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:

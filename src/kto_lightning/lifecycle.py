@@ -19,10 +19,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedTokenizerBase
 
+from kto_lightning.checkpointing import LastCheckpoint
 from kto_lightning.errors import KTOError
 from kto_lightning.export import export_policy
 from kto_lightning.plot import plot_run
@@ -52,6 +54,21 @@ class ReleaseHostMemory(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self._trim is not None:
             self._trim(0)
+
+
+def _checkpoint_lines(trainer: L.Trainer) -> list[str]:
+    """The summary's lines on checkpoints: the best one with its score, and last.ckpt."""
+    lines = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        monitor, best, score = callback.monitor, callback.best_model_path, callback.best_model_score
+        if monitor and monitor != "step" and best and score is not None:
+            lines.append(f"  best checkpoint: {best} ({monitor} {float(score):.4f})")
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, LastCheckpoint):
+            lines.append(f"  last checkpoint: {callback.path}")
+    return lines
 
 
 class ValidateAtLastStep(L.Callback):
@@ -123,9 +140,7 @@ class RunSummary(L.Callback):
             lines.append(f"  {label:<{width}}  {start} -> {fmt.format(after[key])}")
         if padding is not None:
             lines.append(f"  padding in training batches: {100 * padding:.1f}% of token slots")
-        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if checkpoints:
-            lines.append(f"  checkpoints: {checkpoints}")
+        lines.extend(_checkpoint_lines(trainer))
         lines.append(f"  run directory: {trainer.default_root_dir}")
         return "\n".join(lines)
 

@@ -24,7 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning import schemas
-from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from kto_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+)
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.guards import explain_unknown_key, run_explained
 from kto_lightning.lifecycle import (
@@ -171,6 +175,7 @@ def build(cfg: DictConfig) -> Run:
 def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
     run = run or build(cfg)
+    remove_partial_checkpoints(Path(cfg.paths.output_dir).resolve().parent)
     resume = resume_checkpoint(cfg.get("resume"), cfg.paths.output_dir)
     if cfg.validate_before_training and resume is None:
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)

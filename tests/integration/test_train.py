@@ -96,6 +96,31 @@ def test_checkpoint_restores_the_policy_and_keeps_the_reference(make_config, tmp
     assert fresh.trainer.global_step == 2 * run.trainer.global_step
 
 
+def test_last_checkpoint_is_the_final_state_and_names_say_which_is_which(
+    make_config, tmp_path, caplog
+) -> None:
+    # 3 epochs of 6 steps, a periodic save every 4: the best AUROC comes early and stays.
+    cfg = make_config("trainer.max_epochs=3", "callbacks.periodic_checkpoint.every_n_train_steps=4")
+    run = build(cfg)
+    with caplog.at_level("INFO", logger="kto_lightning"):
+        train(cfg, run=run)
+    checkpoints = tmp_path / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    [best] = [n for n in names if n.startswith("best-step")]
+    assert names == sorted([best, "last.ckpt", "periodic-step16.ckpt"])
+
+    def step(name: str) -> int:
+        return torch.load(checkpoints / name, weights_only=True, map_location="cpu")["global_step"]
+
+    assert step("last.ckpt") == run.trainer.global_step == 18
+    assert step("periodic-step16.ckpt") == 16
+    score = run.trainer.checkpoint_callback.best_model_score
+    assert f"best checkpoint: {checkpoints / best} (val/rewards/auroc {float(score):.4f})" in (
+        caplog.text
+    )
+    assert f"last checkpoint: {checkpoints / 'last.ckpt'}" in caplog.text
+
+
 def test_a_run_stopped_mid_epoch_by_max_steps_validates_at_its_end(make_config, tmp_path) -> None:
     # FAST trains 6 batches an epoch; max_steps=3 stops in the middle of the first.
     cfg = make_config("trainer.max_steps=3", "validate_before_training=false")

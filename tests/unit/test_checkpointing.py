@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from kto_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from kto_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+)
 from kto_lightning.data.sampler import EpochShuffleSampler
 from kto_lightning.data.sharding import RankShard
 from kto_lightning.errors import ConfigError
@@ -42,6 +49,24 @@ def test_atomic_checkpoint_leaves_a_whole_file_and_no_partial(tmp_path) -> None:
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_partial_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    gone, host = int(finished.stdout), socket.gethostname()
+    checkpoints = tmp_path / "runs" / "a" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    killed = checkpoints / f".last.ckpt.{host}.{gone}.partial"
+    live = checkpoints / f".best-step4.ckpt.{host}.{os.getpid()}.partial"
+    elsewhere = checkpoints / f".last.ckpt.{host}-other-node.{gone}.partial"
+    whole = checkpoints / "last.ckpt"
+    for path in (killed, live, elsewhere, whole):
+        path.write_bytes(b"x")
+    assert remove_partial_checkpoints(tmp_path / "runs") == [killed]
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(
+        p.name for p in (live, elsewhere, whole)
+    )
 
 
 def test_epoch_shuffle_depends_on_seed_and_epoch_and_skips_once() -> None:
