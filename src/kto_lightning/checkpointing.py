@@ -111,18 +111,51 @@ def remove_partial_checkpoints(runs: Path) -> list[Path]:
 
 
 class LastCheckpoint(L.Callback):
-    """`<dirpath>/last.ckpt` holds the state at the end of training.
+    """`<dirpath>/last.ckpt`: the newest state, every `every_n_train_steps` and at the end.
 
     Lightning's ModelCheckpoint rewrites its last.ckpt only when it saves for its own reason (a
-    new best, a period), so the end of a run could be missing from it. The periodic checkpoint
-    (`save_last: true`) updates the same file at every period.
+    new best), so the end of a run could be missing from it; two of them sharing the name
+    version it as last-v1.ckpt. This one file is the run's periodic checkpoint too: saved right
+    after an optimizer step, mid-epoch or not, it resumes exactly.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        every_n_train_steps: optimizer steps between saves; 0 saves at the end only.
+        filename: the file's name in `dirpath`.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, filename: str = "last.ckpt") -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        every_n_train_steps: int = 100,
+        filename: str = "last.ckpt",
+    ) -> None:
+        if every_n_train_steps < 0:
+            raise ConfigError(
+                "callbacks.last_checkpoint.every_n_train_steps must be >= 0, got "
+                f"{every_n_train_steps}"
+            )
         self.path = Path(dirpath) / filename
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step = -1
+        self._step_at_batch_start = 0
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        stepped = trainer.global_step > self._step_at_batch_start
+        every = self.every_n_train_steps
+        if stepped and every and trainer.global_step % every == 0:
+            self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
 
 
 def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:

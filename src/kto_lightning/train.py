@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
+import signal
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -21,6 +23,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning import schemas
@@ -31,6 +34,7 @@ from kto_lightning.checkpointing import (
 )
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.guards import explain_unknown_key, run_explained
+from kto_lightning.interrupts import RunInterrupted, SaveOnInterrupt
 from kto_lightning.lifecycle import (
     HuggingFaceExport,
     ReleaseHostMemory,
@@ -43,7 +47,13 @@ from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import CausalLM, ModelSource
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference, build_provider
-from kto_lightning.security import redact_secrets, scrub_files, secret_values
+from kto_lightning.security import (
+    REDACTED,
+    is_secret_key,
+    redact_secrets,
+    scrub_files,
+    secret_values,
+)
 from kto_lightning.strategies import check_deepspeed
 
 log = logging.getLogger("kto_lightning")
@@ -146,6 +156,7 @@ def build(cfg: DictConfig) -> Run:
     strategy = instantiate(cfg.strategy)
     # What every run does around its fit, whatever the callbacks group holds.
     around_fit: list[L.Callback] = [
+        SaveOnInterrupt(Path(cfg.paths.output_dir) / "checkpoints"),
         ReleaseHostMemory(),
         ValidateAtLastStep(),
         RunSummary(),
@@ -214,11 +225,40 @@ def _scrub_hydra_record(cfg: DictConfig) -> None:
     scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
 
 
+def resume_command(checkpoint: Path | str) -> str:
+    """The command line that resumes this run from `checkpoint`: its overrides (secret-named
+    ones shown as ***, for the user to fill in again) and `resume=`."""
+    overrides = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume":
+            continue
+        overrides.append(
+            f"{override.split('=', 1)[0]}={REDACTED}" if is_secret_key(key) else override
+        )
+    return shlex.join(
+        [sys.executable.rsplit("/", 1)[-1], "-m", "kto_lightning.train", *overrides,
+         f"resume={checkpoint}"]
+    )  # fmt: skip
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     _scrub_hydra_record(cfg)
     try:
         return train(cfg)
+    except RunInterrupted as stopped:
+        log.error("%s", stopped)
+        print(f"{stopped}; resume with:\n  {resume_command(stopped.checkpoint)}", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
+    except SIGTERMException:  # Lightning stopped the run before a step could be saved
+        saved = sorted(
+            (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"),
+            key=lambda path: path.stat().st_mtime,
+        )
+        where = f"resume with:\n  {resume_command(saved[-1])}" if saved else "no checkpoint yet"
+        print(f"stopped by SIGTERM between optimizer steps; {where}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         problem = user_error(error) or explain_unknown_key(error)
         if problem is None:

@@ -94,6 +94,7 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
         f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer=gpu",  # bf16-mixed with fused AdamW and clipping, under each strategy
         "debug=fast", "data.source.toy_rows=160", "trainer.max_epochs=2",
+        "callbacks.model_checkpoint.save_top_k=-1",  # keep the end of epoch 1 for the resume
     ]  # fmt: skip
     result = train_cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -106,9 +107,9 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
         return
     # FSDP2 writes sharded checkpoints (a folder per checkpoint, without the frozen reference);
     # resuming from the one at the end of epoch 1 must finish exactly as the run did.
-    assert (checkpoints / "step4.ckpt" / ".metadata").is_file()
+    assert (checkpoints / "best-step4.ckpt" / ".metadata").is_file()
     resumed = train_cli(
-        *run, f"resume={checkpoints / 'step4.ckpt'}", f"hydra.run.dir={tmp_path}/resumed",
+        *run, f"resume={checkpoints / 'best-step4.ckpt'}", f"hydra.run.dir={tmp_path}/resumed",
         cwd=tmp_path,
     )  # fmt: skip
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]

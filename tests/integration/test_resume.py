@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL mid-epoch resumes to exactly the uninterrupted run's result."""
+"""A run killed with SIGKILL, or stopped with SIGTERM, mid-epoch resumes to exactly the
+uninterrupted run's result; Ctrl-C saves and says how to resume."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 STEPS_PER_EPOCH = 18  # 144 training rows of the 160-row toy task, batch 8
@@ -19,7 +21,7 @@ COMMON = [
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "callbacks.periodic_checkpoint.every_n_train_steps=5",
+    "callbacks.last_checkpoint.every_n_train_steps=5",
     "callbacks.generations.num_prompts=0",
     "validate_before_training=false",
 ]
@@ -56,39 +58,93 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path) -> None:
-    _run(tmp_path, f"hydra.run.dir={tmp_path}/whole")
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run, shared by the tests below: its run directory."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    _run(folder, f"hydra.run.dir={folder}/whole")
+    return folder / "whole"
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _command(f"hydra.run.dir={killed}"), cwd=tmp_path, env=_env(tmp_path),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+
+def _wait_for_a_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
     deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step10.ckpt").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint at step 10"
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert process.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < deadline, "no checkpoint at step 5"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    checkpoints = sorted((killed / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    latest = checkpoints[-1]
-    resumed_at = torch.load(latest, map_location="cpu", weights_only=True)["global_step"]
-    assert resumed_at % STEPS_PER_EPOCH > 0, "the checkpoint must be from the middle of an epoch"
-    assert not list((killed / "checkpoints").glob(".*partial")) or True  # a torn write is ignored
 
-    _run(tmp_path, f"resume={latest}", f"hydra.run.dir={tmp_path}/resumed")
 
-    whole = _weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
-    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert set(whole) == set(resumed)
-    for key in whole:
-        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
-
-    expected, got = _train_rows(tmp_path / "whole"), _train_rows(tmp_path / "resumed")
+def _assert_resumed_equals(whole: Path, resumed: Path, resumed_at: int) -> None:
+    expected_weights = _weights(whole / "checkpoints" / "last.ckpt")
+    resumed_weights = _weights(resumed / "checkpoints" / "last.ckpt")
+    assert set(expected_weights) == set(resumed_weights)
+    for key in expected_weights:
+        torch.testing.assert_close(
+            resumed_weights[key], expected_weights[key], rtol=0, atol=1e-6, msg=key
+        )
+    expected, got = _train_rows(whole), _train_rows(resumed)
     steps = [s for s in got if s > resumed_at]
     assert steps and max(steps) == 2 * STEPS_PER_EPOCH - 1
     for step in steps:
         for name, value in got[step].items():
             assert abs(value - expected[step][name]) <= 1e-6 or (value != value), (step, name)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, whole) -> None:
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(f"hydra.run.dir={killed}"), cwd=tmp_path, env=_env(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_for_a_checkpoint(process, killed)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    latest = killed / "checkpoints" / "last.ckpt"
+    resumed_at = torch.load(latest, map_location="cpu", weights_only=True)["global_step"]
+    assert resumed_at % STEPS_PER_EPOCH > 0, "the checkpoint must be from the middle of an epoch"
+
+    _run(tmp_path, f"resume={latest}", f"hydra.run.dir={tmp_path}/resumed")
+    _assert_resumed_equals(whole, tmp_path / "resumed", resumed_at)
+
+
+def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, whole) -> None:
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        _command(f"hydra.run.dir={stopped}", "+hub_token=abc123xyz"), cwd=tmp_path,
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for_a_checkpoint(process, stopped)
+    saved_before = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    checkpoint = stopped / "checkpoints" / "last.ckpt"
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert step > saved_before["global_step"], "saved at the step it was stopped, not the period"
+    assert step % STEPS_PER_EPOCH > 0, "stopped in the middle of an epoch"
+    assert f"training stopped by SIGTERM at step {step}, saved to {checkpoint}" in stderr
+    [command] = [line.strip() for line in stderr.splitlines() if "resume=" in line]
+    assert command.endswith(f"resume={checkpoint}") and "hub_token=***" in command
+    assert "abc123xyz" not in stderr
+    assert not list((stopped / "checkpoints").glob(".*.partial"))
+
+    _run(tmp_path, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed")
+    _assert_resumed_equals(whole, tmp_path / "resumed", step)
+
+
+def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path) -> None:
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        _command(f"hydra.run.dir={stopped}"), cwd=tmp_path, env=_env(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for_a_checkpoint(process, stopped)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    checkpoint = stopped / "checkpoints" / "last.ckpt"
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert f"training stopped by SIGINT at step {step}, saved to {checkpoint}" in stderr
+    assert "press Ctrl-C again to stop at once without saving" in stdout + stderr
+    assert "Traceback" not in stderr

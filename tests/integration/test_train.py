@@ -99,21 +99,22 @@ def test_checkpoint_restores_the_policy_and_keeps_the_reference(make_config, tmp
 def test_last_checkpoint_is_the_final_state_and_names_say_which_is_which(
     make_config, tmp_path, caplog
 ) -> None:
-    # 3 epochs of 6 steps, a periodic save every 4: the best AUROC comes early and stays.
-    cfg = make_config("trainer.max_epochs=3", "callbacks.periodic_checkpoint.every_n_train_steps=4")
+    # 3 epochs of 6 steps, last.ckpt every 4 steps: neither the best (AUROC saturates early) nor
+    # the periodic save is at the final step.
+    cfg = make_config("trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=4")
     run = build(cfg)
     with caplog.at_level("INFO", logger="kto_lightning"):
         train(cfg, run=run)
     checkpoints = tmp_path / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir())
     [best] = [n for n in names if n.startswith("best-step")]
-    assert names == sorted([best, "last.ckpt", "periodic-step16.ckpt"])
+    assert names == sorted([best, "last.ckpt"]), "no -v1 copies, no temporary files"
 
     def step(name: str) -> int:
         return torch.load(checkpoints / name, weights_only=True, map_location="cpu")["global_step"]
 
     assert step("last.ckpt") == run.trainer.global_step == 18
-    assert step("periodic-step16.ckpt") == 16
+    assert step(best) == int(best.removeprefix("best-step").removesuffix(".ckpt"))
     score = run.trainer.checkpoint_callback.best_model_score
     assert f"best checkpoint: {checkpoints / best} (val/rewards/auroc {float(score):.4f})" in (
         caplog.text
