@@ -156,25 +156,3 @@ class LastCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved_step != trainer.global_step:
             self._save(trainer)
-
-
-def resume_checkpoint(resume: str | None, output_dir: str | Path) -> str | None:
-    """The checkpoint `resume` names: None, "auto", or a path.
-
-    "auto" takes the newest checkpoint of this task's runs: every `*.ckpt` under
-    `<runs folder>/*/checkpoints/`, where the runs folder holds this run's directory.
-    """
-    if resume in (None, ""):
-        return None
-    if resume != "auto":
-        # A file, or the folder of a sharded checkpoint (strategy=fsdp: one shard per rank).
-        if not (Path(resume).is_file() or (Path(resume) / ".metadata").is_file()):
-            raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
-        return str(resume)
-    runs = Path(output_dir).resolve().parent
-    found = sorted(runs.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        log.info("resume=auto: no checkpoint under %s; starting from scratch", runs)
-        return None
-    log.info("resume=auto: resuming from %s", found[-1])
-    return str(found[-1])

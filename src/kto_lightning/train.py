@@ -30,7 +30,6 @@ from kto_lightning import schemas
 from kto_lightning.checkpointing import (
     AtomicCheckpointIO,
     remove_partial_checkpoints,
-    resume_checkpoint,
 )
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.guards import explain_unknown_key, run_explained
@@ -47,6 +46,7 @@ from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import CausalLM, ModelSource
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference, build_provider
+from kto_lightning.resume import find_resume, is_finished
 from kto_lightning.security import (
     REDACTED,
     is_secret_key,
@@ -185,13 +185,28 @@ def build(cfg: DictConfig) -> Run:
 
 def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
-    run = run or build(cfg)
     remove_partial_checkpoints(Path(cfg.paths.output_dir).resolve().parent)
-    resume = resume_checkpoint(cfg.get("resume"), cfg.paths.output_dir)
-    if cfg.validate_before_training and resume is None:
+    saved = find_resume(cfg)  # before data and model: a bad checkpoint stops the run here
+    if saved is not None and is_finished(saved, saved.config):
+        log.info(
+            "resume: the run in %s already finished (step %d, epoch %d); nothing to train",
+            saved.run_dir,
+            saved.global_step,
+            saved.epoch,
+        )
+        return recorded_objective(saved.run_dir)
+    run = run or build(cfg)
+    if cfg.validate_before_training and saved is None:
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+    ckpt_path = str(saved.path) if saved is not None else None
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
     return objective(cfg.get("objective"), run.trainer)
+
+
+def recorded_objective(run_dir: Path) -> float | None:
+    """The objective a finished run wrote to its objective.json, if it wrote one."""
+    record = run_dir / "objective.json"
+    return json.loads(record.read_text())["value"] if record.is_file() else None
 
 
 def objective(name: str | None, trainer: L.Trainer) -> float | None:

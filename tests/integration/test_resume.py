@@ -129,7 +129,8 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, whole) -
     assert "abc123xyz" not in stderr
     assert not list((stopped / "checkpoints").glob(".*.partial"))
 
-    _run(tmp_path, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed")
+    # resume=auto finds it: the only checkpoint of this run's config under the task's folder.
+    _run(tmp_path, "resume=auto", f"hydra.run.dir={tmp_path}/resumed")
     _assert_resumed_equals(whole, tmp_path / "resumed", step)
 
 

@@ -1,4 +1,4 @@
-"""resume=auto/path resolution, atomic checkpoint files, and the resumable shuffle."""
+"""Atomic checkpoint files, leftovers of killed writers, and the resumable shuffle."""
 
 from __future__ import annotations
 
@@ -6,42 +6,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
-import pytest
 import torch
 
 from kto_lightning.checkpointing import (
     AtomicCheckpointIO,
     remove_partial_checkpoints,
-    resume_checkpoint,
 )
 from kto_lightning.data.sampler import EpochShuffleSampler
 from kto_lightning.data.sharding import RankShard
-from kto_lightning.errors import ConfigError
-
-
-def test_resume_none_path_and_missing_path(tmp_path) -> None:
-    assert resume_checkpoint(None, tmp_path / "runs" / "now") is None
-    ckpt = tmp_path / "a.ckpt"
-    ckpt.write_bytes(b"x")
-    assert resume_checkpoint(str(ckpt), tmp_path) == str(ckpt)
-    with pytest.raises(
-        ConfigError, match=r"resume='nope\.ckpt': no such checkpoint file or sharded folder"
-    ):
-        resume_checkpoint("nope.ckpt", tmp_path)
-
-
-def test_resume_auto_takes_the_newest_checkpoint_of_the_task(tmp_path) -> None:
-    runs = tmp_path / "runs"
-    assert resume_checkpoint("auto", runs / "new") is None, "nothing to resume: start fresh"
-    older = runs / "first" / "checkpoints" / "last.ckpt"
-    newer = runs / "second" / "checkpoints" / "step40.ckpt"
-    for path in (older, newer):
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
-    os.utime(older, (time.time() - 100, time.time() - 100))
-    assert resume_checkpoint("auto", runs / "third") == str(newer.resolve())
 
 
 def test_atomic_checkpoint_leaves_a_whole_file_and_no_partial(tmp_path) -> None:

@@ -1,0 +1,218 @@
+"""Which checkpoint a run resumes from, checked before any data or model is loaded.
+
+- `resume=<path>`: that checkpoint (a file, or a sharded folder). It must be readable, and must
+  not change the learning rate or the schedule: a resumed run restores the optimizer's and the
+  scheduler's state, so such a change would be silently ignored.
+- `resume=auto`: the newest checkpoint, among this task's runs, whose saved config matches this
+  one on everything that defines the run (`DEFINING`). Runs on other data or with another beta are
+  not this run; when only such runs exist, the log says which keys differ and the run starts
+  fresh. In a sweep each job finds its own earlier job this way.
+
+A run that already finished (its last epoch or step reached) is not trained again: `train` says
+so and returns the objective it recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kto_lightning.checkpointing import RUN_CONFIG_KEY
+from kto_lightning.errors import ConfigError
+from kto_lightning.security import REDACTED, is_secret_key
+
+log = logging.getLogger("kto_lightning")
+
+# What makes two runs the same run (dotted config keys).
+DEFINING = (
+    "task_name",
+    "seed",
+    "model",
+    "data",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "reference",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+)
+# Settings under DEFINING that change how a run is carried out, not what it computes.
+NOT_DEFINING = (
+    "data.batching.num_workers",
+    "data.source.num_proc",
+    "data.source.cache_dir",
+    "reference.cache_dir",
+    "reference.batch_size",
+)
+# What a resumed run restores from the checkpoint instead of taking from the config.
+SCHEDULE = (
+    "optimizer",
+    "scheduler",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.accumulate_grad_batches",
+    "data.batching.batch_size",
+)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint, with what it says about its run."""
+
+    path: Path
+    config: dict[str, Any]
+    global_step: int
+    epoch: int
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent
+
+
+def read_checkpoint(path: Path) -> Saved:
+    """The run config and progress of the checkpoint at `path`, read without its tensors.
+
+    Raises:
+        ConfigError: naming the file, when it is not a readable checkpoint of this project.
+    """
+    file = path / "meta.pt" if path.is_dir() else path  # a sharded folder keeps them in meta.pt
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, not a zip, not a checkpoint at all
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"resume={str(path)!r}: not a readable checkpoint ({type(error).__name__}: "
+            f"{first_line[:200]}); pick another file in its checkpoints folder, or resume=null"
+        ) from None
+    config = checkpoint.get(RUN_CONFIG_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict) or "global_step" not in checkpoint:
+        raise ConfigError(
+            f"resume={str(path)!r}: not a kto_lightning training checkpoint (it has no "
+            f"'{RUN_CONFIG_KEY}' or 'global_step' entry)"
+        )
+    return Saved(path, config, int(checkpoint["global_step"]), int(checkpoint.get("epoch", 0)))
+
+
+def _value(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    """`value` as {dotted key: leaf}, secret-named keys left out (their values are redacted)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            if not is_secret_key(str(key)):
+                out.update(_flat(inner, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def differences(current: dict[str, Any], saved: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The dotted keys under `keys` whose values differ, as `key: saved -> current`."""
+    changed = []
+    for key in keys:
+        now, then = _flat(_value(current, key), key), _flat(_value(saved, key), key)
+        for name in sorted(set(now) | set(then)):
+            if name in NOT_DEFINING:
+                continue
+            if now.get(name) != then.get(name) and REDACTED not in (now.get(name), then.get(name)):
+                changed.append(f"{name}: {then.get(name)!r} -> {now.get(name)!r}")
+    return changed
+
+
+def current_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved values of the keys that define a run, as a checkpoint stores them."""
+    out: dict[str, Any] = {}
+    for key in DEFINING:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def is_finished(saved: Saved, config: dict[str, Any]) -> bool:
+    """Whether the run of `saved` had reached its last epoch or step when it was saved."""
+    max_steps = _value(config, "trainer.max_steps") or -1
+    max_epochs = _value(config, "trainer.max_epochs")
+    return (0 < max_steps <= saved.global_step) or (
+        max_epochs is not None and max_epochs >= 0 and saved.epoch >= max_epochs
+    )
+
+
+def _task_folder(output_dir: Path) -> Path:
+    """The folder that holds this task's runs: the parent of `runs/` or `multiruns/` above the
+    run directory, else the run directory's parent."""
+    for folder in output_dir.parents:
+        if folder.name in ("runs", "multiruns"):
+            return folder.parent
+    return output_dir.parent
+
+
+def _candidates(task: Path, output_dir: Path) -> list[Path]:
+    found = [p for p in task.glob("**/checkpoints/*.ckpt") if output_dir not in p.parents]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def find_resume(cfg: DictConfig) -> Saved | None:
+    """The checkpoint `cfg.resume` names (see the module's docstring), checked; None: none."""
+    resume = cfg.get("resume")
+    if resume in (None, ""):
+        return None
+    current = current_config(cfg)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    if resume != "auto":
+        path = Path(resume)
+        if not (path.is_file() or (path / ".metadata").is_file()):
+            raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
+        saved = read_checkpoint(path)
+        changed = differences(current, saved.config, SCHEDULE)
+        if changed:
+            raise ConfigError(
+                f"resume={resume!r} restores the optimizer and learning-rate schedule saved in the "
+                f"checkpoint, so these changes would be ignored: {'; '.join(changed)}. Resume "
+                "without them, or start a new run (resume=null)"
+            )
+        return saved
+    task = _task_folder(output_dir)
+    closest: tuple[int, Path, list[str]] | None = None
+    for path in _candidates(task, output_dir):
+        try:
+            saved = read_checkpoint(path)
+        except ConfigError as error:
+            log.warning("resume=auto: skipping %s: %s", path, error)
+            continue
+        changed = differences(current, saved.config, DEFINING)
+        if not changed:
+            log.info("resume=auto: resuming %s (step %d)", path, saved.global_step)
+            return saved
+        if closest is None or len(changed) < closest[0]:
+            closest = (len(changed), path, changed)
+    if closest is None:
+        log.info("resume=auto: no checkpoint under %s; starting from scratch", task)
+    else:
+        log.info(
+            "resume=auto: no checkpoint of this run under %s; the closest, %s, differs in %s. "
+            "Starting from scratch",
+            task,
+            closest[1],
+            "; ".join(closest[2]),
+        )
+    return None
