@@ -80,13 +80,19 @@ def _field_type(hint: Any) -> Any:
 
 @functools.cache
 def _group_schema(group: type) -> type:
-    """A settable copy of the dataclass `group`, field for field.
+    """A settable copy of the dataclass `group`, field for field, each without a default.
 
     OmegaConf makes the node of a frozen dataclass read-only, and a config file or an override
     must be able to set its keys; the target still receives a mapping and builds the real one.
     The copy keeps the name and module of `group`, so that errors name it.
     """
-    fields = [(name, _field_type(hint), _default(value)) for name, hint, value in _arguments(group)]
+    # No defaults: OmegaConf does not let a file's `???` replace a schema's default, so a
+    # required key (data.source.path of data=local) would quietly take the dataclass's value.
+    # The group's base file (conf/data/local.yaml) gives every key.
+    fields = [
+        (name, _field_type(hint), dataclasses.field(default=MISSING))
+        for name, hint, _ in _arguments(group)
+    ]
     schema = dataclasses.make_dataclass(group.__name__, fields)
     schema.__module__, schema.__qualname__ = group.__module__, group.__qualname__
     return schema

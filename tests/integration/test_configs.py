@@ -89,6 +89,12 @@ def test_defaults_are_the_embedded_default(make_config) -> None:
     assert cfg.strategy._args_ == ["auto"]
 
 
+def test_a_required_data_key_stays_open_under_the_schema(make_config) -> None:
+    # A schema default must not fill a `???` of the file: data=local needs a path.
+    assert OmegaConf.is_missing(make_config("data=local", fast=False).data.source, "path")
+    assert make_config("data=toy", fast=False).data.source.path == "toy"
+
+
 def test_groups_set_top_level_keys(make_config) -> None:
     # train.yaml's own keys are the base: debug and experiment files change them, and the command
     # line changes them again.

@@ -178,7 +178,8 @@ def as_group(cls: type[Group], value: Group | Mapping[str, Any] | None, key: str
     if value is None:
         return cls()
     if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)  # type: ignore[assignment]
+        # A key left at ??? raises MissingMandatoryValue, naming it (data.source.path).
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=True)  # type: ignore[assignment]
     names = [f.name for f in fields(cls)]
     if not isinstance(value, Mapping):
         raise ConfigError(f"data.{key} must be a mapping with the keys {names}, got {value!r}")
