@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kto_lightning.train import config_dir
+
+# Tests start the entry point in about 30 subprocesses (and DDP ranks in more). With
+# PYTHONDONTWRITEBYTECODE set, as on the CI machines, each one compiles torch, transformers and
+# Lightning from source again: about 3 s a start. Let them cache bytecode (git ignores it).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # A few steps on a small slice of the toy task: seconds on a CPU.
 FAST = [
