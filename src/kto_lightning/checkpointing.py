@@ -140,6 +140,11 @@ class LastCheckpoint(L.Callback):
         self._saved_step = -1
         self._step_at_batch_start = 0
 
+    @property
+    def written(self) -> Path | None:
+        """The file, once this run has written it (a file left by another run does not count)."""
+        return self.path if self._saved_step >= 0 else None
+
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step

@@ -18,10 +18,16 @@ import lightning as L
 import torch
 from hydra.errors import CompactHydraException, ConfigCompositionException
 from omegaconf import DictConfig
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 from torch import Tensor
 from torch.optim import Optimizer
 
+from kto_lightning.checkpointing import LastCheckpoint
 from kto_lightning.errors import KTOError
 from kto_lightning.schemas import accepted_keys
 
@@ -36,6 +42,9 @@ def last_good_checkpoint(trainer: L.Trainer) -> str | None:
             path = getattr(callback, attribute, "")
             if path and Path(path).is_file():
                 candidates.append(Path(path))
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, LastCheckpoint) and callback.written is not None:
+            candidates.append(callback.written)
     if not candidates:
         return None
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
@@ -208,6 +217,22 @@ def explain_unknown_key(error: BaseException) -> str | None:
     if target and group:
         message += f" (see conf/{group.split('.')[0]}/)"
     return message
+
+
+def explain_missing_value(error: BaseException) -> str | None:
+    """One line naming a required config key left at `???` (`data=local` without
+    `data.source.path`), or None for any other error."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MissingMandatoryValue):
+            key = seen.full_key or seen.key
+            group = str(key).split(".")[0]
+            return (
+                f"{key} must be set: the chosen {group} file leaves it open (???); add "
+                f"{key}=... to the command line (see conf/{group}/)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def run_explained(main: Callable[[], object]) -> None:

@@ -32,7 +32,7 @@ from kto_lightning.checkpointing import (
     remove_partial_checkpoints,
 )
 from kto_lightning.errors import ConfigError, user_error
-from kto_lightning.guards import explain_unknown_key, run_explained
+from kto_lightning.guards import explain_missing_value, explain_unknown_key, run_explained
 from kto_lightning.interrupts import RunInterrupted, SaveOnInterrupt
 from kto_lightning.lifecycle import (
     HuggingFaceExport,
@@ -94,9 +94,20 @@ class Run:
     datamodule: L.LightningDataModule
 
 
+def _check_integer(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
 def build(cfg: DictConfig) -> Run:
     """Seed, then build model, data, module and trainer from `cfg`."""
     schemas.check(cfg)  # '+group.key' additions: Hydra adds them even to structured configs
+    # Keys no schema types: the root file's and the trainer's (Lightning's own check is a
+    # traceback, raised only once data and model are loaded).
+    _check_integer("seed", cfg.seed, 0)
+    _check_integer(
+        "trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1), 1
+    )
     # The reference model is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if "DeepSpeedStrategy" in str(cfg.strategy.get("_target_")):
@@ -275,7 +286,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"stopped by SIGTERM between optimizer steps; {where}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
-        problem = user_error(error) or explain_unknown_key(error)
+        problem = user_error(error) or explain_unknown_key(error) or explain_missing_value(error)
         if problem is None:
             raise
         # A problem the user can fix: one clear line, no traceback.

@@ -19,7 +19,12 @@ from hydra.utils import instantiate
 
 from cli import train_cli
 from kto_lightning.errors import KTOError
-from kto_lightning.guards import NonFiniteGuard, ZeroKLWarning, explain_unknown_key
+from kto_lightning.guards import (
+    NonFiniteGuard,
+    ZeroKLWarning,
+    explain_missing_value,
+    explain_unknown_key,
+)
 from kto_lightning.schemas import check
 from kto_lightning.security import redact_secrets
 from kto_lightning.train import build, train
@@ -66,8 +71,8 @@ def test_guard_is_in_the_default_callbacks(make_config) -> None:
 
 
 def test_non_finite_loss_stops_with_step_and_last_checkpoint(make_config, tmp_path) -> None:
-    # Validate (and so checkpoint) every 2 steps: a checkpoint exists when step 4 goes wrong.
-    run = build(make_config("trainer.val_check_interval=2"))
+    # last.ckpt every 2 steps: a checkpoint exists when step 4 goes wrong.
+    run = build(make_config("callbacks.last_checkpoint.every_n_train_steps=2"))
     _guarded(run)
     _poison_step(run, "loss")
 
@@ -173,6 +178,20 @@ def test_misspelt_loss_key_gets_a_suggestion(make_config) -> None:
     assert message is not None
     assert message.startswith("loss.bta is not a setting of kto_lightning.losses.KTOLossConfig")
     assert "(did you mean loss.beta?)" in message
+
+
+@pytest.mark.parametrize(
+    ("choice", "key"), [("data=local", "data.source.path"), ("model=local", "model.name_or_path")]
+)
+def test_a_required_key_left_open_is_named_in_one_line(make_config, choice: str, key: str) -> None:
+    with pytest.raises(Exception) as caught:
+        build(make_config(choice))
+    group = key.split(".")[0]
+    assert explain_missing_value(caught.value) == (
+        f"{key} must be set: the chosen {group} file leaves it open (???); add {key}=... to the "
+        f"command line (see conf/{group}/)"
+    )
+    assert explain_missing_value(ValueError("x")) is None
 
 
 def test_other_errors_are_not_explained() -> None:

@@ -208,6 +208,25 @@ def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: st
     assert key in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+        ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
+        (
+            "trainer.accumulate_grad_batches=0",
+            "trainer.accumulate_grad_batches must be an integer >= 1, got 0",
+        ),
+    ],
+)
+def test_settings_that_cannot_run_stop_with_one_message(
+    make_config, override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(make_config(override))
+    assert str(caught.value) == message
+
+
 def test_a_secret_in_the_config_is_written_nowhere(tmp_path) -> None:
     secret = "hf_DoNotWriteMe0123456789"
     result = train_cli(

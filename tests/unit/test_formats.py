@@ -485,3 +485,28 @@ def test_explicit_format_missing_column_names_it_the_key_and_the_columns_found(
     assert f"rows.jsonl: missing column {missing}" in message
     assert "the columns found are ['completion', 'prompt', 'rating']" in message
     assert f"set {key}" in message
+
+
+@pytest.mark.parametrize(
+    ("row", "where"),
+    [
+        (
+            {"prompt": [user("hi")], "completion": [assistant("a"), user("b")], "label": True},
+            "rows.jsonl, row 1, column 'completion', message 1: a 'user' turn",
+        ),
+        (
+            {
+                "chosen": [user("hi"), assistant("a")],
+                "rejected": [user("hi"), {"role": "system", "content": "s"}, assistant("b")],
+            },
+            "rows.jsonl, row 1, column 'rejected', message 0: a 'system' turn",
+        ),
+    ],
+    ids=["unpaired", "paired"],
+)
+def test_a_completion_holding_a_non_assistant_turn_is_refused(row: dict, where: str) -> None:
+    # It would be trained as model output; the row is refused, naming the turn.
+    with pytest.raises(DataError) as info:
+        norm([row])
+    assert str(info.value).startswith(where)
+    assert "a completion holds assistant turns only" in str(info.value)

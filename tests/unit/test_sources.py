@@ -78,6 +78,16 @@ def test_missing_file_names_the_path(tmp_path, name):
     assert str(path) in str(info.value)
 
 
+def test_a_folder_is_named_with_a_file_to_pick(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
+    with pytest.raises(DataError) as info:
+        load_source(str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path} is a folder; name one data file (.csv, .json, .jsonl, .parquet) in it, "
+        f"e.g. {tmp_path / 'train.jsonl'}"
+    )
+
+
 @pytest.mark.parametrize("source", ["./data/missing", "~/no-such-kto-dir/rows", "a/b/c"])
 def test_path_looking_names_are_read_as_paths_not_hub_names(source):
     # Not a hub lookup (which would say HF_HUB_OFFLINE): these cannot be hub ids.

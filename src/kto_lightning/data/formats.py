@@ -82,6 +82,23 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
+def _assistant_turns(messages: Any, where: str) -> Any:
+    """`messages`, a completion, unless it holds a turn that is not the model's.
+
+    The completion is what the model is trained to write (or not to write); a user or system
+    turn inside it would be trained as model output. Such a row is refused, not masked: its
+    earlier turns belong in the prompt.
+    """
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            raise DataError(
+                f"{where}, message {i}: a {message['role']!r} turn inside the completion; a "
+                "completion holds assistant turns only (the model's output). Move the turns "
+                "before the last assistant reply into the prompt"
+            )
+    return messages
+
+
 def _text_or_chat(value: Any, chat: bool, where: str) -> str | list[dict[str, str]]:
     if chat:
         if not isinstance(value, list):
@@ -137,6 +154,8 @@ def _pair_rows(columns: Columns, row: dict, chat: bool, where: str) -> list[tupl
                 f"{where}: chosen and rejected must share a prompt and differ after it "
                 f"({shared} shared messages); set data.columns.prompt if the prompt is apart"
             )
+        _assistant_turns(completions[0], chosen_where)
+        _assistant_turns(completions[1], rejected_where)
         return [(prompt, completions[0]), (prompt, completions[1])]
     assert isinstance(chosen, str) and isinstance(rejected, str)  # text rows (not chat)
     if explicit is not None:
@@ -176,8 +195,10 @@ def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callab
             out["prompt"].append(
                 _text_or_chat(row[prompt_col], chat, f"{where}, column {prompt_col!r}")
             )
+            completion_where = f"{where}, column {completion_col!r}"
+            completion = _text_or_chat(row[completion_col], chat, completion_where)
             out["completion"].append(
-                _text_or_chat(row[completion_col], chat, f"{where}, column {completion_col!r}")
+                _assistant_turns(completion, completion_where) if chat else completion
             )
             if fmt == "score":
                 out["label"].append(_score_label(columns, row, where))

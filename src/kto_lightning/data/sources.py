@@ -96,6 +96,12 @@ def _holds_no_rows(path: Path, builder: str) -> bool:
 def load_local(path: str | Path, cache_dir: str | None = None) -> datasets.Dataset:
     """Rows of a local jsonl, json, parquet or csv file."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in BUILDERS)[:3]
+        raise DataError(
+            f"{path} is a folder; name one data file ({', '.join(sorted(BUILDERS))}) in it"
+            + (f", e.g. {path / files[0]}" if files else "")
+        )
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     builder = BUILDERS.get(path.suffix.lower())
