@@ -43,13 +43,25 @@ def redact_secrets(config: dict) -> dict:
     return _redact(config)
 
 
+def _leaves(value: Any) -> set[str]:
+    """Every scalar under `value` (a secret's value: text, a number, or a list of them)."""
+    if isinstance(value, dict):
+        return set().union(*(_leaves(v) for v in value.values())) if value else set()
+    if isinstance(value, list | tuple):
+        return set().union(*(_leaves(v) for v in value)) if value else set()
+    if isinstance(value, bool) or value is None or value == "":
+        return set()
+    return {str(value)}
+
+
 def secret_values(config: Any) -> set[str]:
-    """The non-empty string values held under secret-looking keys, anywhere in `config`."""
+    """The values held under secret-looking keys, anywhere in `config`, as text: strings,
+    numbers (`+my_password=12345678`) and the items of lists."""
     found: set[str] = set()
     if isinstance(config, dict):
         for key, value in config.items():
-            if is_secret_key(str(key)) and isinstance(value, str) and value:
-                found.add(value)
+            if is_secret_key(str(key)):
+                found |= _leaves(value)
             else:
                 found |= secret_values(value)
     elif isinstance(config, list | tuple):
@@ -63,10 +75,14 @@ def scrub_files(folder: str | Path, secrets: set[str]) -> None:
     config.yaml, hydra.yaml and overrides.yaml all repeat what was given on the command line)."""
     if not secrets:
         return
+    # Whole values only: a secret 1234 must not turn max_steps: 12345 into ***5.
+    pattern = re.compile(
+        "|".join(
+            rf"(?<![\w.]){re.escape(s)}(?![\w.])" for s in sorted(secrets, key=len, reverse=True)
+        )
+    )
     for path in Path(folder).glob("*.yaml"):
         text = path.read_text()
-        scrubbed = text
-        for secret in sorted(secrets, key=len, reverse=True):
-            scrubbed = scrubbed.replace(secret, "***")
+        scrubbed = pattern.sub("***", text)
         if scrubbed != text:
             path.write_text(scrubbed)

@@ -26,7 +26,7 @@ from kto_lightning.guards import (
     explain_unknown_key,
 )
 from kto_lightning.schemas import check
-from kto_lightning.security import redact_secrets
+from kto_lightning.security import redact_secrets, scrub_files, secret_values
 from kto_lightning.train import build, train
 
 POISONED_STEP = 4  # 1-based optimizer step whose batch is poisoned
@@ -311,6 +311,17 @@ def test_command_line_names_a_misspelt_key_in_one_line(tmp_path, override: str) 
 
 
 # ------------------------------------------------------------------- secrets
+def test_secret_values_and_scrubbing_cover_numbers_and_lists_but_only_whole_values(
+    tmp_path,
+) -> None:
+    config = {"my_password": 1234, "api_keys": ["k-one", "k-two"], "trainer": {"max_steps": 12345}}
+    assert secret_values(config) == {"1234", "k-one", "k-two"}
+    record = tmp_path / "config.yaml"
+    record.write_text("my_password: 1234\napi_keys:\n- k-one\n- k-two\nmax_steps: 12345\n")
+    scrub_files(tmp_path, secret_values(config))
+    assert record.read_text() == "my_password: ***\napi_keys:\n- ***\n- ***\nmax_steps: 12345\n"
+
+
 def test_redact_secrets_replaces_secret_values_at_any_depth() -> None:
     config = {
         "hf_token": "hf_abc",

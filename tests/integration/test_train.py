@@ -228,14 +228,18 @@ def test_settings_that_cannot_run_stop_with_one_message(
 
 
 def test_a_secret_in_the_config_is_written_nowhere(tmp_path) -> None:
-    secret = "hf_DoNotWriteMe0123456789"
+    # A string, a number and the items of a list, each under a secret-looking key.
+    secrets = ["hf_DoNotWriteMe0123456789", "12345678", "abcdef1234", "ghijkl5678"]
     result = train_cli(
-        "debug=fast", "data.source.toy_rows=160", f"+hub_token={secret}",
+        "debug=fast", "data.source.toy_rows=160", f"+hub_token={secrets[0]}",
+        f"+my_password={secrets[1]}", f"+api_keys=[{secrets[2]},{secrets[3]}]",
         f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
-    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
-    assert not leaked, f"the secret was written to {leaked}"
+    for secret in secrets:
+        leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+        assert not leaked, f"{secret} was written to {leaked}"
+        assert secret not in result.stdout + result.stderr
