@@ -110,7 +110,22 @@ def remove_partial_checkpoints(runs: Path) -> list[Path]:
     return removed
 
 
-class LastCheckpoint(L.Callback):
+class AfterOptimizerStep(L.Callback):
+    """A callback that acts at the end of a batch that made an optimizer step: the points where
+    a saved state resumes exactly (not in the middle of gradient accumulation)."""
+
+    def __init__(self) -> None:
+        self._step_at_batch_start = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """Whether the batch now ending made an optimizer step (call from on_train_batch_end)."""
+        return trainer.global_step > self._step_at_batch_start
+
+
+class LastCheckpoint(AfterOptimizerStep):
     """`<dirpath>/last.ckpt`: the newest state, every `every_n_train_steps` and at the end.
 
     Lightning's ModelCheckpoint rewrites its last.ckpt only when it saves for its own reason (a
@@ -135,10 +150,10 @@ class LastCheckpoint(L.Callback):
                 "callbacks.last_checkpoint.every_n_train_steps must be >= 0, got "
                 f"{every_n_train_steps}"
             )
+        super().__init__()
         self.path = Path(dirpath) / filename
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
-        self._step_at_batch_start = 0
 
     @property
     def written(self) -> Path | None:
@@ -149,13 +164,9 @@ class LastCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        stepped = trainer.global_step > self._step_at_batch_start
         every = self.every_n_train_steps
-        if stepped and every and trainer.global_step % every == 0:
+        if self.stepped(trainer) and every and trainer.global_step % every == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

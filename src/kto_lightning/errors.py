@@ -4,6 +4,7 @@ Every message names the thing to change: the config key, the file, the row, the 
 """
 
 import math
+from collections.abc import Iterator
 
 
 class KTOError(Exception):
@@ -22,14 +23,17 @@ class ModelLoadError(KTOError, OSError):
     """A model or tokenizer could not be loaded; the message says where it was looked for."""
 
 
-def user_error(error: BaseException) -> KTOError | None:
-    """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then the error it was raised from (or while handling), and so on down."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, KTOError):
-            return seen
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return None
+
+
+def user_error(error: BaseException) -> KTOError | None:
+    """The KTOError behind `error`, if any: Hydra wraps errors raised while instantiating."""
+    return next((seen for seen in causes(error) if isinstance(seen, KTOError)), None)
 
 
 def check_number(key: str, value: object) -> float:

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from kto_lightning.checkpointing import LastCheckpoint
-from kto_lightning.errors import KTOError
+from kto_lightning.errors import KTOError, causes
 from kto_lightning.schemas import accepted_keys
 
 log = logging.getLogger("kto_lightning")
@@ -180,8 +180,7 @@ def _refused_key(error: BaseException) -> ConfigKeyError | ConfigAttributeError 
     reads a missing key is a bug to show with its traceback, not a spelling to correct.
     """
     composing = False
-    seen: BaseException | None = error
-    while seen is not None:
+    for seen in causes(error):
         composing = composing or isinstance(seen, ConfigCompositionException)
         if (
             composing
@@ -190,7 +189,6 @@ def _refused_key(error: BaseException) -> ConfigKeyError | ConfigAttributeError 
             and isinstance(seen.parent_node, DictConfig)
         ):
             return seen
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -222,17 +220,15 @@ def explain_unknown_key(error: BaseException) -> str | None:
 def explain_missing_value(error: BaseException) -> str | None:
     """One line naming a required config key left at `???` (`data=local` without
     `data.source.path`), or None for any other error."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, MissingMandatoryValue):
-            key = seen.full_key or seen.key
-            group = str(key).split(".")[0]
-            return (
-                f"{key} must be set: the chosen {group} file leaves it open (???); add "
-                f"{key}=... to the command line (see conf/{group}/)"
-            )
-        seen = seen.__cause__ or seen.__context__
-    return None
+    missing = next((e for e in causes(error) if isinstance(e, MissingMandatoryValue)), None)
+    if missing is None:
+        return None
+    key = missing.full_key or missing.key
+    group = str(key).split(".")[0]
+    return (
+        f"{key} must be set: the chosen {group} file leaves it open (???); add "
+        f"{key}=... to the command line (see conf/{group}/)"
+    )
 
 
 def run_explained(main: Callable[[], object]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 
+from kto_lightning.checkpointing import AfterOptimizerStep
 from kto_lightning.errors import KTOError
 
 log = logging.getLogger("kto_lightning")
@@ -47,7 +48,7 @@ class RunInterrupted(KTOError):
         return 128 + self.signal_number
 
 
-class SaveOnInterrupt(L.Callback):
+class SaveOnInterrupt(AfterOptimizerStep):
     """On SIGTERM or a first Ctrl-C, save `<dirpath>/last.ckpt` after the current optimizer
     step and stop with RunInterrupted.
 
@@ -58,10 +59,10 @@ class SaveOnInterrupt(L.Callback):
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        super().__init__()
         self.path = Path(dirpath) / filename
         self._ctrl_c = False
         self._previous_handler: Any = None
-        self._step_at_batch_start = 0
 
     # ------------------------------------------------------------------ Ctrl-C
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
@@ -93,11 +94,8 @@ class SaveOnInterrupt(L.Callback):
         self._restore_handler()
 
     # ------------------------------------------------------------------ stopping
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        stepped = trainer.global_step > self._step_at_batch_start
+        stepped = self.stepped(trainer)
         asked = self._ctrl_c or trainer.received_sigterm
         if trainer.world_size > 1:  # every rank saves the same step, or none does
             asked = trainer.strategy.reduce_boolean_decision(asked, all=False)

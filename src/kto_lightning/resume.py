@@ -75,6 +75,15 @@ class Saved:
     def run_dir(self) -> Path:
         return self.path.parent.parent
 
+    @property
+    def finished(self) -> bool:
+        """Whether its run had reached its last epoch or step when it was saved."""
+        max_steps = _value(self.config, "trainer.max_steps") or -1
+        max_epochs = _value(self.config, "trainer.max_epochs")
+        return (0 < max_steps <= self.global_step) or (
+            max_epochs is not None and max_epochs >= 0 and self.epoch >= max_epochs
+        )
+
 
 def read_checkpoint(path: Path) -> Saved:
     """The run config and progress of the checkpoint at `path`, read without its tensors.
@@ -146,15 +155,6 @@ def current_config(cfg: DictConfig) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
-
-
-def is_finished(saved: Saved, config: dict[str, Any]) -> bool:
-    """Whether the run of `saved` had reached its last epoch or step when it was saved."""
-    max_steps = _value(config, "trainer.max_steps") or -1
-    max_epochs = _value(config, "trainer.max_epochs")
-    return (0 < max_steps <= saved.global_step) or (
-        max_epochs is not None and max_epochs >= 0 and saved.epoch >= max_epochs
-    )
 
 
 def _task_folder(output_dir: Path) -> Path:

@@ -46,7 +46,7 @@ from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import CausalLM, ModelSource
 from kto_lightning.module import KTOModule
 from kto_lightning.reference import CopyReference, build_provider
-from kto_lightning.resume import find_resume, is_finished
+from kto_lightning.resume import find_resume
 from kto_lightning.security import (
     REDACTED,
     is_secret_key,
@@ -198,7 +198,7 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
     remove_partial_checkpoints(Path(cfg.paths.output_dir).resolve().parent)
     saved = find_resume(cfg)  # before data and model: a bad checkpoint stops the run here
-    if saved is not None and is_finished(saved, saved.config):
+    if saved is not None and saved.finished:
         log.info(
             "resume: the run in %s already finished (step %d, epoch %d); nothing to train",
             saved.run_dir,
@@ -256,12 +256,10 @@ def resume_command(checkpoint: Path | str) -> str:
     ones shown as ***, for the user to fill in again) and `resume=`."""
     overrides = []
     for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume":
-            continue
-        overrides.append(
-            f"{override.split('=', 1)[0]}={REDACTED}" if is_secret_key(key) else override
-        )
+        written_key = override.split("=", 1)[0]  # with its + or ~, as the user wrote it
+        key = written_key.lstrip("+~")
+        if key != "resume":
+            overrides.append(f"{written_key}={REDACTED}" if is_secret_key(key) else override)
     return shlex.join(
         [sys.executable.rsplit("/", 1)[-1], "-m", "kto_lightning.train", *overrides,
          f"resume={checkpoint}"]
