@@ -154,6 +154,7 @@ class LastCheckpoint(AfterOptimizerStep):
         self.path = Path(dirpath) / filename
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
+        self._flush_logs = False
 
     @property
     def written(self) -> Path | None:
@@ -161,8 +162,21 @@ class LastCheckpoint(AfterOptimizerStep):
         return self.path if self._saved_step >= 0 else None
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
         self._saved_step = trainer.global_step
+        self._flush_logs = True
+        for logger in trainer.loggers:  # all but this step's metrics (see on_train_batch_start)
+            logger.save()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_start(trainer, *args)
+        if self._flush_logs:
+            # Lightning hands a batch's metrics to the loggers after on_train_batch_end: now
+            # the metrics up to the saved step are there, and go to disk (metrics.csv) with it,
+            # so a run killed later resumes with its metrics whole.
+            self._flush_logs = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         every = self.every_n_train_steps
@@ -170,5 +184,6 @@ class LastCheckpoint(AfterOptimizerStep):
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._saved_step != trainer.global_step:
-            self._save(trainer)
+        # Again even at a step just saved: saved after the last batch, the file would not yet
+        # count the last epoch as done, and resume=auto would take the run for unfinished.
+        self._save(trainer)

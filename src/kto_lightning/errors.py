@@ -19,6 +19,10 @@ class DataError(KTOError, ValueError):
     """The training data is unusable; the message names the file, row, column or value."""
 
 
+class TrainingDiverged(KTOError):
+    """The loss or a gradient stopped being finite; the message names the step and checkpoint."""
+
+
 class ModelLoadError(KTOError, OSError):
     """A model or tokenizer could not be loaded; the message says where it was looked for."""
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from kto_lightning.checkpointing import LastCheckpoint
-from kto_lightning.errors import KTOError, causes
+from kto_lightning.errors import TrainingDiverged, causes
 from kto_lightning.schemas import accepted_keys
 
 log = logging.getLogger("kto_lightning")
@@ -79,14 +79,14 @@ class NonFiniteGuard(L.Callback):
         # The optimizer step this batch contributes to (several batches with accumulation).
         self._step = trainer.global_step + 1
 
-    def _stop(self, trainer: L.Trainer, what: str) -> KTOError:
+    def _stop(self, trainer: L.Trainer, what: str) -> TrainingDiverged:
         checkpoint = last_good_checkpoint(trainer)
         where = (
             f"Last good checkpoint: {checkpoint} (resume with resume={checkpoint})"
             if checkpoint
             else "Last good checkpoint: no checkpoint written yet"
         )
-        return KTOError(
+        return TrainingDiverged(
             f"{what} at step {self._step}; training stopped. {where}. Usual causes: a learning "
             "rate too high, fp16 overflow (try precision=bf16-mixed), or an empty completion."
         )

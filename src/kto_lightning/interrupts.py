@@ -63,6 +63,7 @@ class SaveOnInterrupt(AfterOptimizerStep):
         self.path = Path(dirpath) / filename
         self._ctrl_c = False
         self._previous_handler: Any = None
+        self.stopped: RunInterrupted | None = None  # set once the stopped step is saved
 
     # ------------------------------------------------------------------ Ctrl-C
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
@@ -87,6 +88,7 @@ class SaveOnInterrupt(AfterOptimizerStep):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handler()
+        self._stop_if_saved()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -99,8 +101,22 @@ class SaveOnInterrupt(AfterOptimizerStep):
         asked = self._ctrl_c or trainer.received_sigterm
         if trainer.world_size > 1:  # every rank saves the same step, or none does
             asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
-        if not (asked and stepped):  # mid-accumulation: the next optimizer step is the point
-            return
-        trainer.save_checkpoint(self.path)
+        if self.stopped is not None or not (asked and stepped):
+            return  # mid-accumulation: the next optimizer step is the point
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
         signal_number = signal.SIGINT if self._ctrl_c else signal.SIGTERM
-        raise RunInterrupted(signal_number, self.path, trainer.global_step)
+        self.stopped = RunInterrupted(signal_number, self.path, trainer.global_step)
+        # Stopping waits for the next hook: Lightning hands this batch's metrics to the loggers
+        # after this one, and they belong with the step just saved. On SIGTERM Lightning itself
+        # stops first, with SIGTERMException, which `train` turns into `self.stopped`.
+
+    def _stop_if_saved(self) -> None:
+        if self.stopped is not None:
+            raise self.stopped
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_start(trainer, *args)
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()  # a validation due at this step would only delay the stop

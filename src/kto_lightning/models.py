@@ -197,6 +197,33 @@ class Pretrained:
         return disable_dropout(policy) if self.disable_dropout else policy
 
 
+# Names that models with learned absolute positions give their position table (GPT-2 and its
+# kin: wpe; OPT, BART-style decoders: embed_positions; GPT-Neo and others: position_embeddings).
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table can embed; None for models with
+    rotary or ALiBi positions (Llama, Mistral, Qwen, ...), which run past their trained length."""
+    sizes = [
+        module.num_embeddings
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+    ]
+    return min(sizes) if sizes else None
+
+
+def check_context_window(model: nn.Module, max_length: int, key: str) -> None:
+    """ConfigError naming `key` when rows of `max_length` tokens do not fit the model's learned
+    positions (they would fail with an IndexError at the first long batch)."""
+    limit = learned_positions(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"{key}={max_length} is longer than the model's context window: it has learned "
+            f"positions for {limit} tokens. Set {key}={limit} or less"
+        )
+
+
 def apply_lora(model: PreTrainedModel, lora: dict | None) -> CausalLM:
     """Wrap `model` with LoRA adapters (peft) when `lora` is set; only the adapters then train.
 

@@ -1,8 +1,11 @@
 """Which checkpoint a run resumes from, checked before any data or model is loaded.
 
-- `resume=<path>`: that checkpoint (a file, or a sharded folder). It must be readable, and must
-  not change the learning rate or the schedule: a resumed run restores the optimizer's and the
-  scheduler's state, so such a change would be silently ignored.
+- `resume=<path>`: that checkpoint (a file, or a sharded folder). It must be readable, be of the
+  same model (`SHAPE`), and must not change the learning rate or the schedule: a resumed run
+  restores the optimizer's and the scheduler's state, so such a change would be silently ignored.
+
+A resumed run continues in the run directory of its checkpoint (`<run dir>/checkpoints/...`):
+its checkpoints, metrics.csv, curves, export and objective stay in one place.
 - `resume=auto`: the newest checkpoint, among this task's runs, whose saved config matches this
   one on everything that defines the run (`DEFINING`). Runs on other data or with another beta are
   not this run; when only such runs exist, the log says which keys differ and the run starts
@@ -51,6 +54,9 @@ NOT_DEFINING = (
     "reference.cache_dir",
     "reference.batch_size",
 )
+# What the shapes and names of a checkpoint's weights follow: a checkpoint of another model (or
+# of a LoRA adapter where this run trains all weights) cannot be loaded.
+SHAPE = ("model", "reference")
 # What a resumed run restores from the checkpoint instead of taking from the config.
 SCHEDULE = (
     "optimizer",
@@ -72,8 +78,12 @@ class Saved:
     epoch: int
 
     @property
-    def run_dir(self) -> Path:
-        return self.path.parent.parent
+    def run_dir(self) -> Path | None:
+        """The run directory the checkpoint was saved in (`<run dir>/checkpoints/<file>`), where
+        a resumed run continues; None for a checkpoint kept anywhere else."""
+        if self.path.parent.name != "checkpoints":
+            return None
+        return self.path.parent.parent.resolve()
 
     @property
     def finished(self) -> bool:
@@ -183,6 +193,13 @@ def find_resume(cfg: DictConfig) -> Saved | None:
         if not (path.is_file() or (path / ".metadata").is_file()):
             raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
         saved = read_checkpoint(path)
+        other_model = differences(current, saved.config, SHAPE)
+        if other_model:
+            raise ConfigError(
+                f"resume={resume!r} was saved from another model, so its weights do not fit this "
+                f"one: {'; '.join(other_model)}. Resume with the model it was saved from, or "
+                "start a new run (resume=null)"
+            )
         changed = differences(current, saved.config, SCHEDULE)
         if changed:
             raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,34 @@ def scrub_files(folder: str | Path, secrets: set[str]) -> None:
         scrubbed = pattern.sub("***", text)
         if scrubbed != text:
             path.write_text(scrubbed)
+
+
+# `key=value` as a command line or a log line writes it: an override, with its + or ~.
+ASSIGNMENT = re.compile(
+    r"(?P<key>[+~]*[A-Za-z_][\w.\-]*)=(?P<value>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,\]'\"]+)"
+)
+
+
+def redact_assignments(text: str) -> str:
+    """`text` with the value of every `key=value` whose key is secret-named replaced by ***."""
+
+    def _shown(match: re.Match[str]) -> str:
+        key = match.group("key")
+        return f"{key}={REDACTED}" if is_secret_key(key.lstrip("+~")) else match.group(0)
+
+    return ASSIGNMENT.sub(_shown, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that hides the values of secret-named overrides in every record.
+
+    Hydra's launcher logs each sweep job's overrides (`#0 : +hf_token=...`); conf/hydra puts this
+    filter on Hydra's and the job's log handlers, console and file.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_assignments(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

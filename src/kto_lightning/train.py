@@ -31,7 +31,8 @@ from kto_lightning.checkpointing import (
     AtomicCheckpointIO,
     remove_partial_checkpoints,
 )
-from kto_lightning.errors import ConfigError, user_error
+from kto_lightning.csv_logger import ContinuingCSVLogger
+from kto_lightning.errors import ConfigError, TrainingDiverged, user_error
 from kto_lightning.guards import explain_missing_value, explain_unknown_key, run_explained
 from kto_lightning.interrupts import RunInterrupted, SaveOnInterrupt
 from kto_lightning.lifecycle import (
@@ -43,21 +44,34 @@ from kto_lightning.lifecycle import (
     scalar_metrics,
 )
 from kto_lightning.losses import KTOLossConfig
-from kto_lightning.models import CausalLM, ModelSource
+from kto_lightning.models import CausalLM, ModelSource, check_context_window
 from kto_lightning.module import KTOModule
+from kto_lightning.progress import console_callbacks, log_config, quiet_library_noise
 from kto_lightning.reference import CopyReference, build_provider
 from kto_lightning.resume import find_resume
 from kto_lightning.security import (
-    REDACTED,
-    is_secret_key,
     redact_secrets,
     scrub_files,
     secret_values,
 )
 from kto_lightning.strategies import check_deepspeed
+from kto_lightning.sweeps import (
+    in_sweep,
+    job_result,
+    record,
+    register_resolvers,
+    shown_overrides,
+)
+from kto_lightning.wandb_logging import (
+    check_wandb_login,
+    finishing_wandb_run,
+    is_wandb,
+    wandb_logger,
+)
 
 log = logging.getLogger("kto_lightning")
 schemas.register()  # before any config is composed: the YAML files extend these
+register_resolvers()  # and conf/hydra names sweep jobs' folders with these
 
 
 def config_dir() -> Path:
@@ -92,6 +106,7 @@ class Run:
     trainer: L.Trainer
     module: KTOModule
     datamodule: L.LightningDataModule
+    interrupt: SaveOnInterrupt  # among the trainer's callbacks: what a signal stopped and saved
 
 
 def _check_integer(key: str, value: Any, minimum: int) -> None:
@@ -99,8 +114,9 @@ def _check_integer(key: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
-def build(cfg: DictConfig) -> Run:
-    """Seed, then build model, data, module and trainer from `cfg`."""
+def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
+    """Seed, then build model, data, module and trainer from `cfg`; `resumed_step`: the step of
+    the checkpoint this run resumes from, whose metrics file it continues."""
     schemas.check(cfg)  # '+group.key' additions: Hydra adds them even to structured configs
     # Keys no schema types: the root file's and the trainer's (Lightning's own check is a
     # traceback, raised only once data and model are loaded).
@@ -110,8 +126,10 @@ def build(cfg: DictConfig) -> Run:
     )
     # The reference model is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    quiet_library_noise(interactive=sys.stdout.isatty())
     if "DeepSpeedStrategy" in str(cfg.strategy.get("_target_")):
         check_deepspeed(cfg.trainer.accelerator)  # before any data or model is loaded
+    check_wandb_login(cfg)  # W&B without a login fails here, not once the model is loaded
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
     loss_config: KTOLossConfig = instantiate(cfg.loss)  # as YAML says: a weight may be "auto"
@@ -141,6 +159,7 @@ def build(cfg: DictConfig) -> Run:
         loss.estimator,
     )
     policy = source.load_policy()
+    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
     if cfg.gradient_checkpointing:
         # Recompute each decoder layer in backward: activation memory for ~30% more compute.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -163,11 +182,20 @@ def build(cfg: DictConfig) -> Run:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         logprob_chunk_size=cfg.logprob_chunk_size,
     )
-    loggers = _instantiate_group(cfg.get("logger"))
+    # A W&B run starts here, one per job, its command line redacted, before anything is logged.
+    loggers = [
+        wandb_logger(entry, cfg) if is_wandb(entry) else instantiate(entry)
+        for entry in (cfg.get("logger") or {}).values()
+        if entry is not None
+    ]
+    for logger in loggers:
+        if isinstance(logger, ContinuingCSVLogger) and resumed_step is not None:
+            logger.continue_from(resumed_step)  # before the first write empties metrics.csv
     strategy = instantiate(cfg.strategy)
     # What every run does around its fit, whatever the callbacks group holds.
+    interrupt = SaveOnInterrupt(Path(cfg.paths.output_dir) / "checkpoints")
     around_fit: list[L.Callback] = [
-        SaveOnInterrupt(Path(cfg.paths.output_dir) / "checkpoints"),
+        interrupt,
         ReleaseHostMemory(),
         ValidateAtLastStep(),
         RunSummary(),
@@ -175,12 +203,16 @@ def build(cfg: DictConfig) -> Run:
     ]
     if cfg.export.enabled:
         around_fit.append(HuggingFaceExport(tokenizer, merge_lora=cfg.export.merge_lora))
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), *around_fit]
+    # A progress bar on a terminal, plain log lines elsewhere (SLURM, nohup, a pipe).
+    console, switches = console_callbacks(cfg.trainer, callbacks, cfg.progress.every_n_steps)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         strategy=strategy,
-        callbacks=[*_instantiate_group(cfg.get("callbacks")), *around_fit],
+        callbacks=[*callbacks, *console],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
+        **switches,
     )
     # Secrets (a hub token, an API key) never reach a logger or a checkpoint. The config as
     # composed (a weight may say "auto"), and beside it the loss as it is trained.
@@ -191,26 +223,43 @@ def build(cfg: DictConfig) -> Run:
     for logger in loggers:
         logger.log_hyperparams(hparams)
     module.run_config = hparams
-    return Run(trainer, module, datamodule)
+    return Run(trainer, module, datamodule, interrupt)
 
 
 def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
     remove_partial_checkpoints(Path(cfg.paths.output_dir).resolve().parent)
     saved = find_resume(cfg)  # before data and model: a bad checkpoint stops the run here
+    if saved is not None and saved.run_dir is not None:
+        # The run goes on where it was: checkpoints, metrics, curves, export and objective.
+        if saved.run_dir != Path(cfg.paths.output_dir).resolve():
+            log.info(
+                "resume: continuing in %s (this launch's own log stays in %s)",
+                saved.run_dir,
+                cfg.paths.output_dir,
+            )
+        cfg.paths.output_dir = str(saved.run_dir)
     if saved is not None and saved.finished:
         log.info(
-            "resume: the run in %s already finished (step %d, epoch %d); nothing to train",
-            saved.run_dir,
+            "resume: the run of %s already finished (step %d, epoch %d); nothing to train",
+            saved.path,
             saved.global_step,
             saved.epoch,
         )
-        return recorded_objective(saved.run_dir)
-    run = run or build(cfg)
+        return recorded_objective(Path(cfg.paths.output_dir))
+    log_config(cfg)
+    run = run or build(cfg, resumed_step=saved.global_step if saved is not None else None)
     if cfg.validate_before_training and saved is None:
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     ckpt_path = str(saved.path) if saved is not None else None
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        run.trainer.fit(
+            run.module, datamodule=run.datamodule, ckpt_path=ckpt_path, weights_only=True
+        )
+    except SIGTERMException:  # Lightning stops on SIGTERM after the step SaveOnInterrupt saved
+        if run.interrupt.stopped is None:
+            raise
+        raise run.interrupt.stopped from None
     return objective(cfg.get("objective"), run.trainer)
 
 
@@ -243,25 +292,22 @@ def objective(name: str | None, trainer: L.Trainer) -> float | None:
 
 
 def _scrub_hydra_record(cfg: DictConfig) -> None:
-    """Hydra has already written the config and overrides to <run dir>/.hydra: drop secrets."""
+    """Hydra has already written the config and overrides to <run dir>/.hydra, and a sweep's to
+    <sweep dir>/multirun.yaml: drop secrets."""
     hydra_config = HydraConfig.get()
-    if hydra_config.output_subdir is None:
-        return
     secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
-    scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
+    if hydra_config.output_subdir is not None:
+        scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
+    if in_sweep():
+        scrub_files(hydra_config.sweep.dir, secrets)
 
 
 def resume_command(checkpoint: Path | str) -> str:
     """The command line that resumes this run from `checkpoint`: its overrides (secret-named
     ones shown as ***, for the user to fill in again) and `resume=`."""
-    overrides = []
-    for override in HydraConfig.get().overrides.task:
-        written_key = override.split("=", 1)[0]  # with its + or ~, as the user wrote it
-        key = written_key.lstrip("+~")
-        if key != "resume":
-            overrides.append(f"{written_key}={REDACTED}" if is_secret_key(key) else override)
+    task = [o for o in HydraConfig.get().overrides.task if o.partition("=")[0] != "resume"]
     return shlex.join(
-        [sys.executable.rsplit("/", 1)[-1], "-m", "kto_lightning.train", *overrides,
+        [sys.executable.rsplit("/", 1)[-1], "-m", "kto_lightning.train", *shown_overrides(task),
          f"resume={checkpoint}"]
     )  # fmt: skip
 
@@ -270,12 +316,15 @@ def resume_command(checkpoint: Path | str) -> str:
 def main(cfg: DictConfig) -> float | None:
     _scrub_hydra_record(cfg)
     try:
-        return train(cfg)
+        with finishing_wandb_run():  # else the next job of a sweep logs into this job's run
+            value = train(cfg)
     except RunInterrupted as stopped:
+        _record_job(cfg, None, "interrupted", str(stopped))
         log.error("%s", stopped)
         print(f"{stopped}; resume with:\n  {resume_command(stopped.checkpoint)}", file=sys.stderr)
         raise SystemExit(stopped.exit_code) from None
     except SIGTERMException:  # Lightning stopped the run before a step could be saved
+        _record_job(cfg, None, "interrupted", "SIGTERM between optimizer steps")
         saved = sorted(
             (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"),
             key=lambda path: path.stat().st_mtime,
@@ -286,11 +335,29 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         problem = user_error(error) or explain_unknown_key(error) or explain_missing_value(error)
         if problem is None:
-            raise
-        # A problem the user can fix: one clear line, no traceback.
-        log.error("%s", problem)
-        print(f"error: {problem}", file=sys.stderr)
+            # A bug: its traceback, through the log rather than Hydra's report (which echoes the
+            # overrides, secrets included).
+            log.exception("the run failed")
+        else:  # a problem the user can fix: one clear line, no traceback
+            log.error("%s", problem)
+            print(f"error: {problem}", file=sys.stderr)
+        status = "diverged" if isinstance(problem, TrainingDiverged) else "failed"
+        if _record_job(cfg, None, status, str(problem or repr(error))):
+            return None  # the sweeper goes on with the next job
         raise SystemExit(1) from None
+    _record_job(cfg, value, "completed")
+    return value
+
+
+def _record_job(cfg: DictConfig, value: float | None, status: str, message: str = "") -> bool:
+    """In a sweep, add this job's row to sweep_results.csv and return True; else False."""
+    if not in_sweep():
+        return False
+    output_dir = Path(cfg.paths.output_dir)
+    table = record(job_result(cfg.get("objective"), value, status, output_dir, message))
+    if status != "completed":
+        log.warning("job %s %s; recorded in %s", output_dir.name, status, table)
+    return True
 
 
 if __name__ == "__main__":

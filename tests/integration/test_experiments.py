@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
@@ -23,31 +24,57 @@ def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProce
 FAST = ["debug=fast", "data.source.toy_rows=160", "trainer.limit_val_batches=1"]
 
 
-def test_multirun_gives_each_run_its_directory_and_objective(tmp_path) -> None:
+def test_a_sweep_records_every_job_and_survives_a_failing_and_a_diverging_one(tmp_path) -> None:
+    secrets = ("+foo_token=abc123xyz", "+my_password=12345678")
     result = _cli(
-        "-m", "loss.beta=0.05,0.1,0.3", *FAST, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
-    )
+        "-m", "loss.beta=0.1,-1", "optimizer.lr=3e-4,1e30", *FAST, *secrets,
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name.split("_", 1)[0] for p in runs] == ["0", "1", "2"]
-    for run, beta in zip(runs, ("0.05", "0.1", "0.3"), strict=True):
-        assert f"loss.beta={beta}" in run.name
-    for run in runs:
-        record = json.loads((run / "objective.json").read_text())
-        assert record["objective"] == "val/rewards/auroc"
-        assert 0.0 <= record["value"] <= 1.0
-        assert (run / "checkpoints" / "last.ckpt").is_file()
+    sweep = tmp_path / "sweep"
+    with open(sweep / "sweep_results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    # Hydra writes the values back in its own spelling: 3e-4 as 0.0003, 1e30 as 1e+30.
+    status = {tuple(row["overrides"].split()[:2]): row for row in rows}
+    assert [row["job"] for row in rows] == ["0", "1", "2", "3"]
+    assert status["loss.beta=0.1", "optimizer.lr=0.0003"]["status"] == "completed"
+    assert status["loss.beta=0.1", "optimizer.lr=1e+30"]["status"] == "diverged"
+    assert "non-finite" in status["loss.beta=0.1", "optimizer.lr=1e+30"]["message"]
+    for lr in ("0.0003", "1e+30"):
+        failed = status["loss.beta=-1", f"optimizer.lr={lr}"]
+        assert failed["status"] == "failed" and "loss.beta must be > 0" in failed["message"]
+    completed = status["loss.beta=0.1", "optimizer.lr=0.0003"]
+    run = Path(completed["run_dir"])
+    assert run.parent == sweep and run.name.startswith("0_") and "loss.beta=0.1" in run.name
+    record = json.loads((run / "objective.json").read_text())
+    assert record["objective"] == completed["objective"] == "val/rewards/auroc"
+    assert 0.0 <= record["value"] <= 1.0 and float(completed["value"]) == record["value"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "sweep: 4 jobs (1 completed, 1 diverged, 2 failed)" in result.stdout + result.stderr
+    # Secrets: not in a folder name, a row, a file under the sweep or a line of output.
+    assert all("***" in row["overrides"] and "token" not in row["run_dir"] for row in rows)
+    for text in (result.stdout, result.stderr):
+        assert "abc123xyz" not in text and "12345678" not in text
+    for path in sweep.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert b"abc123xyz" not in content and b"12345678" not in content, path
 
 
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path) -> None:
+def test_optuna_search_in_a_sqlite_study_marks_a_diverged_trial_failed(tmp_path) -> None:
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path}/study.db"
     result = _cli(
-        "hparams_search=optuna", "hydra.sweeper.n_trials=2", *FAST,
+        "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
+        "optimizer.lr=choice(3e-4,1e30)", *FAST,
         f"hydra.sweep.dir={tmp_path}/search", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     best = (tmp_path / "search" / "optimization_results.yaml").read_text()
     assert "best_value" in best and "loss.beta" in best
-    assert len(list((tmp_path / "search").glob("*/objective.json"))) == 2
+    study = optuna.load_study(study_name="kto", storage=storage)
+    states = {trial.params["optimizer.lr"]: trial.state.name for trial in study.trials}
+    assert len(study.trials) == 3 and states == {3e-4: "COMPLETE", 1e30: "FAIL"}, states
 
 
 def test_wandb_offline_run_holds_metrics_config_and_generations(tmp_path) -> None:

@@ -388,3 +388,31 @@ def test_same_seed_same_run_other_seed_other_run(make_config, tmp_path) -> None:
     losses_a = [row["train/loss"] for row in a if "train/loss" in row]
     losses_c = [row["train/loss"] for row in c if "train/loss" in row]
     assert losses_a != losses_c
+
+
+def test_data_too_small_to_hold_out_validation_names_the_keys_to_fix(make_config, tmp_path) -> None:
+    path = tmp_path / "two.jsonl"
+    path.write_text(
+        '{"prompt": "a", "completion": "b", "label": true}\n'
+        '{"prompt": "c", "completion": "d", "label": false}\n'
+    )
+    with pytest.raises(KTOError, match=r"2 rows are too few.*val_fraction.*val_path.*val_split"):
+        build(make_config("data=local", f"data.source.path={path}"))
+
+
+def test_rows_longer_than_learned_positions_are_refused_naming_max_length(
+    make_config, tmp_path
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kto_lightning.byte_tokenizer import byte_level_tokenizer
+
+    model_dir = tmp_path / "gpt2_64_positions"
+    config = GPT2Config(vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    local = ("model=local", f"model.name_or_path={model_dir}")
+    with pytest.raises(KTOError, match=r"data\.lengths\.max_length=192 is longer .* 64 tokens"):
+        build(make_config(*local))
+    # Within the window it builds; a rotary model (the tiny Llama) has no such limit.
+    build(make_config(*local, "data.lengths.max_length=64", "data.lengths.max_prompt_length=32"))

@@ -66,9 +66,10 @@ def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "whole"
 
 
-def _wait_for_a_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
+def _wait_for_a_checkpoint(process: subprocess.Popen, run_dir: Path, *more: str) -> None:
+    """Until `run_dir` holds checkpoints/last.ckpt and the files `more`."""
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+    while not all((run_dir / name).exists() for name in ("checkpoints/last.ckpt", *more)):
         assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline, "no checkpoint at step 5"
         time.sleep(0.02)
@@ -82,12 +83,17 @@ def _assert_resumed_equals(whole: Path, resumed: Path, resumed_at: int) -> None:
         torch.testing.assert_close(
             resumed_weights[key], expected_weights[key], rtol=0, atol=1e-6, msg=key
         )
+    # The resumed run goes on in the same run directory: one metrics.csv holds every step once,
+    # those logged before the interruption and after it, equal to the uninterrupted run's.
     expected, got = _train_rows(whole), _train_rows(resumed)
-    steps = [s for s in got if s > resumed_at]
-    assert steps and max(steps) == 2 * STEPS_PER_EPOCH - 1
-    for step in steps:
-        for name, value in got[step].items():
+    assert sorted(got) == list(range(2 * STEPS_PER_EPOCH)), "each optimizer step, no gap"
+    with open(resumed / "csv" / "metrics.csv") as handle:
+        loss_rows = [int(row["step"]) for row in csv.DictReader(handle) if row["train/loss"]]
+    assert sorted(loss_rows) == list(range(2 * STEPS_PER_EPOCH)), "and each step once"
+    for step, values in got.items():
+        for name, value in values.items():
             assert abs(value - expected[step][name]) <= 1e-6 or (value != value), (step, name)
+    assert any(step < resumed_at for step in got) and any(step > resumed_at for step in got)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, whole) -> None:
@@ -96,7 +102,9 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, wh
         _command(f"hydra.run.dir={killed}"), cwd=tmp_path, env=_env(tmp_path),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    _wait_for_a_checkpoint(process, killed)
+    # The metrics up to a checkpoint's step reach metrics.csv one batch after it (Lightning hands
+    # a batch's metrics to the loggers after the hook that saves).
+    _wait_for_a_checkpoint(process, killed, "csv/metrics.csv")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
@@ -105,7 +113,8 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, wh
     assert resumed_at % STEPS_PER_EPOCH > 0, "the checkpoint must be from the middle of an epoch"
 
     _run(tmp_path, f"resume={latest}", f"hydra.run.dir={tmp_path}/resumed")
-    _assert_resumed_equals(whole, tmp_path / "resumed", resumed_at)
+    _assert_resumed_equals(whole, killed, resumed_at)
+    assert not (tmp_path / "resumed" / "checkpoints").exists(), "only this launch's log is there"
 
 
 def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, whole) -> None:
@@ -131,7 +140,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, whole) -
 
     # resume=auto finds it: the only checkpoint of this run's config under the task's folder.
     _run(tmp_path, "resume=auto", f"hydra.run.dir={tmp_path}/resumed")
-    _assert_resumed_equals(whole, tmp_path / "resumed", step)
+    _assert_resumed_equals(whole, stopped, step)
 
 
 def test_ctrl_c_saves_after_the_step_and_exits_130(tmp_path) -> None:

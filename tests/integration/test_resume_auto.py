@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli import train_cli
+from conftest import FAST
 from kto_lightning import train as train_module
 from kto_lightning.errors import ConfigError
 from kto_lightning.train import train
@@ -51,17 +59,26 @@ def test_auto_on_a_finished_run_says_so_and_returns_its_objective(
     cfg = make_config(_run_dir(tmp_path, "again"), NO_PRE_VALIDATION, "resume=auto")
     with caplog.at_level("INFO", logger="kto_lightning"):
         value = train(cfg)
-    assert f"the run in {finished} already finished (step 6, epoch 1)" in caplog.text
+    assert f"the run of {finished}/checkpoints/" in caplog.text
+    assert "already finished (step 6, epoch 1)" in caplog.text
     assert value == json.loads((finished / "objective.json").read_text())["value"]
+    assert cfg.paths.output_dir == str(finished), "a resumed run goes on in its own directory"
 
 
-def test_a_changed_learning_rate_on_resume_is_refused_by_name(
-    make_config, tmp_path, finished, monkeypatch
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("model.hidden_size=32", r"another model.*model\.hidden_size: 64 -> 32"),
+        ("optimizer.lr=0.01", r"schedule.*optimizer\.lr: 0\.0003 -> 0\.01"),
+    ],
+)
+def test_resuming_a_path_with_another_model_or_learning_rate_is_refused_by_name(
+    make_config, tmp_path, finished, monkeypatch, change: str, message: str
 ) -> None:
     _no_build(monkeypatch)
     last = finished / "checkpoints" / "last.ckpt"
-    cfg = make_config(_run_dir(tmp_path, "again"), "optimizer.lr=0.01", f"resume={last}")
-    with pytest.raises(ConfigError, match=r"optimizer\.lr: 0\.0003 -> 0\.01"):
+    cfg = make_config(_run_dir(tmp_path, "again"), change, f"resume={last}")
+    with pytest.raises(ConfigError, match=message):
         train(cfg)
 
 
@@ -84,18 +101,41 @@ def test_a_file_that_is_no_training_checkpoint_is_named(make_config, tmp_path, m
         train(make_config(f"resume={path}"))
 
 
-def test_a_relaunched_sweep_job_finds_its_own_job(
-    make_config, tmp_path, caplog, monkeypatch
-) -> None:
-    sweep = tmp_path / "kto" / "multiruns"
-    betas = ("0.1", "0.2")
-    jobs = {beta: sweep / "first" / f"{n}_beta{beta}" for n, beta in enumerate(betas)}
-    for beta, job in jobs.items():
-        train(make_config(f"paths.output_dir={job}", f"loss.beta={beta}", NO_PRE_VALIDATION))
-    _no_build(monkeypatch)
-    for n, beta in enumerate(betas):
-        again = sweep / "second" / f"{n}_beta{beta}"
-        caplog.clear()
-        with caplog.at_level("INFO", logger="kto_lightning"):
-            train(make_config(f"paths.output_dir={again}", f"loss.beta={beta}", "resume=auto"))
-        assert f"the run in {jobs[beta]} already finished" in caplog.text
+def test_an_interrupted_sweep_relaunched_with_resume_auto_finishes(tmp_path) -> None:
+    """Job 0 finishes, job 1 is stopped by SIGTERM (the whole sweep stops, exit 143); the same
+    command with resume=auto skips job 0, resumes job 1 in its own directory and finishes it."""
+    sweep = [
+        "-m", "loss.beta=0.1,0.2", *FAST, "trainer.limit_train_batches=12",
+        "callbacks.last_checkpoint.every_n_train_steps=2", NO_PRE_VALIDATION,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    first, second = tmp_path / "kto" / "multiruns" / "first", tmp_path / "kto" / "multiruns" / "2"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kto_lightning.train", *sweep, f"hydra.sweep.dir={first}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(first.glob("1_*/checkpoints/last.ckpt")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "job 1 wrote no checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    before = _results(first)
+    assert [row["status"] for row in before] == ["completed", "interrupted"]
+
+    again = train_cli(*sweep, f"hydra.sweep.dir={second}", "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = _results(second)
+    assert [row["status"] for row in after] == ["completed", "completed"]
+    assert [row["run_dir"] for row in after] == [row["run_dir"] for row in before]
+    assert after[0]["value"] == before[0]["value"], "job 0 was not trained again"
+    job_1 = Path(after[1]["run_dir"])
+    assert torch.load(job_1 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert json.loads((job_1 / "objective.json").read_text())["value"] == float(after[1]["value"])
+
+
+def _results(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "sweep_results.csv", newline="") as file:
+        return list(csv.DictReader(file))

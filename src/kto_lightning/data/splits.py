@@ -62,7 +62,9 @@ def _hold_out(
     if n_source - n_val < 2:
         raise DataError(
             f"{name}: {n_source} rows are too few to hold out "
-            f"data.source.val_fraction={fraction} for validation"
+            f"data.source.val_fraction={fraction} for validation and keep 2 to train on; add "
+            "rows, or name validation data with data.source.val_path (a file) or "
+            "data.source.val_split (a split of the same source)"
         )
     held_out = set(order[:n_val])
     source_rows = rows["row"]
