@@ -108,12 +108,15 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
     # FSDP2 writes sharded checkpoints (a folder per checkpoint, without the frozen reference);
     # resuming from the one at the end of epoch 1 must finish exactly as the run did.
     assert (checkpoints / "best-step4.ckpt" / ".metadata").is_file()
+    expected = _final_validation(tmp_path / "run")
     resumed = train_cli(
         *run, f"resume={checkpoints / 'best-step4.ckpt'}", f"hydra.run.dir={tmp_path}/resumed",
         cwd=tmp_path,
     )  # fmt: skip
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    expected, got = _final_validation(tmp_path / "run"), _final_validation(tmp_path / "resumed")
+    # It goes on in its run directory: metrics.csv keeps steps 0-3 and gets 4-7 again.
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
+    got = _final_validation(tmp_path / "run")
     assert got["step"] == expected["step"] == "7"
     for key in ("val/loss", "val/rewards/margins", "val/kl", "val/rewards/auroc"):
         assert float(got[key]) == pytest.approx(float(expected[key]), abs=1e-6), key

@@ -77,28 +77,6 @@ def test_optuna_search_in_a_sqlite_study_marks_a_diverged_trial_failed(tmp_path)
     assert len(study.trials) == 3 and states == {3e-4: "COMPLETE", 1e30: "FAIL"}, states
 
 
-def test_wandb_offline_run_holds_metrics_config_and_generations(tmp_path) -> None:
-    result = _cli(
-        "logger=wandb", "logger.wandb.offline=true", *FAST, f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1, "one offline run directory"
-    record = next(offline[0].glob("*.wandb")).read_bytes()
-    for name in ("train/loss", "train/rewards/margins", "train/kl", "val/rewards/auroc",
-                 "val/loss/desirable", "val/count/undesirable", "val/generations"):  # fmt: skip
-        assert name.encode() in record, f"{name} missing from the offline run"
-    assert b"desirable_weight" in record, "the resolved config is uploaded"
-    # The table is on disk too, for every other logger.
-    tables = list((tmp_path / "run" / "generations").glob("step_*.jsonl"))
-    assert tables
-    rows = [json.loads(line) for line in tables[0].read_text().splitlines()]
-    assert len(rows) == 4 and all({"prompt", "generation", "step"} <= set(r) for r in rows)
-    # the CSV beside it feeds the plot
-    assert (tmp_path / "run" / FILENAME).is_file()
-
-
 def test_tensorboard_logger_writes_events(make_config, tmp_path) -> None:
     train(make_config("logger=tensorboard"))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -109,12 +109,27 @@ def test_each_sweep_job_gets_its_own_finished_run_in_the_sweeps_group(sweep) -> 
     assert first["exit_code"] == second["exit_code"] == 0, "each run finished, at its job's end"
 
 
+def test_a_jobs_run_holds_its_metrics_config_and_generations(sweep) -> None:
+    job = sweep[0] / "0"
+    record = next(job.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+    for name in ("train/loss", "train/rewards/margins", "train/kl", "val/rewards/auroc",
+                 "val/loss/desirable", "val/count/undesirable", "val/generations"):  # fmt: skip
+        assert name.encode() in record, f"{name} missing from the offline run"
+    assert b"desirable_weight" in record, "the resolved config is uploaded"
+    # The generations table is on disk too, for every other logger; the CSV beside feeds the plot.
+    tables = list((job / "generations").glob("step_*.jsonl"))
+    rows = [json.loads(line) for line in tables[0].read_text().splitlines()]
+    assert len(rows) == 4 and all({"prompt", "generation", "step"} <= set(r) for r in rows)
+    assert (job / "training_curves.png").is_file()
+
+
 def test_no_secret_reaches_wandbs_files_or_the_output(sweep) -> None:
     sweep_dir, result = sweep
-    # Hydra's own record (.hydra/, multirun.yaml) is tested with the other secrets tests.
     run_files = [path for path in sweep_dir.rglob("wandb/**/*") if path.is_file()]
     assert len(run_files) >= 8, "the .wandb record, logs, output.log, ... of both runs"
-    for path in run_files:  # text and binary: the .wandb file is protobuf
+    # Every file of the sweep: W&B's, Hydra's record (.hydra/, multirun.yaml), checkpoints, logs.
+    every_file = [path for path in sweep_dir.rglob("*") if path.is_file()]
+    for path in every_file:  # text and binary: the .wandb file is protobuf
         content = path.read_bytes()
         for secret in SECRETS:
             assert secret.encode() not in content, f"{secret} in {path}"
