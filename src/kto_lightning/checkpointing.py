@@ -187,3 +187,28 @@ class LastCheckpoint(AfterOptimizerStep):
         # Again even at a step just saved: saved after the last batch, the file would not yet
         # count the last epoch as done, and resume=auto would take the run for unfinished.
         self._save(trainer)
+
+
+def load_run_checkpoint(path: Path, key: str, advice: str) -> dict[str, Any]:
+    """The training checkpoint file at `path`, read on the CPU with weights_only=True (memory
+    mapped: its tensors are not read until used).
+
+    Raises:
+        ConfigError: naming `key=path` and ending with `advice`, when the file cannot be read
+            (empty, truncated, not a zip) or holds no run config of this project.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, not a zip, not a checkpoint at all
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{key}={str(path)!r}: not a readable checkpoint ({type(error).__name__}: {first}); "
+            f"{advice}"
+        ) from None
+    config = checkpoint.get(RUN_CONFIG_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict) or "global_step" not in checkpoint:
+        raise ConfigError(
+            f"{key}={str(path)!r}: not a kto_lightning training checkpoint (it has no "
+            f"'{RUN_CONFIG_KEY}' or 'global_step' entry); {advice}"
+        )
+    return checkpoint

@@ -3,10 +3,12 @@
 python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_model            # merged
 python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_adapter --keep-adapter
 
-The folder holds safetensors weights, the model config, the tokenizer (with its chat template) and
-a generation_config.json whose pad/eos/bos ids match the tokenizer. A LoRA policy is either merged
-into plain weights (`merge_lora=True`, loadable by AutoModelForCausalLM) or saved as the adapter
-alone (`merge_lora=False`, loadable by peft.PeftModel.from_pretrained on the base model).
+The folder holds safetensors weights, the model config, the tokenizer (with its chat template),
+a generation_config.json whose pad/eos/bos ids match the tokenizer, and a model card (README.md,
+kto_lightning.model_card) that says how the run was made and how it scored. A LoRA policy is
+either merged into plain weights (`merge_lora=True`, loadable by AutoModelForCausalLM) or saved
+as the adapter alone (`merge_lora=False`, loadable by peft.PeftModel.from_pretrained on the base
+model).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from kto_lightning.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
+from kto_lightning.model_card import write_model_card
 from kto_lightning.models import CausalLM, ModelSource
+from kto_lightning.run_records import final_metrics
 
 POLICY_PREFIX = "policy."
 
@@ -132,8 +136,18 @@ def load_policy_weights(policy: nn.Module, state: dict[str, torch.Tensor], sourc
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
 
 
+def run_dir_of(ckpt_path: Path, config: dict[str, Any]) -> Path | None:
+    """The run directory a checkpoint belongs to: `<run dir>/checkpoints/<file>.ckpt`, else the
+    one its config names (paths.output_dir), if that still exists; None otherwise."""
+    if ckpt_path.resolve().parent.name == "checkpoints":
+        return ckpt_path.resolve().parent.parent
+    named = (config.get("paths") or {}).get("output_dir")
+    return Path(named) if named and Path(named).is_dir() else None
+
+
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """Rebuild the policy of a kto_lightning checkpoint and export it with `export_policy`.
+    """Rebuild the policy of a kto_lightning checkpoint and export it with `export_policy`, with
+    a model card (README.md) from its run config and its run directory's records.
 
     The model and tokenizer are rebuilt from the run config stored in the checkpoint, then the
     checkpoint's policy weights are loaded. For a trainable-only checkpoint (LoRA adapters) the
@@ -169,7 +183,12 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bo
         raise ConfigError(f"the checkpoint {str(ckpt_path)!r} holds no 'policy.*' weights")
     load_policy_weights(policy, state, f"the checkpoint {str(ckpt_path)!r}")
     policy.eval()
-    return export_policy(policy, tokenizer, out_dir, merge_lora=merge_lora)
+    out = export_policy(policy, tokenizer, out_dir, merge_lora=merge_lora)
+    step = checkpoint.get("global_step")
+    run_dir = run_dir_of(ckpt_path, config)
+    metrics = final_metrics(run_dir, step) if run_dir is not None else {}
+    write_model_card(out, config, run_dir, step, metrics, merge_lora=merge_lora)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kto_lightning.export",
         description=(
             "Export the policy of a kto_lightning checkpoint as a Hugging Face folder "
-            "(safetensors weights, config, tokenizer, generation_config.json). A LoRA policy is "
-            "merged into plain weights unless --keep-adapter is given."
+            "(safetensors weights, config, tokenizer, generation_config.json, and a model card, "
+            "README.md). A LoRA policy is merged into plain weights unless --keep-adapter is "
+            "given."
         ),
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file written by kto_lightning.train")

@@ -4,7 +4,7 @@
 - `ValidateAtLastStep`: a run that `trainer.max_steps` ends mid-epoch still validates at the end.
 - `RunSummary`: the closing summary, each validation metric before -> after training.
 - `TrainingCurves`: the training-curves PNG of the run.
-- `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`.
+- `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`, with its card.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.checkpointing import LastCheckpoint
 from kto_lightning.errors import KTOError
 from kto_lightning.export import export_policy
+from kto_lightning.model_card import write_model_card
+from kto_lightning.models import EXPORT_DIR
 from kto_lightning.plot import plot_run
+from kto_lightning.run_records import validation_metrics
 from kto_lightning.strategies import FSDP2Strategy
 
 log = logging.getLogger("kto_lightning")
@@ -91,13 +94,15 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
 
 
-# (label, metric, format) of each summary row.
+# (label, metric, format) of each summary row; a row whose metric the run does not log (the
+# rewards of an SFT run, the perplexity of a KTO run) is left out.
 SUMMARY_ROWS = (
     ("validation reward AUROC", "val/rewards/auroc", "{:.3f}"),
     ("validation reward accuracy", "val/rewards/accuracy", "{:.3f}"),
     ("validation reward margin", "val/rewards/margins", "{:+.3f}"),
     ("validation KL reference point", "val/kl", "{:.4f}"),
     ("validation loss", "val/loss", "{:.4f}"),
+    ("validation perplexity", "val/perplexity", "{:.3f}"),
 )
 
 
@@ -123,13 +128,19 @@ class RunSummary(L.Callback):
             seconds = time.perf_counter() - self._start
             after = scalar_metrics(trainer.callback_metrics)
             padding = getattr(pl_module, "train_padding_share", None)
-            log.info("%s", self.format(after, seconds, trainer, padding))
+            title = getattr(pl_module, "summary_title", "training")
+            log.info("%s", self.format(after, seconds, trainer, padding, title))
 
     def format(
-        self, after: dict[str, float], seconds: float, trainer: L.Trainer, padding: float | None
+        self,
+        after: dict[str, float],
+        seconds: float,
+        trainer: L.Trainer,
+        padding: float | None,
+        title: str = "KTO training",
     ) -> str:
         lines = [
-            f"KTO training finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
+            f"{title} finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
             f"{trainer.current_epoch} epoch(s)"
         ]
         width = max(len(label) for label, _, _ in SUMMARY_ROWS)
@@ -159,7 +170,8 @@ class TrainingCurves(L.Callback):
 
 
 class HuggingFaceExport(L.Callback):
-    """The trained policy as a Hugging Face folder, `<run dir>/hf_model`, at the end of the fit.
+    """The trained policy as a Hugging Face folder, `<run dir>/hf_model`, at the end of the fit,
+    with its model card (README.md, kto_lightning.model_card).
 
     Args:
         tokenizer: saved beside the weights.
@@ -181,10 +193,18 @@ class HuggingFaceExport(L.Callback):
                 type(trainer.strategy).__name__,
             )
             return
+        run_dir = Path(trainer.default_root_dir)
         exported = export_policy(
-            pl_module.policy,
-            self.tokenizer,
-            Path(trainer.default_root_dir) / "hf_model",
+            pl_module.policy, self.tokenizer, run_dir / EXPORT_DIR, merge_lora=self.merge_lora
+        )
+        # The card from what a checkpoint of this step gives kto_lightning.export: the run config
+        # and the last validation (here still in memory; objective.json is written later).
+        write_model_card(
+            exported,
+            getattr(pl_module, "run_config", None),
+            run_dir,
+            trainer.global_step,
+            validation_metrics(scalar_metrics(trainer.callback_metrics)),
             merge_lora=self.merge_lora,
         )
         log.info("  Hugging Face model: %s", exported)

@@ -7,6 +7,7 @@ tokenizer and a policy. The reference model starts as an exact frozen copy of th
   byte-level tokenizer that needs no download (`byte_tokenizer.py`). The embedded default and
   the tests use it.
 - `Pretrained`: a Hugging Face checkpoint, by hub name or local path (the same code path).
+- `FromRun`: the policy an earlier run exported to `<run dir>/hf_model` (KTO after an SFT run).
 """
 
 from __future__ import annotations
@@ -195,6 +196,53 @@ class Pretrained:
             ) from None
         policy = apply_lora(model, self.lora)
         return disable_dropout(policy) if self.disable_dropout else policy
+
+
+# Where a run writes its trained policy as a Hugging Face folder (lifecycle.HuggingFaceExport).
+EXPORT_DIR = "hf_model"
+
+
+@dataclass
+class FromRun:
+    """The policy an earlier run trained, from the Hugging Face folder it exported at its end.
+
+    `model=from_run model.run_dir=RUN_DIR` is `model=local model.name_or_path=RUN_DIR/hf_model`
+    with one key that names the run: the usual way to start KTO from an SFT run.
+
+    Args:
+        run_dir: the earlier run's directory (it holds `hf_model/`, `checkpoints/`, `csv/`).
+        dtype, attn_implementation, lora, disable_dropout: as `Pretrained`'s.
+    """
+
+    run_dir: str
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    lora: dict | None = None
+    disable_dropout: bool = True
+
+    def __post_init__(self) -> None:
+        folder = Path(self.run_dir).expanduser() / EXPORT_DIR
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.run_dir={self.run_dir!r} holds no exported model ({folder}/config.json): "
+                "point model.run_dir at the directory of a finished run (with export.enabled=true "
+                "and export.merge_lora=true it writes hf_model/ at the end of training), or "
+                f"export one with: python -m kto_lightning.export CKPT {folder}"
+            )
+        # Our own export: no remote code, the tokenizer beside the weights.
+        self._pretrained = Pretrained(
+            str(folder),
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            lora=self.lora,
+            disable_dropout=self.disable_dropout,
+        )
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._pretrained.load_tokenizer()
+
+    def load_policy(self) -> CausalLM:
+        return self._pretrained.load_policy()
 
 
 # Names that models with learned absolute positions give their position table (GPT-2 and its

@@ -1,6 +1,9 @@
 """KTOModule: the policy, its frozen reference, the KTO loss and the metrics.
 
-The module orchestrates; the maths lives elsewhere. One step, shared by training and validation:
+Its base, `PolicyModule`, holds what every stage that trains a policy shares (KTO here, SFT in
+kto_lightning.sft): the policy, its optimizer and schedule, FSDP sharding, and what a checkpoint
+holds. The module orchestrates; the maths lives elsewhere. One KTO step, shared by training and
+validation:
     policy    log-probs of the main rows (with grad)
     policy    log-probs of the KL rows (no grad; only when the loss needs KL rows)
     reference log-probs of main and KL rows (no grad; a model, the disabled adapters or a cache)
@@ -39,49 +42,37 @@ from kto_lightning.strategies import FSDP2Strategy
 PROGRESS_BAR = {"loss": "loss", "kl": "kl", "rewards/margins": "margin"}
 
 
-class KTOModule(L.LightningModule):
-    """Train `policy` with KTO against the frozen `reference`.
+class PolicyModule(L.LightningModule):
+    """The policy being trained, its optimizer and schedule, sharding and checkpoint contents.
+
+    Subclasses add the step and the metrics (`KTOModule`, `kto_lightning.sft.SFTModule`).
 
     Args:
         policy: the causal LM being trained.
-        reference: where reference log-probs come from: a frozen copy of the initial policy, the
-            policy with its adapters disabled, or a cache (see kto_lightning.reference).
-        loss: the loss hyperparameters, class weights resolved (`KTOLossConfig.with_class_counts`).
         optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
         scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
         logprob_chunk_size: rows of the LM head computed at once when scoring completions.
     """
 
+    # What the closing summary calls the run: "KTO training finished in ...".
+    summary_title = "training"
+
     def __init__(
         self,
         policy: nn.Module,
-        reference: ReferenceProvider,
-        loss: KTOLoss,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
         logprob_chunk_size: int = 256,
     ) -> None:
         super().__init__()
         self.policy = policy
-        self.reference = reference.eval().requires_grad_(False)
-        self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.logprob_chunk_size = logprob_chunk_size
         self.run_config: dict | None = None  # set by the entry point; stored in checkpoints
         self._train_metric_sums: Tensor | None = None  # this rank's totals over the whole run
-        self._val_metric_sums: Tensor | None = None
-        self._val_rewards: list[Tensor] = []
-        self._val_labels: list[Tensor] = []
+        self._val_metric_sums: Tensor | None = None  # ... and over this validation epoch
 
-    def train(self, mode: bool = True) -> KTOModule:
-        # Lightning puts the whole module in train mode at the start of fit; the reference stays
-        # in eval mode so that its dropout never fires.
-        super().train(mode)
-        self.reference.eval()
-        return self
-
-    # ---------------------------------------------------------------- forward passes
     def _logps(self, model: nn.Module, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
         return sequence_logprobs(
             model,
@@ -91,84 +82,20 @@ class KTOModule(L.LightningModule):
             chunk_size=self.logprob_chunk_size,
         )
 
-    def forward_logps(self, batch: dict[str, Tensor], split: str) -> StepLogps:
-        """The log-probs a KTO step needs; the KL ones only when the loss needs KL rows.
+    def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
+        """Means from a sums vector of this module's steps (each stage has its own fields)."""
+        raise NotImplementedError
 
-        `split` ("train" or "validation") is the data split the batch comes from; a cached
-        reference reads that split's log-probs.
-        """
-        needs_kl_rows = self.loss.needs_kl_rows
-        kl_policy = None
-        # The no-grad passes first: their temporaries are freed before the graded forward starts
-        # holding activations for backward, so the two never add up to the step's peak memory.
-        with torch.no_grad():
-            if needs_kl_rows:
-                kl_policy = self._logps(self.policy, batch, "kl_")
-            reference, kl_reference = self.reference.logps(
-                self.policy, batch, split, self.logprob_chunk_size, needs_kl_rows
-            )
-        policy = self._logps(self.policy, batch)
-        return StepLogps(policy, reference, kl_policy, kl_reference)
-
-    # ---------------------------------------------------------------- the shared step
-    def _step(self, batch: dict[str, Tensor], split: str) -> StepResult:
-        masks = [batch["attention_mask"]]
-        if "kl_attention_mask" in batch:
-            masks.append(batch["kl_attention_mask"])
-        return kto_step(
-            self.forward_logps(batch, split),
-            batch["labels"],
-            self.loss,
-            Reduction(all_reduce_sum, world_size()),
-            real_tokens=sum(m.sum() for m in masks),
-            slot_tokens=float(sum(m.numel() for m in masks)),
-        )
-
-    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=False)
-        for name, short in PROGRESS_BAR.items():
-            self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        result = self._step(batch, "train")
-        sums = result.metric_sums
+    def _add_train_sums(self, sums: Tensor) -> None:
         totals = self._train_metric_sums
         self._train_metric_sums = sums if totals is None else totals + sums
-        # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
-        metrics = metrics_from_sums(all_reduce_sum(sums))
-        self._log_metrics("train", metrics, batch_size=len(batch["labels"]))
-        return result.loss
 
     @property
     def train_padding_share(self) -> float | None:
         """Share of padding in all training batches of this rank so far (None before any)."""
         if self._train_metric_sums is None:
             return None
-        return float(metrics_from_sums(self._train_metric_sums)["padding"])
-
-    # ---------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
-        self._val_metric_sums = None
-        self._val_rewards, self._val_labels = [], []
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        result = self._step(batch, "validation")
-        sums, totals = result.metric_sums, self._val_metric_sums
-        self._val_metric_sums = sums if totals is None else totals + sums
-        self._val_rewards.append(result.output.rewards.float())
-        self._val_labels.append(batch["labels"])
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_metric_sums is None:
-            return
-        metrics = metrics_from_sums(all_reduce_sum(self._val_metric_sums))
-        rewards = gather_cat(torch.cat(self._val_rewards))
-        labels = gather_cat(torch.cat(self._val_labels).to(torch.uint8)).bool()
-        metrics["rewards/auroc"] = reward_auroc(rewards, labels).to(self.device)
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, sync_dist=False)
-        self.log("val_auroc", metrics["rewards/auroc"], prog_bar=True, logger=False)
+        return float(self.metrics_of(self._train_metric_sums)["padding"])
 
     def configure_model(self) -> None:
         # FSDP2 shards the models here, once the process group and its device mesh exist.
@@ -217,3 +144,116 @@ class KTOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         put_back_frozen_weights(checkpoint, self)
         restore_rng_states(checkpoint)
+
+
+class KTOModule(PolicyModule):
+    """Train `policy` with KTO against the frozen `reference`.
+
+    Args:
+        policy: the causal LM being trained.
+        reference: where reference log-probs come from: a frozen copy of the initial policy, the
+            policy with its adapters disabled, or a cache (see kto_lightning.reference).
+        loss: the loss hyperparameters, class weights resolved (`KTOLossConfig.with_class_counts`).
+        optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
+        scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
+        logprob_chunk_size: rows of the LM head computed at once when scoring completions.
+    """
+
+    summary_title = "KTO training"
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: ReferenceProvider,
+        loss: KTOLoss,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        logprob_chunk_size: int = 256,
+    ) -> None:
+        super().__init__(policy, optimizer, scheduler, logprob_chunk_size)
+        self.reference = reference.eval().requires_grad_(False)
+        self.loss = loss
+        self._val_rewards: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    def train(self, mode: bool = True) -> KTOModule:
+        # Lightning puts the whole module in train mode at the start of fit; the reference stays
+        # in eval mode so that its dropout never fires.
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
+        return metrics_from_sums(sums)
+
+    # ---------------------------------------------------------------- forward passes
+    def forward_logps(self, batch: dict[str, Tensor], split: str) -> StepLogps:
+        """The log-probs a KTO step needs; the KL ones only when the loss needs KL rows.
+
+        `split` ("train" or "validation") is the data split the batch comes from; a cached
+        reference reads that split's log-probs.
+        """
+        needs_kl_rows = self.loss.needs_kl_rows
+        kl_policy = None
+        # The no-grad passes first: their temporaries are freed before the graded forward starts
+        # holding activations for backward, so the two never add up to the step's peak memory.
+        with torch.no_grad():
+            if needs_kl_rows:
+                kl_policy = self._logps(self.policy, batch, "kl_")
+            reference, kl_reference = self.reference.logps(
+                self.policy, batch, split, self.logprob_chunk_size, needs_kl_rows
+            )
+        policy = self._logps(self.policy, batch)
+        return StepLogps(policy, reference, kl_policy, kl_reference)
+
+    # ---------------------------------------------------------------- the shared step
+    def _step(self, batch: dict[str, Tensor], split: str) -> StepResult:
+        masks = [batch["attention_mask"]]
+        if "kl_attention_mask" in batch:
+            masks.append(batch["kl_attention_mask"])
+        return kto_step(
+            self.forward_logps(batch, split),
+            batch["labels"],
+            self.loss,
+            Reduction(all_reduce_sum, world_size()),
+            real_tokens=sum(m.sum() for m in masks),
+            slot_tokens=float(sum(m.numel() for m in masks)),
+        )
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=False)
+        for name, short in PROGRESS_BAR.items():
+            self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        result = self._step(batch, "train")
+        sums = result.metric_sums
+        self._add_train_sums(sums)
+        # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
+        metrics = metrics_from_sums(all_reduce_sum(sums))
+        self._log_metrics("train", metrics, batch_size=len(batch["labels"]))
+        return result.loss
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_metric_sums = None
+        self._val_rewards, self._val_labels = [], []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        result = self._step(batch, "validation")
+        sums, totals = result.metric_sums, self._val_metric_sums
+        self._val_metric_sums = sums if totals is None else totals + sums
+        self._val_rewards.append(result.output.rewards.float())
+        self._val_labels.append(batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_metric_sums is None:
+            return
+        metrics = metrics_from_sums(all_reduce_sum(self._val_metric_sums))
+        rewards = gather_cat(torch.cat(self._val_rewards))
+        labels = gather_cat(torch.cat(self._val_labels).to(torch.uint8)).bool()
+        metrics["rewards/auroc"] = reward_auroc(rewards, labels).to(self.device)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=False)
+        self.log("val_auroc", metrics["rewards/auroc"], prog_bar=True, logger=False)

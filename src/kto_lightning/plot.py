@@ -1,88 +1,236 @@
-"""Training curves of a run as one PNG, from its saved metrics.
+"""Curves of a run, or of every job of a sweep, as one PNG, from the metrics they saved.
 
-    python -m kto_lightning.plot RUN_DIR        # writes RUN_DIR/training_curves.png
+    python -m kto_lightning.plot RUN_DIR     # writes RUN_DIR/training_curves.png
+    python -m kto_lightning.plot SWEEP_DIR   # writes SWEEP_DIR/sweep_curves.png, sweep_summary.csv
 
-Reads `RUN_DIR/csv/metrics.csv` (every logger config also writes it) and draws four panels:
-rewards of desirable vs undesirable rows, their margin, the KL reference point, and the loss split.
+A run directory holds `csv/metrics.csv` (every logger config writes it). Its figure has a panel
+per quantity: the rewards of desirable vs undesirable rows, their margin, the KL reference point,
+the loss split, the reward AUROC and accuracy (and the perplexity of an SFT run); each metric has
+one colour, its training curve solid and its validation points dashed. A panel whose metrics the
+run did not log is left out, so an SFT run, which logs no rewards, plots what it has.
+
+A sweep directory (a Hydra multirun folder) holds one run directory per job. Its figure overlays
+the jobs' validation AUROC, reward margin, KL and loss, one colour per job, each labelled by the
+overrides that set it apart; jobs without validation metrics (failed, or not yet validated) are
+left out of the figure and listed in the table (kto_lightning.sweep_report).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kto_lightning.errors import KTOError
+from kto_lightning.run_records import METRICS_FILE, read_metrics
+from kto_lightning.sweep_report import Job, find_jobs, holds_runs, short_labels, write_summary
 
-PANELS = [
-    ("rewards", ["rewards/chosen", "rewards/rejected"]),
-    ("reward margin", ["rewards/margins"]),
-    ("KL reference point", ["kl"]),
-    ("loss", ["loss/desirable", "loss/undesirable", "loss"]),
-]
 FILENAME = "training_curves.png"
+SWEEP_FILENAME = "sweep_curves.png"
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Series by metric name: (step, value) pairs, NaN and empty cells skipped."""
-    path = Path(run_dir) / "csv" / "metrics.csv"
-    if not path.is_file():
-        raise KTOError(f"{path} not found: plots are drawn from the CSV metrics of a run directory")
-    series: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
-            for name, cell in row.items():
-                if name in ("step", "epoch") or cell in ("", None):
-                    continue
-                value = float(cell)
-                if math.isfinite(value):
-                    series.setdefault(name, []).append((step, value))
-    return series
+@dataclass(frozen=True)
+class Panel:
+    """One panel: its title, its y-axis label and the metrics it draws (without `train/`, `val/`
+    in a run's figure; full names in a sweep's)."""
+
+    title: str
+    ylabel: str
+    metrics: tuple[str, ...]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's curves; returns the PNG's path."""
+REWARD = "reward = β·log(π/π_ref)"
+PANELS = (
+    Panel("rewards", REWARD, ("rewards/chosen", "rewards/rejected")),
+    Panel("reward margin", f"chosen − rejected {REWARD}", ("rewards/margins",)),
+    Panel("KL reference point", "KL estimate (nats)", ("kl",)),
+    Panel("loss", "loss", ("loss/desirable", "loss/undesirable", "loss")),
+    Panel(
+        "reward AUROC and accuracy", "AUROC / accuracy (0-1)", ("rewards/auroc", "rewards/accuracy")
+    ),
+    Panel("perplexity", "perplexity (exp of token NLL)", ("perplexity",)),
+)
+SWEEP_PANELS = (
+    Panel("validation reward AUROC", "AUROC", ("val/rewards/auroc",)),
+    Panel("validation reward margin", f"chosen − rejected {REWARD}", ("val/rewards/margins",)),
+    Panel("validation KL reference point", "KL estimate (nats)", ("val/kl",)),
+    Panel("validation loss", "loss", ("val/loss",)),
+    Panel("validation perplexity", "perplexity", ("val/perplexity",)),
+)
+# (stage, line style): training curves solid, validation points dashed with markers.
+STAGES = (("train", "-"), ("val", "o--"))
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    series = read_metrics(run_dir)
-    if not any(k.startswith("train/") for k in series):
-        raise KTOError(f"{run_dir}: no train/ metrics logged yet, nothing to plot")
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for ax, (title, names) in zip(axes.flat, PANELS, strict=True):
-        for name in names:
-            for stage, style in (("train", "-"), ("val", "o--")):
+    return plt
+
+
+def _grid(plt: Any, panels: int, width: float) -> tuple[Any, list[Any]]:
+    """A figure with `panels` axes, two or three a row; the unused cells removed."""
+    columns = 2 if panels <= 4 else 3
+    rows = math.ceil(panels / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(width, 3.4 * rows + 0.6), constrained_layout=True, squeeze=False
+    )
+    cells = list(axes.flat)
+    for unused in cells[panels:]:
+        unused.remove()
+    return figure, cells[:panels]
+
+
+def _style(ax: Any, panel: Panel) -> None:
+    ax.set_title(panel.title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+
+
+def draw_run(series: dict[str, list[tuple[int, float]]], title: str) -> Any:
+    """The figure of one run's metrics (`run_records.read_metrics`); KTOError when none of its
+    metrics belongs to a panel."""
+    plt = _pyplot()
+    shown = [
+        panel
+        for panel in PANELS
+        if any(f"{stage}/{name}" in series for name in panel.metrics for stage, _ in STAGES)
+    ]
+    if not shown:
+        raise KTOError(
+            f"{title}: none of the metrics this plot draws has been logged yet "
+            f"({', '.join(sorted(series)) or 'the file has no metric'})"
+        )
+    figure, axes = _grid(plt, len(shown), width=5.2 * min(len(shown), 3))
+    for ax, panel in zip(axes, shown, strict=True):
+        for colour, name in enumerate(panel.metrics):
+            # One colour per metric: its training curve and its validation points side by side.
+            for stage, style in STAGES:
                 points = series.get(f"{stage}/{name}")
                 if points:
                     steps, values = zip(*points, strict=True)
-                    ax.plot(steps, values, style, label=f"{stage}/{name}", markersize=4)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    figure.suptitle(f"KTO training curves: {Path(run_dir).name}")
+                    ax.plot(steps, values, style, color=f"C{colour}", label=f"{stage}/{name}",
+                            markersize=4)  # fmt: skip
+        _style(ax, panel)
+        ax.legend(fontsize=8)
+    figure.suptitle(f"training curves: {title}")
+    return figure
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's curves; returns the PNG's path (default `<run_dir>/training_curves.png`)."""
+    figure = draw_run(read_metrics(run_dir), Path(run_dir).name)
     path = Path(out) if out is not None else Path(run_dir) / FILENAME
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
 
 
+def _job_colours(count: int) -> list[Any]:
+    """Distinct colours for `count` jobs: tab10, then tab20, then samples of a colour map."""
+    import matplotlib
+
+    if count <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(count)]
+    if count <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(count)]
+    return [matplotlib.colormaps["viridis"](i / (count - 1)) for i in range(count)]
+
+
+def draw_sweep(jobs: Sequence[Job], labels: Sequence[str], title: str) -> Any:
+    """The validation curves of `jobs` (those with validation metrics), one colour per job, in
+    every panel; a single legend, labelled by `labels`, beside them."""
+    plt = _pyplot()
+    series = [read_metrics(job.run_dir) for job in jobs]
+    shown = [
+        panel for panel in SWEEP_PANELS if any(panel.metrics[0] in metrics for metrics in series)
+    ]
+    figure, axes = _grid(plt, len(shown), width=5.2 * min(len(shown), 3) + 3.5)
+    colours = _job_colours(len(jobs))
+    handles: dict[str, Any] = {}
+    for ax, panel in zip(axes, shown, strict=True):
+        for metrics, label, colour in zip(series, labels, colours, strict=True):
+            points = metrics.get(panel.metrics[0])
+            if points:
+                steps, values = zip(*points, strict=True)
+                (line,) = ax.plot(steps, values, "o-", color=colour, label=label, markersize=4)
+                handles.setdefault(label, line)
+        _style(ax, panel)
+    figure.legend(
+        list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
+        title="job and the overrides that differ",
+    )  # fmt: skip
+    figure.suptitle(f"sweep: {title}")
+    return figure
+
+
+def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> tuple[Path | None, str]:
+    """Tabulate a sweep's jobs (`<sweep_dir>/sweep_summary.csv`) and draw the curves of those that
+    validated; returns the PNG's path (None when no job validated) and the table as text."""
+    jobs = find_jobs(sweep_dir)
+    _, table = write_summary(sweep_dir, jobs)
+    plotted = [(job, label) for job, label in zip(jobs, short_labels(jobs), strict=True)
+               if job.plotted]  # fmt: skip
+    if not plotted:
+        return None, table
+    figure = draw_sweep(
+        [job for job, _ in plotted], [label for _, label in plotted], Path(sweep_dir).name
+    )
+    path = Path(out) if out is not None else Path(sweep_dir) / SWEEP_FILENAME
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path, table
+
+
+def plot_folder(folder: str | Path, out: str | Path | None = None) -> tuple[Path | None, str]:
+    """`plot_run` for a run directory, `plot_sweep` for a sweep directory; returns the PNG (None
+    when no job of a sweep validated) and, for a sweep, its table as text ("" for a run).
+
+    Raises KTOError naming `folder` when it is neither.
+    """
+    folder = Path(folder)
+    if (folder / METRICS_FILE).is_file():
+        return plot_run(folder, out), ""
+    if not folder.is_dir():
+        raise KTOError(f"{folder} is not a folder: give a run directory or a sweep directory")
+    if not holds_runs(folder):
+        raise KTOError(
+            f"{folder} holds no run: no {METRICS_FILE} in it (a run directory) or in any of its "
+            "subfolders (a sweep directory); a run writes it once it has logged its first step"
+        )
+    return plot_sweep(folder, out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory (holds csv/metrics.csv)")
-    parser.add_argument("--out", help=f"where to write the PNG (default: RUN_DIR/{FILENAME})")
+    parser = argparse.ArgumentParser(
+        prog="python -m kto_lightning.plot", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "folder", help=f"a run directory (holds {METRICS_FILE}) or a sweep directory (its runs)"
+    )
+    parser.add_argument(
+        "--out",
+        help=f"where to write the PNG (default: FOLDER/{FILENAME}, or FOLDER/{SWEEP_FILENAME})",
+    )
     args = parser.parse_args(argv)
     try:
-        print(plot_run(args.run_dir, args.out))
+        png, table = plot_folder(args.folder, args.out)
     except KTOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if table:
+        print(table)
+    if png is None:
+        print(f"error: no job in {args.folder} has validation metrics to draw", file=sys.stderr)
+        return 1
+    print(png)
     return 0
 
 

@@ -41,9 +41,11 @@ from kto_lightning.security import redact_secrets
 
 log = logging.getLogger("kto_lightning")
 
-# (label, metric, format) of the fields of a step line and of a validation line, in order.
+# (label, metric, format) of the fields of a step line and of a validation line, in order; a
+# field whose metric the run does not log (the KL of an SFT run) is left out.
 STEP_FIELDS = (
     ("loss", "train/loss", "{:.4f}"),
+    ("ppl", "train/perplexity", "{:.3f}"),  # SFT
     ("kl", "train/kl", "{:.4f}"),  # the KL reference point z_ref
     ("margin", "train/rewards/margins", "{:+.3f}"),
 )
@@ -53,6 +55,7 @@ VALIDATION_FIELDS = (
     ("AUROC", "val/rewards/auroc", "{:.3f}"),
     ("margin", "val/rewards/margins", "{:+.3f}"),
     ("kl", "val/kl", "{:.4f}"),
+    ("perplexity", "val/perplexity", "{:.3f}"),  # SFT
 )
 
 

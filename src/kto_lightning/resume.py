@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kto_lightning.checkpointing import RUN_CONFIG_KEY
+from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
 from kto_lightning.errors import ConfigError
 from kto_lightning.security import REDACTED, is_secret_key
 
@@ -51,6 +50,8 @@ NOT_DEFINING = (
     "data.batching.num_workers",
     "data.source.num_proc",
     "data.source.cache_dir",
+    "data.source.test_path",  # read by kto_lightning.evaluate only
+    "data.source.test_split",
     "reference.cache_dir",
     "reference.batch_size",
 )
@@ -102,20 +103,9 @@ def read_checkpoint(path: Path) -> Saved:
         ConfigError: naming the file, when it is not a readable checkpoint of this project.
     """
     file = path / "meta.pt" if path.is_dir() else path  # a sharded folder keeps them in meta.pt
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # truncated, not a zip, not a checkpoint at all
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(
-            f"resume={str(path)!r}: not a readable checkpoint ({type(error).__name__}: "
-            f"{first_line[:200]}); pick another file in its checkpoints folder, or resume=null"
-        ) from None
-    config = checkpoint.get(RUN_CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(config, dict) or "global_step" not in checkpoint:
-        raise ConfigError(
-            f"resume={str(path)!r}: not a kto_lightning training checkpoint (it has no "
-            f"'{RUN_CONFIG_KEY}' or 'global_step' entry)"
-        )
+    advice = "pick another file in its checkpoints folder, or resume=null"
+    checkpoint = load_run_checkpoint(file, "resume", advice)
+    config = checkpoint[RUN_CONFIG_KEY]
     return Saved(path, config, int(checkpoint["global_step"]), int(checkpoint.get("epoch", 0)))
 
 

@@ -38,9 +38,10 @@ from omegaconf.errors import ConfigKeyError
 
 from kto_lightning.data import KTODataModule
 from kto_lightning.losses import KTOLossConfig
-from kto_lightning.models import Pretrained, TinyLlama
+from kto_lightning.models import FromRun, Pretrained, TinyLlama
 from kto_lightning.optim import warmup_schedule
 from kto_lightning.reference import ReferenceSpec
+from kto_lightning.sft import SFTLoss
 
 # Keys Hydra's `instantiate` reads itself; no target takes them as arguments.
 RESERVED = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
@@ -169,9 +170,11 @@ def schema_of(build: Build) -> type:
 BUILDS: list[Build] = [
     Build("model", TinyLlama),
     Build("model", Pretrained),
+    Build("model", FromRun),
     Build("reference", ReferenceSpec),
     Build("loss", KTOLossConfig),
-    Build("data", KTODataModule, passed=("tokenizer", "needs_kl_rows")),
+    Build("loss", SFTLoss),
+    Build("data", KTODataModule, passed=("tokenizer", "needs_kl_rows", "drop_undesirable")),
     Build("scheduler", warmup_schedule, passed=("optimizer", "total_steps"), partial=True),
 ]
 

@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
 # Matched anywhere in a key's name, case-insensitively: `hf_token`, `WANDB_API_KEY`, `db_passwd`.
 SECRET_KEY = re.compile(r"api_?key|token|secret|password|passwd|wandb_key", re.IGNORECASE)
 REDACTED = "***"
@@ -118,3 +122,14 @@ class RedactingFilter(logging.Filter):
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
+
+
+def scrub_hydra_record(cfg: DictConfig) -> None:
+    """Hydra has already written the config and overrides to <run dir>/.hydra, and a sweep's to
+    <sweep dir>/multirun.yaml: drop the secrets of `cfg` from them."""
+    hydra_config = HydraConfig.get()
+    secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
+    if hydra_config.output_subdir is not None:
+        scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
+    if hydra_config.mode == RunMode.MULTIRUN:
+        scrub_files(hydra_config.sweep.dir, secrets)

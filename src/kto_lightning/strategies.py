@@ -39,7 +39,7 @@ from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import SHARDED_ENTRY, unsharded_sequence_logprobs
 
 if TYPE_CHECKING:
-    from kto_lightning.module import KTOModule
+    from kto_lightning.module import PolicyModule
 
 
 def decoder_layer_classes(model: nn.Module, layer_class: str | None = None) -> set[type[nn.Module]]:
@@ -81,7 +81,7 @@ def shard_model(
 
 
 def shard_models(
-    module: KTOModule,
+    module: PolicyModule,
     mesh: DeviceMesh,
     layer_class: str | None = None,
     reshard_after_forward: bool = True,
@@ -90,7 +90,8 @@ def shard_models(
     if isinstance(module.policy, FSDPModule):  # configure_model runs again for each stage
         return
     models = [module.policy]
-    reference_model = getattr(module.reference, "model", None)  # CopyReference only
+    # CopyReference only (an SFT module has no reference at all).
+    reference_model = getattr(getattr(module, "reference", None), "model", None)
     if isinstance(reference_model, nn.Module):
         models.append(reference_model)
     for model in models:
@@ -136,7 +137,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         """Lightning's loader, except that a sharded checkpoint may lack the frozen weights.
 
-        Checkpoints hold the trainable weights only (KTOModule.on_save_checkpoint): the frozen
+        Checkpoints hold the trainable weights only (PolicyModule.on_save_checkpoint): the frozen
         ones (the reference, LoRA's base) are rebuilt from the config. Lightning asks the
         distributed checkpoint for every key of the module, so it is asked for the trainable
         ones here.
@@ -158,8 +159,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Everything else (loops, callbacks, RNG states, the run config) is on rank 0's file.
         return torch.load(path / "meta.pt", weights_only=weights_only is not False)
 
-    def shard(self, module: KTOModule) -> None:
-        """Called by `KTOModule.configure_model` once the process group and mesh exist."""
+    def shard(self, module: PolicyModule) -> None:
+        """Called by `PolicyModule.configure_model` once the process group and mesh exist."""
         shard_models(
             module, self.device_mesh["data_parallel"], self.layer_class, self.reshard_after_forward
         )

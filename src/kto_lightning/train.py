@@ -20,11 +20,11 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from kto_lightning import schemas
 from kto_lightning.checkpointing import (
@@ -32,6 +32,8 @@ from kto_lightning.checkpointing import (
     remove_partial_checkpoints,
 )
 from kto_lightning.csv_logger import ContinuingCSVLogger
+from kto_lightning.data import KTODataModule
+from kto_lightning.data.datamodule import DROPPED_UNDESIRABLE
 from kto_lightning.errors import ConfigError, TrainingDiverged, user_error
 from kto_lightning.guards import explain_missing_value, explain_unknown_key, run_explained
 from kto_lightning.interrupts import RunInterrupted, SaveOnInterrupt
@@ -43,17 +45,15 @@ from kto_lightning.lifecycle import (
     ValidateAtLastStep,
     scalar_metrics,
 )
-from kto_lightning.losses import KTOLossConfig
+from kto_lightning.losses import KTOLoss, KTOLossConfig
+from kto_lightning.model_card import DATA_COUNTS_KEY, data_counts
 from kto_lightning.models import CausalLM, ModelSource, check_context_window
-from kto_lightning.module import KTOModule
+from kto_lightning.module import KTOModule, PolicyModule
 from kto_lightning.progress import console_callbacks, log_config, quiet_library_noise
-from kto_lightning.reference import CopyReference, build_provider
+from kto_lightning.reference import CopyReference, ReferenceProvider, build_provider
 from kto_lightning.resume import find_resume
-from kto_lightning.security import (
-    redact_secrets,
-    scrub_files,
-    secret_values,
-)
+from kto_lightning.security import redact_secrets, scrub_hydra_record
+from kto_lightning.sft import SFTLoss, SFTModule
 from kto_lightning.strategies import check_deepspeed
 from kto_lightning.sweeps import (
     in_sweep,
@@ -87,7 +87,9 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def compile_backbones(policy: CausalLM, reference: torch.nn.Module, options: DictConfig) -> None:
+def compile_backbones(
+    policy: CausalLM, reference: ReferenceProvider | None, options: DictConfig
+) -> None:
     """torch.compile the decoder stacks in place (state-dict keys are unchanged).
 
     Only the backbones are compiled: the chunked LM head is a custom autograd function that runs
@@ -104,7 +106,7 @@ class Run:
     """Everything a run is made of, built from the config but not yet fitted."""
 
     trainer: L.Trainer
-    module: KTOModule
+    module: PolicyModule  # a KTOModule, or an SFTModule with loss=sft
     datamodule: L.LightningDataModule
     interrupt: SaveOnInterrupt  # among the trainer's callbacks: what a signal stopped and saved
 
@@ -132,56 +134,25 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     check_wandb_login(cfg)  # W&B without a login fails here, not once the model is loaded
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
-    loss_config: KTOLossConfig = instantiate(cfg.loss)  # as YAML says: a weight may be "auto"
+    # As YAML says (a KTO weight may be "auto"); SFTLoss with loss=sft.
+    loss_config: KTOLossConfig | SFTLoss = instantiate(cfg.loss)
     tokenizer = source.load_tokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, needs_kl_rows=loss_config.needs_kl_rows)
+    datamodule = instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        needs_kl_rows=loss_config.needs_kl_rows,
+        drop_undesirable=isinstance(loss_config, SFTLoss),  # SFT learns the desirable rows only
+    )
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
     datamodule.setup("fit")
-    # The weights balance the labels as trained on: data.batching.balanced_batches changes them.
-    drawn, rows = datamodule.trained_label_counts, datamodule.label_counts
-    if drawn[0] * rows[1] != drawn[1] * rows[0]:
-        log.info(
-            "class weights use the %d desirable and %d undesirable rows an epoch draws, not the "
-            "dataset's %d and %d: data.batching.balanced_batches repeats rows to put both labels "
-            "in every batch",
-            *drawn, *rows,
-        )  # fmt: skip
-    loss, notes = loss_config.with_class_counts(*drawn)
-    for note in notes:
-        log.warning("%s", note)
-    log.info(
-        "loss: %s, beta=%g, desirable_weight=%.4g, undesirable_weight=%.4g, estimator=%s",
-        loss.loss_type,
-        loss.beta,
-        loss.desirable_weight,
-        loss.undesirable_weight,
-        loss.estimator,
-    )
+    loss = _trained_loss(loss_config, datamodule)
     policy = source.load_policy()
     check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
     if cfg.gradient_checkpointing:
         # Recompute each decoder layer in backward: activation memory for ~30% more compute.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = build_provider(
-        instantiate(cfg.reference),
-        policy,
-        tokenizer,
-        datamodule,
-        cfg.logprob_chunk_size,
-        needs_kl_rows=loss.needs_kl_rows,
-        precision=cfg.trainer.precision,
-    )
-    if cfg.compile.enabled:
-        compile_backbones(policy, reference, cfg.compile)
-    module = KTOModule(
-        policy=policy,
-        reference=reference,
-        loss=loss,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        logprob_chunk_size=cfg.logprob_chunk_size,
-    )
+    module = _module(cfg, loss, policy, tokenizer, datamodule)
     # A W&B run starts here, one per job, its command line redacted, before anything is logged.
     loggers = [
         wandb_logger(entry, cfg) if is_wandb(entry) else instantiate(entry)
@@ -220,10 +191,85 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     assert isinstance(composed, dict)
     hparams = redact_secrets(composed)
     hparams["resolved_loss"] = asdict(loss)
+    hparams[DATA_COUNTS_KEY] = data_counts(datamodule)  # the rows trained on, for the model card
     for logger in loggers:
         logger.log_hyperparams(hparams)
     module.run_config = hparams
     return Run(trainer, module, datamodule, interrupt)
+
+
+def _trained_loss(
+    loss_config: KTOLossConfig | SFTLoss, datamodule: KTODataModule
+) -> KTOLoss | SFTLoss:
+    """The loss as trained, logged: KTO's `auto` class weights resolved from the rows an epoch
+    draws; SFT's as it is."""
+    if isinstance(loss_config, SFTLoss):
+        summary = datamodule.summaries["train"]
+        log.info(
+            "loss: sft, the mean token NLL of the completions of %d desirable training rows (%d "
+            "undesirable rows dropped); no KL rows",
+            summary.desirable, summary.dropped.get(DROPPED_UNDESIRABLE, 0),
+        )  # fmt: skip
+        return loss_config
+    # The weights balance the labels as trained on: data.batching.balanced_batches changes them.
+    drawn, rows = datamodule.trained_label_counts, datamodule.label_counts
+    if drawn[0] * rows[1] != drawn[1] * rows[0]:
+        log.info(
+            "class weights use the %d desirable and %d undesirable rows an epoch draws, not the "
+            "dataset's %d and %d: data.batching.balanced_batches repeats rows to put both labels "
+            "in every batch",
+            *drawn, *rows,
+        )  # fmt: skip
+    loss, notes = loss_config.with_class_counts(*drawn)
+    for note in notes:
+        log.warning("%s", note)
+    log.info(
+        "loss: %s, beta=%g, desirable_weight=%.4g, undesirable_weight=%.4g, estimator=%s",
+        loss.loss_type,
+        loss.beta,
+        loss.desirable_weight,
+        loss.undesirable_weight,
+        loss.estimator,
+    )
+    return loss
+
+
+def _module(
+    cfg: DictConfig,
+    loss: KTOLoss | SFTLoss,
+    policy: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    datamodule: KTODataModule,
+) -> PolicyModule:
+    """The stage's LightningModule: KTO with its reference provider, or SFT, which has none."""
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    if isinstance(loss, SFTLoss):
+        log.info(
+            "no reference model: loss=sft needs none (reference=%s is not used)", cfg.reference.kind
+        )
+        if cfg.compile.enabled:
+            compile_backbones(policy, None, cfg.compile)
+        return SFTModule(policy, optimizer, scheduler, cfg.logprob_chunk_size)
+    reference = build_provider(
+        instantiate(cfg.reference),
+        policy,
+        tokenizer,
+        datamodule,
+        cfg.logprob_chunk_size,
+        needs_kl_rows=loss.needs_kl_rows,
+        precision=cfg.trainer.precision,
+    )
+    if cfg.compile.enabled:
+        compile_backbones(policy, reference, cfg.compile)
+    return KTOModule(
+        policy=policy,
+        reference=reference,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        logprob_chunk_size=cfg.logprob_chunk_size,
+    )
 
 
 def train(cfg: DictConfig, run: Run | None = None) -> float | None:
@@ -291,17 +337,6 @@ def objective(name: str | None, trainer: L.Trainer) -> float | None:
     return value
 
 
-def _scrub_hydra_record(cfg: DictConfig) -> None:
-    """Hydra has already written the config and overrides to <run dir>/.hydra, and a sweep's to
-    <sweep dir>/multirun.yaml: drop secrets."""
-    hydra_config = HydraConfig.get()
-    secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
-    if hydra_config.output_subdir is not None:
-        scrub_files(Path(hydra_config.runtime.output_dir) / hydra_config.output_subdir, secrets)
-    if in_sweep():
-        scrub_files(hydra_config.sweep.dir, secrets)
-
-
 def resume_command(checkpoint: Path | str) -> str:
     """The command line that resumes this run from `checkpoint`: its overrides (secret-named
     ones shown as ***, for the user to fill in again) and `resume=`."""
@@ -314,7 +349,7 @@ def resume_command(checkpoint: Path | str) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    _scrub_hydra_record(cfg)
+    scrub_hydra_record(cfg)
     try:
         with finishing_wandb_run():  # else the next job of a sweep logs into this job's run
             value = train(cfg)

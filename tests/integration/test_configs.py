@@ -11,8 +11,9 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from kto_lightning.losses import KTOLossConfig
-from kto_lightning.models import Pretrained, TinyLlama
+from kto_lightning.models import FromRun, Pretrained, TinyLlama
 from kto_lightning.schemas import BUILDS, check
+from kto_lightning.sft import SFTLoss
 from kto_lightning.train import config_dir
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir())
@@ -60,13 +61,15 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
         assert instantiate(section, tokenizer=byte_level_tokenizer()) is not None
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):
         assert section._target_ == "kto_lightning.models.Pretrained"
+    elif group == "model" and OmegaConf.is_missing(section, "run_dir"):
+        assert section._target_ == "kto_lightning.models.FromRun"  # built in test_sft.py
     else:
         built = instantiate(section)
         assert built is not None
         if group == "loss":
-            assert isinstance(built, KTOLossConfig)
+            assert isinstance(built, KTOLossConfig | SFTLoss)
         if group == "model":
-            assert isinstance(built, TinyLlama | Pretrained)
+            assert isinstance(built, TinyLlama | Pretrained | FromRun)
 
 
 SCHEMA_FILES = [(g, n) for g, n in FILES if g in {build.group for build in BUILDS}]

@@ -125,6 +125,20 @@ def test_unpaired_keeps_order_and_text_exactly():
     ]
 
 
+def test_rows_without_a_label_column_are_all_desirable_with_label_null():
+    # Prompt/completion data (for loss=sft): no label column, every row desirable.
+    data = [{"prompt": "Q1", "completion": "A1"}, {"prompt": "Q2", "completion": "A2"}]
+    rows, fmt, _ = norm(data, Columns(label=None))
+    assert fmt == "unpaired"
+    assert rows == [
+        {"prompt": "Q1", "completion": "A1", "label": True},
+        {"prompt": "Q2", "completion": "A2", "label": True},
+    ]
+    # Without the setting, the missing column's message says how to read such data.
+    with pytest.raises(DataError, match=r"data\.columns\.label=null reads every row as desirable"):
+        norm(data)
+
+
 # ------------------------------------------------------------------------------ conversational
 
 

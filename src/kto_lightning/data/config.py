@@ -25,7 +25,8 @@ class Source:
     """Where the rows come from (`data.source`).
 
     Args:
-        path: "toy", a local .jsonl/.json/.parquet/.csv file, or a hub dataset name.
+        path: "toy" or "toy_consistency" (bundled tasks, see data/toy.py), a local
+            .jsonl/.json/.parquet/.csv file, or a hub dataset name.
         subset: the hub dataset's configuration (subset) name.
         split: the split of `path` to train on.
         revision: the hub dataset's branch, tag or commit.
@@ -33,7 +34,11 @@ class Source:
         val_split: the split for validation; None (with no `val_path`) holds out `val_fraction`
             of the training rows, seeded.
         val_fraction: share of rows held out for validation when no validation data is named.
-        toy_rows: how many rows the bundled task generates (`path: toy` only).
+        test_path: a file or hub dataset for `kto_lightning.evaluate`; None uses `path`.
+        test_split: the split `kto_lightning.evaluate` scores; with neither test key set, it
+            scores the validation rows. Training never reads the test rows.
+        toy_rows: how many rows a bundled task generates for training (toy_consistency's
+            validation split: an eighth as many).
         cache_dir: the datasets cache folder; None is HF_DATASETS_CACHE.
         num_proc: processes for reading and tokenizing (datasets.map).
     """
@@ -45,6 +50,8 @@ class Source:
     val_path: str | None = None
     val_split: str | None = None
     val_fraction: float = 0.1
+    test_path: str | None = None
+    test_split: str | None = None
     toy_rows: int = 1200
     cache_dir: str | None = None
     num_proc: int | None = None
@@ -60,6 +67,11 @@ class Source:
         """Validation rows are held out of the training rows (no validation data is named)."""
         return self.val_path is None and self.val_split is None
 
+    @property
+    def names_test(self) -> bool:
+        """Test rows are named (`test_path` or `test_split`): evaluation scores them."""
+        return self.test_path is not None or self.test_split is not None
+
 
 @dataclass(frozen=True)
 class Columns:
@@ -68,7 +80,8 @@ class Columns:
     Args:
         format: "auto", "unpaired", "paired" or "score" (see kto_lightning.data.formats).
         prompt, completion, label: columns of unpaired rows; `prompt` may be None for paired
-            data whose prompt is the shared start of `chosen` and `rejected`.
+            data whose prompt is the shared start of `chosen` and `rejected`, and `label` None
+            for rows without labels, every one desirable (prompt/completion data for loss=sft).
         chosen, rejected: columns of paired rows.
         score, score_threshold: a numeric column, and the threshold from which a row is
             desirable (`format: score`).
@@ -78,7 +91,7 @@ class Columns:
     format: str = "auto"
     prompt: str | None = "prompt"
     completion: str = "completion"
-    label: str = "label"
+    label: str | None = "label"
     chosen: str = "chosen"
     rejected: str = "rejected"
     score: str | None = None

@@ -43,6 +43,7 @@ from kto_lightning.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 DROPPED_EMPTY = "no completion tokens left"
+DROPPED_UNDESIRABLE = "undesirable (loss=sft)"
 
 
 def _tokenization_note(cached: bool, in_memory: bool) -> str:
@@ -65,6 +66,8 @@ class KTODataModule(L.LightningDataModule):
         batching: batch sizes, the training sampler and loader workers (`Batching`).
         seed: the seed of the validation split, of the pairing and of the shuffle.
         needs_kl_rows: build KL rows (needed by the `mismatched` reference point only).
+        drop_undesirable: keep the desirable rows alone (SFT trains on them); the summary
+            counts the rows dropped.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class KTODataModule(L.LightningDataModule):
         batching: Batching | Mapping[str, Any] | None = None,
         seed: int = 42,
         needs_kl_rows: bool = True,
+        drop_undesirable: bool = False,
     ) -> None:
         super().__init__()
         self.source = as_group(Source, source, "source")
@@ -84,6 +88,13 @@ class KTODataModule(L.LightningDataModule):
         self.batching = as_group(Batching, batching, "batching")
         self.tokenizer = tokenizer
         self.seed = seed
+        self.drop_undesirable = drop_undesirable
+        if drop_undesirable and self.batching.balanced_batches:
+            raise ConfigError(
+                "data.batching.balanced_batches puts both labels in every batch, but this run "
+                "trains on the desirable rows alone (loss=sft); set "
+                "data.batching.balanced_batches=false"
+            )
         self.collator = KTOCollator(tokenizer.pad_token_id, needs_kl_rows=needs_kl_rows)
         self.train_set: KTODataset | None = None
         self.val_set: KTODataset | None = None
@@ -117,7 +128,12 @@ class KTODataModule(L.LightningDataModule):
             batched=True,
             desc=f"Filtering {name}",
         )
+        empty = len(tokenized) - len(kept_rows)
         labels = [bool(x) for x in kept_rows["label"]]
+        undesirable = len(labels) - sum(labels)
+        if self.drop_undesirable and undesirable:
+            kept_rows = kept_rows.select([i for i, desirable in enumerate(labels) if desirable])
+            labels = [True] * len(kept_rows)
         summary = SplitSummary(
             name=read.split,
             source=name,
@@ -134,8 +150,10 @@ class KTODataModule(L.LightningDataModule):
             completion_lengths=percentiles(completion_tokens),
             tokenization=_tokenization_note(cached, in_memory=not rows.cache_files),
         )
-        if len(tokenized) > len(kept_rows):
-            summary.dropped[DROPPED_EMPTY] = len(tokenized) - len(kept_rows)
+        if empty:
+            summary.dropped[DROPPED_EMPTY] = empty
+        if self.drop_undesirable and undesirable:
+            summary.dropped[DROPPED_UNDESIRABLE] = undesirable
         partners = None
         if self.collator.needs_kl_rows:
             if len(kept_rows) < 2:
@@ -169,6 +187,13 @@ class KTODataModule(L.LightningDataModule):
         self.summaries = {"train": train_summary, "validation": val_summary}
 
     def _check(self, train: SplitSummary, val: SplitSummary) -> None:
+        for summary in (train, val) if self.drop_undesirable else ():
+            if summary.desirable == 0:
+                raise DataError(
+                    f"{summary.source}: no desirable rows in the {summary.name} set, and this run "
+                    "trains on the desirable rows alone (loss=sft); for data without labels set "
+                    "data.columns.label=null (every row is then desirable)"
+                )
         batch_size = self.batching.batch_size
         if train.kept < batch_size:
             raise DataError(
@@ -177,7 +202,8 @@ class KTODataModule(L.LightningDataModule):
                 "rows"
             )
         for summary in (train, val):
-            if summary.desirable == 0 or summary.undesirable == 0:
+            one_label = summary.desirable == 0 or summary.undesirable == 0
+            if one_label and not self.drop_undesirable:  # SFT has no undesirable rows on purpose
                 missing = "desirable" if summary.desirable == 0 else "undesirable"
                 log.warning(
                     "%s set has no %s rows: KTO still trains, but only pushes one way, and the "

@@ -1,7 +1,8 @@
 """Every supported shape of binary-feedback data, normalised to `{prompt, completion, label}`.
 
 Shapes (`data.columns.format`, or `auto` to tell them from the columns):
-- `unpaired`: a prompt, a completion and a label (bool, 0/1, +1/-1, "true"/"false");
+- `unpaired`: a prompt, a completion and a label (bool, 0/1, +1/-1, "true"/"false"); with
+  `data.columns.label: null`, no label column and every row desirable (SFT data);
 - `score`: a prompt, a completion and a number; label = score >= `data.columns.score_threshold`;
 - `paired`: `chosen` and `rejected` completions, with an explicit prompt column or an implicit
   shared prefix; each pair becomes one desirable and one undesirable row.
@@ -30,7 +31,8 @@ def resolve_format(columns: Columns, names: list[str], where: str) -> str:
         "unpaired": [
             ("data.columns.prompt", columns.prompt),
             ("data.columns.completion", columns.completion),
-            ("data.columns.label", columns.label),
+            # No label column at all with `label: null`: every row is desirable.
+            *([("data.columns.label", columns.label)] if columns.label is not None else []),
         ],
         "score": [
             ("data.columns.prompt", columns.prompt),
@@ -49,6 +51,7 @@ def resolve_format(columns: Columns, names: list[str], where: str) -> str:
                 raise DataError(
                     f"{where}: missing column {name} for data.columns.format={columns.format}; "
                     f"the columns found are {sorted(names)}; set {key} to the column that holds it"
+                    + (" (or to null: every row desirable)" if key == "data.columns.label" else "")
                 )
         return columns.format
     for fmt in ("unpaired", "paired", "score"):
@@ -60,7 +63,8 @@ def resolve_format(columns: Columns, names: list[str], where: str) -> str:
         f"{columns.prompt!r}/{columns.completion!r}/{columns.label!r} (unpaired), "
         f"{columns.chosen!r}/{columns.rejected!r} (paired), or a score column with "
         "data.columns.score and data.columns.score_threshold. Set the data.columns keys to your "
-        "column names."
+        "column names; for prompt/completion rows without labels (SFT data), "
+        "data.columns.label=null reads every row as desirable."
     )
 
 
@@ -202,6 +206,8 @@ def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callab
             )
             if fmt == "score":
                 out["label"].append(_score_label(columns, row, where))
+            elif columns.label is None:  # no label column: every row is desirable
+                out["label"].append(True)
             else:
                 label_where = f"{where}, column {columns.label!r}"
                 out["label"].append(parse_label(row[columns.label], label_where))

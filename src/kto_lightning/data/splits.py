@@ -1,7 +1,8 @@
 """A run's rows, read and normalised, as a training and a validation split (before tokenization).
 
 Validation rows come from `data.source.val_path` or `data.source.val_split`; with neither, a
-seeded `data.source.val_fraction` of the source rows is held out of the training rows.
+seeded `data.source.val_fraction` of the source rows is held out of the training rows. Test rows
+(`data.source.test_path`, `data.source.test_split`) are read by `kto_lightning.evaluate` alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import datasets
 from kto_lightning.data.config import TOY, Columns, Source
 from kto_lightning.data.formats import normalise
 from kto_lightning.data.sources import load_source
-from kto_lightning.data.toy import toy_rows
+from kto_lightning.data.toy import CONSISTENCY, consistency_rows, toy_rows
 from kto_lightning.errors import DataError
 
 
@@ -40,6 +41,9 @@ def _read(
     """Load and normalise one source; returns (rows, format, conversational, rows read)."""
     if path == TOY:
         raw = datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed))
+    elif path == CONSISTENCY:  # its validation split: an eighth as many rows, unseen objects
+        n_rows = source.toy_rows if split == source.split else max(16, source.toy_rows // 8)
+        raw = datasets.Dataset.from_list(consistency_rows(n_rows, split, seed=seed))
     else:
         raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
     rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, source.num_proc)
@@ -91,3 +95,22 @@ def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit,
         ReadSplit(rows.select(val_idx), fmt, chat, "validation", f"{train_name} (held out)",
                   n_val_read),
     )  # fmt: skip
+
+
+def read_evaluation_split(source: Source, columns: Columns, seed: int) -> ReadSplit:
+    """The rows `kto_lightning.evaluate` scores: the test rows when `source` names them
+    (`test_path`, `test_split`), else the validation rows exactly as `read_splits` gives them.
+
+    Named test or validation data is read alone; held-out validation rows need the training rows
+    read too, to hold out the same seeded share.
+    """
+    if source.names_test:
+        role = "test"
+        path, split = source.test_path or source.path, source.test_split or source.split
+    elif not source.holds_out:
+        role = "validation"
+        path, split = source.val_path or source.path, source.val_split or source.split
+    else:
+        return read_splits(source, columns, seed)[1]
+    rows, fmt, chat, n_read = _read(source, columns, path, split, seed)
+    return ReadSplit(rows, fmt, chat, role, _name(path, split), n_read)

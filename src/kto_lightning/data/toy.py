@@ -88,3 +88,53 @@ def toy_rows(num_rows: int = 1200, seed: int = 0) -> list[dict]:
         rows.append({"prompt": prompt, "completion": completion, "label": desirable})
     rng.shuffle(rows)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The consistency task: the answer must agree with the prompt.
+#
+# Each prompt states where a named person keeps an object and asks what they keep there. Both
+# completions have the same words and shape; the desirable one names the object the prompt
+# stated, the undesirable one another object. Telling them apart takes reading the prompt, not
+# the completion's style. Objects are made-up words, drawn from two disjoint pools: validation
+# prompts use only objects never seen in training, so a model that scores them right has learnt
+# to look the object up in the prompt rather than to remember which objects are "good".
+CONSISTENCY = "toy_consistency"
+NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Kim", "Ada", "Ben"]
+PLACES = ["box", "drawer", "bag", "shed", "closet", "basket", "jar", "pocket", "cupboard", "tent"]
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gl", "tr"]
+VOWELS = ["a", "e", "i", "o", "u"]
+CODAS = ["", "n", "x", "m", "r", "sh", "nt", "lk"]
+VAL_OBJECT_SHARE = 0.25  # of the made-up objects, the share only validation uses
+
+
+def made_up_words(seed: int = 0) -> list[str]:
+    """Every two-syllable made-up word of the syllable lists, in a seeded order."""
+    syllables = [o + v for o in ONSETS for v in VOWELS]
+    words = sorted({a + b + c for a in syllables for b in syllables[:20] for c in CODAS})
+    random.Random(seed).shuffle(words)
+    return words
+
+
+def consistency_rows(num_rows: int = 1200, split: str = "train", seed: int = 0) -> list[dict]:
+    """Rows `{prompt, completion, label}` of the consistency task, half of each label.
+
+    `split` "train" draws objects from the training pool, any other split from the validation
+    pool (no object in common); names and places are shared. The object pools do not depend on
+    `seed`, so every split of every seed keeps them apart.
+    """
+    words = made_up_words()
+    n_val = int(len(words) * VAL_OBJECT_SHARE)
+    pool = words[n_val:] if split == "train" else words[:n_val]
+    rng = random.Random(f"{seed}-{split}")
+    rows = []
+    for i in range(num_rows):
+        name, place = rng.choice(NAMES), rng.choice(PLACES)
+        kept, other = rng.sample(pool, 2)
+        prompt = f"{name} keeps a {kept} in the {place}. What does {name} keep in the {place}?"
+        desirable = i % 2 == 0
+        answer = kept if desirable else other
+        completion = f"{name} keeps a {answer} in the {place}."
+        rows.append({"prompt": prompt, "completion": completion, "label": desirable})
+    rng.shuffle(rows)
+    return rows

@@ -1,0 +1,210 @@
+"""What `kto_lightning.evaluate`'s `ckpt_path` names, and the policy and reference it gives.
+
+- A checkpoint (.ckpt), or a run directory (its checkpoints/last.ckpt): the model, loss, reference
+  and seed come from the run config stored in the checkpoint. The model is rebuilt and seeded as
+  training built it; its initial weights make the reference (a frozen copy, or the policy with its
+  LoRA adapters disabled; a `cache` reference becomes a copy, since a cache holds only the run's
+  own rows), then the checkpoint's weights are loaded into the policy.
+- A Hugging Face folder (`<run dir>/hf_model`, or any `save_pretrained` folder): the policy is
+  that model. The reference is the base model of the run whose directory holds the folder (the
+  config of its last.ckpt, else of its .hydra/config.yaml), else the `model` group's model.
+- `reference_model` (a Hugging Face folder or hub id) replaces the reference in every case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from transformers import PreTrainedTokenizerBase
+
+from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.errors import ConfigError, user_error
+from kto_lightning.export import POLICY_PREFIX, load_policy_weights
+from kto_lightning.models import CausalLM, ModelSource, Pretrained
+from kto_lightning.reference import CopyReference, ReferenceProvider, ReferenceSpec, build_provider
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What `ckpt_path` names, resolved.
+
+    Attributes:
+        kind: "checkpoint" (a .ckpt file, or a run directory's last.ckpt) or "hf_model".
+        path: the .ckpt file or the Hugging Face folder.
+        run_config: the training run's resolved config (the checkpoint's, or, for a Hugging Face
+            folder inside a run directory, that run's); None for a folder of no run.
+        checkpoint: the checkpoint's contents (kind "checkpoint"), its tensors memory-mapped.
+    """
+
+    kind: str
+    path: Path
+    run_config: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None = None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint's contents; ConfigError naming `ckpt_path` unless it is one."""
+    advice = (
+        "pass a checkpoint written by kto_lightning.train, a run directory, or a Hugging Face "
+        "folder"
+    )
+    checkpoint = load_run_checkpoint(path, "ckpt_path", advice)
+    if "model" not in checkpoint[RUN_CONFIG_KEY]:
+        raise ConfigError(f"ckpt_path={str(path)!r}: its run config names no model; {advice}")
+    return checkpoint
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config of the run in `run_dir`: its last.ckpt's, else the keys evaluation needs from
+    its .hydra/config.yaml (composed, not resolved: only these keys are resolved); None: no run."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return _load_checkpoint(last)[RUN_CONFIG_KEY]
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        composed = OmegaConf.load(path)
+        nodes = {key: OmegaConf.select(composed, key) for key in ("seed", "model", "loss")}
+        return {
+            key: OmegaConf.to_container(node, resolve=True)
+            if isinstance(node, DictConfig)
+            else node
+            for key, node in nodes.items()
+        }
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"could not read the run config {str(path)!r}: {error}") from None
+
+
+def resolve_target(ckpt_path: str) -> Target:
+    """The checkpoint or Hugging Face folder that `ckpt_path` names (see the module docstring)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_file():
+        checkpoint = _load_checkpoint(path)
+        return Target("checkpoint", path, checkpoint[RUN_CONFIG_KEY], checkpoint)
+    if (path / "config.json").is_file():
+        return Target("hf_model", path, _run_config(path.parent))
+    if (path / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a LoRA adapter alone (export --keep-adapter); pass "
+            "the checkpoint it was exported from, or export it merged"
+        )
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return resolve_target(str(last))
+    if (path / ".metadata").is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} is a sharded checkpoint folder; evaluate its run's hf_model "
+            "folder, or a full checkpoint (strategy.save_distributed_checkpoint=false)"
+        )
+    what = "a folder" if path.is_dir() else "no such file or folder"
+    raise ConfigError(
+        f"ckpt_path={ckpt_path!r}: {what}; pass a checkpoint file (.ckpt), a run directory "
+        "(with checkpoints/last.ckpt) or a Hugging Face model folder (with config.json)"
+    )
+
+
+def build_source(model_config: Mapping[str, Any], where: str) -> ModelSource:
+    """The model config `model_config` built; errors name `where` it came from."""
+    try:
+        return instantiate(model_config)
+    except Exception as error:
+        problem = user_error(error)  # Hydra wraps what the constructor raised
+        if problem is not None:
+            raise problem from None
+        raise ConfigError(f"the model config of {where} could not be built: {error}") from error
+
+
+def load_tokenizer(target: Target) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer: the run's, or the one saved in the Hugging Face folder."""
+    if target.kind == "hf_model":
+        return Pretrained(str(target.path)).load_tokenizer()
+    assert target.run_config is not None
+    return build_source(target.run_config["model"], f"ckpt_path={target.path}").load_tokenizer()
+
+
+def _check_tokenizer(policy: PreTrainedTokenizerBase, source: ModelSource, where: str) -> None:
+    """ConfigError naming `where` unless the reference reads the policy's token ids."""
+    if source.load_tokenizer().get_vocab() != policy.get_vocab():
+        raise ConfigError(
+            f"the reference model ({where}) has another tokenizer than the policy, so their "
+            "log-probs of the same token ids cannot be compared; set reference_model= to the "
+            "policy's base model"
+        )
+
+
+def _seeded_policy(source: ModelSource, seed: int) -> CausalLM:
+    # A random-init model (model=tiny) is the run's model only under the run's seed; train.build
+    # seeds the same way before it builds the policy.
+    L.seed_everything(seed, verbose=False)
+    return source.load_policy()
+
+
+def model_name(model_config: Mapping[str, Any]) -> str:
+    """A hub id or folder (model=from_run: the run's); for a model built from sizes, its class
+    (`TinyLlama`)."""
+    name = model_config.get("name_or_path") or model_config.get("run_dir")
+    return str(name) if name else str(model_config["_target_"]).rsplit(".", 1)[-1]
+
+
+def build_models(
+    target: Target,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    reference_model: str | None,
+    model: Mapping[str, Any],
+    chunk_size: int,
+    needs_kl_rows: bool,
+) -> tuple[CausalLM, ReferenceProvider, dict[str, Any]]:
+    """The policy, its reference, and their identity for eval.json (see the module docstring).
+
+    Args:
+        target: what `ckpt_path` names.
+        tokenizer: the policy's (`load_tokenizer`); a reference model must share it.
+        seed: the run's seed, which a random-init base model needs.
+        reference_model: `reference_model`: a Hugging Face folder or hub id, or None.
+        model: the `model` group, the reference of a Hugging Face folder of no run.
+        chunk_size, needs_kl_rows: as KTOModule uses them (for the reference provider).
+    """
+    run = target.run_config
+    identity: dict[str, Any] = {"kind": target.kind, "weights": str(target.path.resolve())}
+    reference: ReferenceProvider | None = None
+    if reference_model:
+        named = Pretrained(reference_model, dtype="auto")
+        _check_tokenizer(tokenizer, named, f"reference_model={reference_model}")
+        reference = CopyReference(named.load_policy())
+        identity |= {"base_model": reference_model, "reference": "reference_model"}
+    if target.kind == "checkpoint":
+        assert run is not None and target.checkpoint is not None
+        policy = _seeded_policy(build_source(run["model"], f"ckpt_path={target.path}"), seed)
+        if reference is None:  # from the initial weights, before the checkpoint's are loaded
+            spec: ReferenceSpec = instantiate(run["reference"])
+            kind = "copy" if spec.kind == "cache" else spec.kind
+            spec = dataclasses.replace(spec, kind=kind)
+            reference = build_provider(spec, policy, tokenizer, None, chunk_size, needs_kl_rows)
+            identity |= {"base_model": model_name(run["model"]), "reference": kind}
+        state = {
+            key[len(POLICY_PREFIX) :]: value
+            for key, value in target.checkpoint.get("state_dict", {}).items()
+            if key.startswith(POLICY_PREFIX)
+        }
+        load_policy_weights(policy, state, f"ckpt_path={str(target.path)!r}")
+        identity["global_step"] = int(target.checkpoint.get("global_step", 0))
+    else:
+        policy = Pretrained(str(target.path), dtype="auto").load_policy()
+        if reference is None:
+            base = run["model"] if run is not None else model
+            where = f"the run of {target.path}" if run is not None else "model="
+            source = build_source(base, where)
+            _check_tokenizer(tokenizer, source, where)
+            reference = CopyReference(_seeded_policy(source, seed))
+            identity |= {"base_model": model_name(base), "reference": "copy"}
+    identity["model_config"] = dict(run["model"] if run is not None else model)
+    return policy, reference, identity

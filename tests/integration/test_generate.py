@@ -1,0 +1,214 @@
+"""Generation from the command line: each row is what the model itself generates for the prompt
+as training renders it, and `--compare` puts the run's reference (its step-0 policy) beside it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from kto_lightning.byte_tokenizer import BOS, byte_level_tokenizer
+from kto_lightning.checkpointing import RUN_CONFIG_KEY
+from kto_lightning.export import export_policy
+from kto_lightning.generate import main
+from kto_lightning.models import TinyLlama
+from kto_lightning.train import build
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder, as save_pretrained writes one, with the byte-level tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    config = TinyLlama(hidden_size=32, num_layers=1).config()
+    # Large random weights: with the default 0.02 init every prompt gets the same greedy text,
+    # which would not tell a prompt rendered wrongly, or padded wrongly, from a right one.
+    config.initializer_range = 0.5
+    LlamaForCausalLM(config).save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _direct(model: torch.nn.Module, rendered: str, max_new_tokens: int) -> str:
+    """Greedy text of `model` for one prompt, unpadded, its ids written by hand: the byte-level
+    tokenizer's ids are the UTF-8 bytes, and BOS is the text '<|bos|>' at the start."""
+    tokenizer = byte_level_tokenizer()
+    head = [tokenizer.bos_token_id] if rendered.startswith(BOS) else []
+    ids = torch.tensor([head + list(rendered.removeprefix(BOS).encode())])
+    with torch.no_grad():
+        output = model.eval().generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kto_lightning.generate", *map(str, args)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> list[dict]:
+    """The command in this process (an interpreter start costs seconds): its rows, from stdout."""
+    capsys.readouterr()
+    assert main([*map(str, args), "--output", "-"]) == 0
+    return _rows(capsys.readouterr().out)
+
+
+def test_greedy_rows_equal_direct_generation(model_dir, tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "Tell me about bees."}, {"prompt": CONVERSATION, "id": 7}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out" / "generations.jsonl"
+    # Batches of two prompts of different lengths: the shorter one is padded.
+    args = ["--prompt", "Hi", "--prompts", prompts, "--max-new-tokens", "12", "--batch-size", "2"]
+    assert main([str(a) for a in (model_dir, *args, "--output", out)]) == 0
+    rows = _rows(out.read_text())
+
+    assert [row["prompt"] for row in rows] == ["Hi", "Tell me about bees.", CONVERSATION]
+    # The tokenizer has a chat template: text prompts are one user turn, as in chat training data.
+    assert [row["rendered_prompt"] for row in rows] == [
+        "<user>\nHi\n<assistant>\n",
+        "<user>\nTell me about bees.\n<assistant>\n",
+        "<system>\nBe brief.\n<user>\nHi there\n<assistant>\n",
+    ]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    completions = [row["completion"] for row in rows]
+    assert completions == [_direct(model, row["rendered_prompt"], 12) for row in rows]
+    assert len(set(completions)) == 3, "the prompts must lead to different texts to tell them apart"
+    assert rows[0]["settings"] == {
+        "model": str(model_dir), "reference": None, "max_new_tokens": 12, "temperature": 0.0,
+        "top_p": 1.0, "top_k": 0, "num_samples": 1, "seed": 0, "chat_template": True,
+    }  # fmt: skip
+
+    # --no-chat-template: a text prompt as training encodes a text row (BOS + text); a
+    # conversation still goes through the template.
+    plain = _main(capsys, model_dir, *args, "--no-chat-template")
+    rendered = [f"{BOS}Hi", f"{BOS}Tell me about bees.", rows[2]["rendered_prompt"]]
+    assert [row["rendered_prompt"] for row in plain] == rendered
+    assert [row["completion"] for row in plain] == [_direct(model, r, 12) for r in rendered]
+    assert plain[2]["completion"] == completions[2], "greedy: the same text, run after run"
+
+
+def test_sampling_gives_each_prompt_its_samples_under_the_seed(model_dir, tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")  # the blank line is skipped
+    sampling = ["--temperature", "1.0", "--top-k", "50", "--num-samples", "3", "--seed", "7"]
+    args = [model_dir, "--prompts", prompts, "--max-new-tokens", "10", *sampling]
+
+    rows = _main(capsys, *args)
+    assert [(row["prompt"], row["sample"]) for row in rows] == [
+        (prompt, sample) for prompt in ("first prompt", "second prompt") for sample in range(3)
+    ]
+    assert len({row["completion"] for row in rows}) > 1, "samples, not one greedy text"
+
+    # The same seed draws the same samples, and each model draws from it: a reference equal to the
+    # policy samples the same text as the policy, which is the text of the run above.
+    compared = _main(capsys, *args, "--reference", model_dir)
+    assert [row["policy"] for row in compared] == [row["completion"] for row in rows]
+    assert [row["reference"] for row in compared] == [row["completion"] for row in rows]
+
+
+def test_compare_puts_the_runs_step_zero_policy_beside_its_policy(
+    make_config, tmp_path, capsys
+) -> None:
+    # A run directory as training leaves it, without the minute of training: build() seeds and
+    # builds as a run does (its reference is the step-0 policy); noise stands in for training.
+    cfg = make_config()
+    run = build(cfg)
+    step_zero = run.module.reference.model
+    policy = copy.deepcopy(run.module.policy)
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.add_(0.5 * torch.randn_like(weight))
+    export_policy(policy, run.datamodule.tokenizer, tmp_path / "hf_model")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what Hydra writes for a run
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    state = {f"policy.{key}": value for key, value in policy.state_dict().items()}
+    torch.save({"state_dict": state, RUN_CONFIG_KEY: run.module.run_config}, ckpt)
+
+    prompts = ["Can you tell me about bees?", "Please explain tides to me."]
+    # The toy task's prompts are text: --no-chat-template renders them as training did.
+    args = [a for p in prompts for a in ("--prompt", p)]
+    args += ["--max-new-tokens", "24", "--no-chat-template", "--compare"]
+    result = _cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows((tmp_path / "generations.jsonl").read_text())  # a run's default output
+    rendered = [f"{BOS}{p}" for p in prompts]
+    expected = [(_direct(policy, r, 24), _direct(step_zero, r, 24)) for r in rendered]
+    assert [(row["policy"], row["reference"]) for row in rows] == expected
+    assert rows[0]["settings"]["reference"] == f"TinyLlama (seed {cfg.seed})"
+    # The texts tell the models apart: the policy's, and a TinyLlama under another seed.
+    assert all(trained != base for trained, base in expected)
+    torch.manual_seed(cfg.seed + 1)
+    other_seed = instantiate(cfg.model).load_policy()
+    assert [_direct(other_seed, r, 24) for r in rendered] != [ref for _, ref in expected]
+
+    # A checkpoint names its base model through the run config it stores.
+    from_ckpt = _main(capsys, ckpt, *args)
+    assert [(row["policy"], row["reference"]) for row in from_ckpt] == expected
+
+
+def test_errors_are_one_line(model_dir, tmp_path, capsys) -> None:
+    def error(*args: str | Path) -> str:
+        capsys.readouterr()
+        assert main([*map(str, args)]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    missing = tmp_path / "missing"
+    assert error(missing, "--prompt", "Hi") == (
+        f"error: no model folder, run directory or checkpoint at {str(missing)!r}"
+    )
+    unfinished = tmp_path / "run"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "last.ckpt").write_bytes(b"")
+    message = error(unfinished, "--prompt", "Hi")
+    assert "has no hf_model/" in message and "last.ckpt" in message
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert "a LoRA adapter alone" in error(adapter, "--prompt", "Hi")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert (
+        error(model_dir, "--prompts", empty) == f"error: --prompts {str(empty)!r} holds no prompts"
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    assert error(model_dir, "--prompts", bad).startswith(f"error: {bad}, line 2: not valid JSON")
+    bad.write_text('{"prompt": [{"role": "robot", "content": "beep"}]}\n')
+    assert "line 1, field 'prompt', message 0: unknown role 'robot'" in error(
+        model_dir, "--prompts", bad
+    )
+
+    assert "--reference" in error(model_dir, "--prompt", "Hi", "--compare")
+    assert "--temperature" in error(model_dir, "--prompt", "Hi", "--num-samples", "2")
