@@ -38,6 +38,10 @@ bench: ## Install TRL, then benchmark against its KTOTrainer on CPU (~10 min); A
 	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/bench.py $(ARGS)
 
+.PHONY: bench-data
+bench-data: ## Time data preparation (KTODataModule.setup), cold and warm cache; ARGS="--rows 1000000"
+	$(PYTHON) benchmarks/data_prep.py $(ARGS)
+
 clean: ## Remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

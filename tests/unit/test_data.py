@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torch.testing import assert_close
@@ -26,8 +29,10 @@ from kto_lightning.data import (
 )
 from kto_lightning.data.config import Columns, check_lengths
 from kto_lightning.data.formats import normalise
+from kto_lightning.data.pairing import TokenIds, cached_kl_partners, kl_partners, kl_partners_of
 from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
+from kto_lightning.data.tokenize import fit_beside
 from kto_lightning.errors import ConfigError, DataError
 
 BOS, EOS, PAD = 256, 257, 258
@@ -988,6 +993,19 @@ def test_datamodule_num_proc_gives_the_same_examples(tokenizer, tmp_path):
     assert parallel.val_set.examples == serial.val_set.examples
 
 
+def test_datamodule_caches_the_kl_pairing_per_seed(tokenizer, tmp_path):
+    path = numbered_rows(tmp_path / "rows.jsonl", 40)
+    source = {"path": str(path), "cache_dir": str(tmp_path / "cache")}
+    first = make_datamodule(tokenizer, source=source)
+    files = sorted((tmp_path / "cache").rglob("kl-partners-*.npy"))
+    assert len(files) == 2  # training and validation rows
+    again = make_datamodule(tokenizer, source=source)
+    assert sorted((tmp_path / "cache").rglob("kl-partners-*.npy")) == files  # read back
+    assert again.train_set.examples == first.train_set.examples
+    make_datamodule(tokenizer, source=source, seed=43)
+    assert len(list((tmp_path / "cache").rglob("kl-partners-*.npy"))) > 2
+
+
 def test_datamodule_num_proc_errors_name_the_row_of_the_file(tokenizer, tmp_path):
     rows = [record(f"Q{i}", f"A{i}", str(i % 2)) for i in range(20)]
     rows[15] = record("Q15", "A15", "maybe")  # in the second process's half
@@ -1028,3 +1046,60 @@ def test_toy_rows_are_valid_rows():
         Row(**row)
         assert row["prompt"].strip()
         assert row["completion"].strip()
+
+
+def test_kl_partner_has_another_prompt_where_one_exists():
+    # Paired data: two rows per prompt, with different completions. A row's partner must answer
+    # another prompt, although the other reply to its own prompt differs from its completion.
+    examples = [ex([BOS, i // 2], [i, EOS], i % 2 == 0) for i in range(40)]
+    for seed in range(5):
+        prompts, completions = (
+            [e.prompt_ids for e in examples],
+            [e.completion_ids for e in examples],
+        )
+        for i, j in enumerate(kl_partners(prompts, completions, 64, seed)):
+            assert examples[j].prompt_ids != examples[i].prompt_ids
+
+
+def test_kl_pairing_guarantees_hold_on_many_rows_with_duplicates():
+    rng = random.Random(0)
+    prompts = [[BOS, rng.randrange(30)] for _ in range(3000)]
+    completions = [[rng.randrange(20)] * rng.randint(1, 6) + [EOS] for _ in range(3000)]
+    max_length = 6
+    first = kl_partners(prompts, completions, max_length, seed=11)
+    assert kl_partners(prompts, completions, max_length, seed=11) == first
+    assert kl_partners(prompts, completions, max_length, seed=12) != first
+    for i, j in enumerate(first):
+        own = fit_beside(len(prompts[i]), completions[i], max_length)
+        assert fit_beside(len(prompts[i]), completions[j], max_length) != own
+        assert prompts[j] != prompts[i]  # 30 prompts: another one always exists
+
+
+def test_token_ids_from_arrow_and_take_match_the_lists():
+    rows = [[1, 2, 3], [], [4], [5, 6]]
+    chunked = pa.chunked_array([pa.array(rows[:2]), pa.array(rows[2:])])
+    for ids in (TokenIds.from_arrow(chunked), TokenIds.from_arrow(pa.array(rows).slice(1))):
+        expected = rows if len(ids.lengths) == 4 else rows[1:]
+        bounds = zip(ids.offsets[:-1], ids.offsets[1:], strict=True)
+        got = [ids.values[a:b].tolist() for a, b in bounds]
+        assert got == expected
+    taken = TokenIds.from_lists(rows).take(np.array([3, 0]))
+    assert taken.values.tolist() == [5, 6, 1, 2, 3]
+    assert taken.offsets.tolist() == [0, 2, 5]
+
+
+def test_cached_kl_partners_are_keyed_by_seed_and_lengths(tmp_path):
+    prompts = TokenIds.from_lists([[BOS, i] for i in range(50)])
+    completions = TokenIds.from_lists([[i, i + 1, EOS] for i in range(50)])
+    keep = np.arange(0, 50, 2)
+    args = (prompts, completions, keep)
+    first = cached_kl_partners(*args, 64, 0, ("tokenized",), tmp_path)
+    assert len(list(tmp_path.glob("kl-partners-*.npy"))) == 1
+    # The pairing of the kept rows alone, read back from the file on the second call.
+    subset = kl_partners_of(prompts.take(keep), completions.take(keep), 64, 0)
+    assert first.tolist() == subset.tolist()
+    assert cached_kl_partners(*args, 64, 0, ("tokenized",), tmp_path).tolist() == first.tolist()
+    cached_kl_partners(*args, 64, 1, ("tokenized",), tmp_path)
+    cached_kl_partners(*args, 32, 0, ("tokenized",), tmp_path)
+    cached_kl_partners(*args, 64, 0, ("other rows",), tmp_path)
+    assert len(list(tmp_path.glob("kl-partners-*.npy"))) == 4

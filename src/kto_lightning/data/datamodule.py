@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
@@ -27,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.config import Batching, Columns, Lengths, Source, as_group
 from kto_lightning.data.dataset import BatchesOf, KTODataset
-from kto_lightning.data.pairing import kl_partners
+from kto_lightning.data.pairing import TokenIds, cached_kl_partners
 from kto_lightning.data.sampler import (
     EpochSampler,
     EpochShuffleSampler,
@@ -50,6 +53,11 @@ def _tokenization_note(cached: bool, in_memory: bool) -> str:
     if in_memory:
         return "in memory"  # rows made in this process (the toy task) have no cache to reuse
     return "cached" if cached else "computed"
+
+
+def _cache_folder(rows: datasets.Dataset) -> Path | None:
+    """The folder of a dataset's cache files; None for rows made in memory (nothing to reuse)."""
+    return Path(rows.cache_files[0]["filename"]).parent if rows.cache_files else None
 
 
 class KTODataModule(L.LightningDataModule):
@@ -120,20 +128,22 @@ class KTODataModule(L.LightningDataModule):
         tokenized, cached = tokenize_dataset(
             rows, self.tokenizer, chat, max_length, max_prompt_length, name, self.source.num_proc
         )
-        prompt_tokens = list(tokenized["prompt_tokens"])
-        completion_tokens = list(tokenized["completion_tokens"])
-        kept_completions = [len(ids) for ids in tokenized["completion_ids"]]
-        kept_rows = tokenized.filter(
-            lambda batch: [len(c) > 0 for c in batch["completion_ids"]],
-            batched=True,
-            desc=f"Filtering {name}",
-        )
-        empty = len(tokenized) - len(kept_rows)
-        labels = [bool(x) for x in kept_rows["label"]]
-        undesirable = len(labels) - sum(labels)
+        # Whole columns through Arrow and numpy: no Python object per token (see pairing.py).
+        if tokenized._indices is not None:  # map writes a fresh table; this is a safeguard
+            tokenized = tokenized.flatten_indices()
+        table = tokenized.data
+        prompt_tokens = table.column("prompt_tokens").to_numpy()
+        completion_tokens = table.column("completion_tokens").to_numpy()
+        completions = TokenIds.from_arrow(table.column("completion_ids"))
+        kept_completions = completions.lengths
+        all_labels = table.column("label").to_numpy(zero_copy_only=False).astype(bool)
+        keep = np.flatnonzero(kept_completions > 0)
+        empty = len(tokenized) - len(keep)
+        undesirable = int((~all_labels[keep]).sum())
         if self.drop_undesirable and undesirable:
-            kept_rows = kept_rows.select([i for i, desirable in enumerate(labels) if desirable])
-            labels = [True] * len(kept_rows)
+            keep = keep[all_labels[keep]]
+        kept_rows = tokenized if len(keep) == len(tokenized) else tokenized.select(keep)
+        labels = all_labels[keep].tolist()
         summary = SplitSummary(
             name=read.split,
             source=name,
@@ -142,12 +152,10 @@ class KTODataModule(L.LightningDataModule):
             rows_read=read.rows_read,
             desirable=sum(labels),
             undesirable=len(labels) - sum(labels),
-            prompts_truncated=sum(n > max_prompt_length for n in prompt_tokens),
-            completions_truncated=sum(
-                kept < n for kept, n in zip(kept_completions, completion_tokens, strict=True)
-            ),
-            prompt_lengths=percentiles(prompt_tokens),
-            completion_lengths=percentiles(completion_tokens),
+            prompts_truncated=int((prompt_tokens > max_prompt_length).sum()),
+            completions_truncated=int((kept_completions < completion_tokens).sum()),
+            prompt_lengths=percentiles(prompt_tokens.tolist()),
+            completion_lengths=percentiles(completion_tokens.tolist()),
             tokenization=_tokenization_note(cached, in_memory=not rows.cache_files),
         )
         if empty:
@@ -156,13 +164,18 @@ class KTODataModule(L.LightningDataModule):
             summary.dropped[DROPPED_UNDESIRABLE] = undesirable
         partners = None
         if self.collator.needs_kl_rows:
-            if len(kept_rows) < 2:
-                raise DataError(
-                    f"{name}: the KL estimate needs at least 2 rows, got {len(kept_rows)}"
-                )
+            if len(keep) < 2:
+                raise DataError(f"{name}: the KL estimate needs at least 2 rows, got {len(keep)}")
+            key = (tokenized._fingerprint, self.drop_undesirable, max_length, seed)
             try:
-                partners = kl_partners(
-                    kept_rows["prompt_ids"], kept_rows["completion_ids"], max_length, seed
+                partners = cached_kl_partners(
+                    TokenIds.from_arrow(table.column("prompt_ids")),
+                    completions,
+                    keep,
+                    max_length,
+                    seed,
+                    key,
+                    _cache_folder(tokenized),
                 )
             except DataError as error:
                 raise DataError(f"{name}: {error}") from None

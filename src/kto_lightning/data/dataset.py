@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datasets
+import numpy as np
 from torch.utils.data import Dataset
 
 from kto_lightning.data.tokenize import Example, fit_beside
@@ -17,7 +20,9 @@ class KTODataset(Dataset):
         max_length: `data.lengths.max_length`, the room a prompt and a completion share.
     """
 
-    def __init__(self, rows: datasets.Dataset, partners: list[int] | None, max_length: int) -> None:
+    def __init__(
+        self, rows: datasets.Dataset, partners: Sequence[int] | np.ndarray | None, max_length: int
+    ) -> None:
         self.rows = rows.select_columns(["prompt_ids", "completion_ids", "label"])
         self.partners = partners
         self.max_length = max_length
@@ -29,7 +34,7 @@ class KTODataset(Dataset):
         row = self.rows[index]
         kl: list[int] = []
         if self.partners is not None:
-            partner = self.rows[self.partners[index]]["completion_ids"]
+            partner = self.rows[int(self.partners[index])]["completion_ids"]
             kl = fit_beside(len(row["prompt_ids"]), partner, self.max_length)
         return Example(row["prompt_ids"], row["completion_ids"], bool(row["label"]), kl, index)
 
@@ -43,7 +48,7 @@ class KTODataset(Dataset):
             return lengths
         kl = [
             p + len(fit_beside(p, completions[j], self.max_length))
-            for p, j in zip(prompts, self.partners, strict=True)
+            for p, j in zip(prompts, map(int, self.partners), strict=True)
         ]
         return [max(a, b) for a, b in zip(lengths, kl, strict=True)]
 

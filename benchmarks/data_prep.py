@@ -1,0 +1,152 @@
+"""Data-preparation benchmark: N unpaired rows of ~100 tokens through KTODataModule.setup.
+
+Rows are synthetic (seeded words from the benchmark fixture's lexicon, no download), about 50
+words of prompt and 50 of completion, written once to a JSON-lines file per N. Each configuration
+runs in its own process, so that its peak RSS is its own: `cold` on an empty datasets cache
+folder, `warm` a second process on the same folder. The time is that of `setup()` plus the first
+training batch, exactly as training prepares its data (the source file is read, normalised,
+tokenized, filtered and paired).
+
+    python benchmarks/data_prep.py                      # 50k and 200k rows
+    python benchmarks/data_prep.py --rows 1000000 --num-proc 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> None:
+    """`n` rows of ~50 + ~50 words (about 100 tokens with the fixture's tokenizer)."""
+    from fixture import _ADJECTIVES, _NOUNS, _VERBS
+
+    words = [*_NOUNS, *_VERBS, *_ADJECTIVES]
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choices(words, k=rng.randint(40, 60)))
+            completion = " " + " ".join(rng.choices(words, k=rng.randint(40, 60)))
+            row = {"prompt": prompt, "completion": completion, "label": rng.random() < 0.5}
+            f.write(json.dumps(row) + "\n")
+    tmp.rename(path)
+
+
+def child_main(spec: dict) -> None:
+    """Prepare the data as training does and print the seconds it took (one JSON line)."""
+    from transformers import AutoTokenizer
+
+    from kto_lightning.data.datamodule import KTODataModule
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    start = time.perf_counter()
+    data = KTODataModule(
+        tokenizer,
+        source={"path": spec["path"], "cache_dir": spec["cache_dir"], "num_proc": spec["num_proc"]},
+        batching={"batch_size": 8},
+    )
+    data.setup("fit")
+    next(iter(data.train_dataloader()))
+    seconds = time.perf_counter() - start
+    summary = data.summaries["train"]
+    print(json.dumps({"seconds": seconds, "train_rows": summary.kept}))
+
+
+def run_child(spec: dict) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one configuration, in a fresh process."""
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env)
+        # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix all children);
+        # ru_maxrss is the process itself, not datasets.map's worker processes (num_proc > 1).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed:\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["seconds"], usage.ru_maxrss / 1024
+
+
+def header() -> str:
+    names = ("torch", "transformers", "datasets", "pyarrow", "numpy", "kto_lightning")
+    versions = ", ".join(f"{n} {metadata.version(n)}" for n in names)
+    mem_kib = 0
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"  python {platform.python_version()}, {versions}\n"
+        f"  machine: nproc {os.cpu_count()}, {mem_kib / 1024**2:.1f} GiB RAM; "
+        f"load average at start {load}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000])
+    parser.add_argument("--num-proc", type=int, default=None, help="data.source.num_proc")
+    parser.add_argument("--workdir", type=Path, default=HERE / ".data_prep")
+    parser.add_argument("--fixture-dir", type=Path, default=HERE / ".fixture")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return 0
+
+    from fixture import build_fixture
+
+    tokenizer = build_fixture(args.fixture_dir / "full")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print("data preparation: KTODataModule.setup + first training batch")
+    print(header())
+    print(f"  num_proc {args.num_proc}; tokenizer: the benchmark fixture's BPE")
+    print(
+        f"{'rows':>9}  {'cold s':>7}  {'warm s':>7}  {'peak RSS cold':>13}  {'peak RSS warm':>13}"
+    )
+    for n in args.rows:
+        path = args.workdir / f"rows_{n}.jsonl"
+        if not path.exists():
+            write_rows(path, n)
+        cache_dir = tempfile.mkdtemp(prefix="cache-", dir=args.workdir)
+        try:
+            spec = {
+                "path": str(path),
+                "cache_dir": cache_dir,
+                "num_proc": args.num_proc,
+                "tokenizer": str(tokenizer),
+            }
+            cold, cold_rss = run_child(spec)
+            warm, warm_rss = run_child(spec)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        print(
+            f"{n:>9}  {cold:>7.1f}  {warm:>7.1f}  {cold_rss:>9.0f} MiB  {warm_rss:>9.0f} MiB",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
