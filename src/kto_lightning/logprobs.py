@@ -7,6 +7,7 @@ are more than a weight matrix.
 `sequence_logprobs` is what the trainer calls: backbone -> hidden states of the positions that
 predict completion tokens -> chunked head -> per-sequence sums. `batch_logprobs` scores a
 batch's main and KL rows in one such forward (the reference providers and the cache use it).
+Either runs padded rows as they come, or packed without their padding (kto_lightning.packing).
 
 Dtypes: all softmax math is done in float32, or in float64 when the inputs are float64 (so that
 gradient checks can be tight); the returned log-probs have that dtype.
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kto_lightning.models import CausalLM
+from kto_lightning.packing import Packing, pack_rows
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -208,20 +210,23 @@ def sequence_logprobs(
     attention_mask: Tensor,
     completion_mask: Tensor,
     chunk_size: int = 256,
+    packing: Packing | None = None,
 ) -> Tensor:
     """Per-sequence sum of log p(token) over completion tokens only: (B, L) each -> (B,) float32.
 
     completion_mask is 1 on the completion tokens themselves (0 on prompt and padding); token t is
     predicted by the hidden state at t - 1, so the first token is never a target. Positions come
     from attention_mask (cumsum - 1), so left- and right-padded batches give the same numbers.
+    With `packing`, the rows' real tokens run packed, without their padding
+    (kto_lightning.packing); the numbers are the same up to float rounding.
     Models that rescale logits other than by final_logit_softcapping are not supported. The head
     runs as the model's own head would: through its adapters and its strategy's hooks.
     """
     sharded_entry = model.__dict__.get(SHARDED_ENTRY)  # set on a sharded root only
     if sharded_entry is not None:
-        return sharded_entry(input_ids, attention_mask, completion_mask, chunk_size)
+        return sharded_entry(input_ids, attention_mask, completion_mask, chunk_size, packing)
     return unsharded_sequence_logprobs(
-        model, input_ids, attention_mask, completion_mask, chunk_size
+        model, input_ids, attention_mask, completion_mask, chunk_size, packing
     )
 
 
@@ -231,21 +236,33 @@ def unsharded_sequence_logprobs(
     attention_mask: Tensor,
     completion_mask: Tensor,
     chunk_size: int = 256,
+    packing: Packing | None = None,
 ) -> Tensor:
     """`sequence_logprobs` itself, for a model whose weights are all in hand (or gathered)."""
-    # position_ids: (B, L), 0 at the first real token whatever the padding side.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = _backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
-    select = completion_mask[:, 1:].bool()  # (B, L-1): next token t+1 is a completion token
-    batch_idx, pos_idx = select.nonzero(as_tuple=True)  # (N,), (N,)
-    hidden_sel = hidden[batch_idx, pos_idx]  # (N, H): states at t-1 ...
-    targets = input_ids[:, 1:][batch_idx, pos_idx]  # (N,): ... predicting token t
+    if packing is not None:
+        packed = pack_rows(input_ids, attention_mask, completion_mask, packing.max_tokens)
+        # No attention mask: the model reads the row boundaries from the restarting position ids
+        # and keeps attention block-diagonal (transformers' find_packed_sequence_indices).
+        out = _backbone(model)(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (P, T, H)
+        hidden_sel = hidden.flatten(0, 1)[packed.hidden_index]  # (N, H)
+        targets, row = packed.targets, packed.row  # (N,), (N,)
+    else:
+        # position_ids: (B, L), 0 at the first real token whatever the padding side.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = _backbone(model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
+        select = completion_mask[:, 1:].bool()  # (B, L-1): next token t+1 is a completion token
+        row, pos_idx = select.nonzero(as_tuple=True)  # (N,), (N,)
+        hidden_sel = hidden[row, pos_idx]  # (N, H): states at t-1 ...
+        targets = input_ids[:, 1:][row, pos_idx]  # (N,): ... predicting token t
     head = model.get_output_embeddings()  # Linear(H, V), weight (V, H), or a wrapper of one
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if _is_plain_linear(head):
@@ -255,20 +272,29 @@ def unsharded_sequence_logprobs(
     else:
         token_lp = token_logprobs_via_head(hidden_sel, head, targets, chunk_size, softcap)  # (N,)
     sums = token_lp.new_zeros(input_ids.shape[0])  # (B,)
-    return sums.index_add(0, batch_idx, token_lp)  # (B,)
+    return sums.index_add(0, row, token_lp)  # (B,)
 
 
 def batch_logprobs(
-    model: nn.Module, batch: dict[str, Tensor], chunk_size: int, needs_kl_rows: bool
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    chunk_size: int,
+    needs_kl_rows: bool,
+    packing: Packing | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(main, KL or None) log-probs of one batch, in one forward over main and KL rows."""
     if not needs_kl_rows:
         return sequence_logprobs(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            chunk_size,
+            packing,
         ), None
     keys = ("input_ids", "attention_mask", "completion_mask")
     ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
-    main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size).chunk(2)
+    main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size, packing).chunk(2)
     return main, kl
 
 

@@ -34,6 +34,7 @@ from kto_lightning.logprobs import sequence_logprobs
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import metrics_from_sums, reward_auroc
 from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups
+from kto_lightning.packing import Packing
 from kto_lightning.reference import ReferenceProvider
 from kto_lightning.step import Reduction, StepLogps, StepResult, kto_step
 from kto_lightning.strategies import FSDP2Strategy
@@ -52,6 +53,7 @@ class PolicyModule(L.LightningModule):
         optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
         scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
         logprob_chunk_size: rows of the LM head computed at once when scoring completions.
+        packing: run the rows packed without padding (`data.batching.packing`); None: padded.
     """
 
     # What the closing summary calls the run: "KTO training finished in ...".
@@ -63,8 +65,10 @@ class PolicyModule(L.LightningModule):
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
         logprob_chunk_size: int = 256,
+        packing: Packing | None = None,
     ) -> None:
         super().__init__()
+        self.packing = packing
         self.policy = policy
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -80,6 +84,7 @@ class PolicyModule(L.LightningModule):
             batch[f"{prefix}attention_mask"],
             batch[f"{prefix}completion_mask"],
             chunk_size=self.logprob_chunk_size,
+            packing=self.packing,
         )
 
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
@@ -157,6 +162,7 @@ class KTOModule(PolicyModule):
         optimizer: a partial optimizer, called with the parameter groups (`_partial_: true`).
         scheduler: a partial schedule, called with `optimizer` and `total_steps`; None for none.
         logprob_chunk_size: rows of the LM head computed at once when scoring completions.
+        packing: run the rows packed without padding (`data.batching.packing`); None: padded.
     """
 
     summary_title = "KTO training"
@@ -169,8 +175,9 @@ class KTOModule(PolicyModule):
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., Any] | None = None,
         logprob_chunk_size: int = 256,
+        packing: Packing | None = None,
     ) -> None:
-        super().__init__(policy, optimizer, scheduler, logprob_chunk_size)
+        super().__init__(policy, optimizer, scheduler, logprob_chunk_size, packing)
         self.reference = reference.eval().requires_grad_(False)
         self.loss = loss
         self._val_rewards: list[Tensor] = []
@@ -201,7 +208,7 @@ class KTOModule(PolicyModule):
             if needs_kl_rows:
                 kl_policy = self._logps(self.policy, batch, "kl_")
             reference, kl_reference = self.reference.logps(
-                self.policy, batch, split, self.logprob_chunk_size, needs_kl_rows
+                self.policy, batch, split, self.logprob_chunk_size, needs_kl_rows, self.packing
             )
         policy = self._logps(self.policy, batch)
         return StepLogps(policy, reference, kl_policy, kl_reference)

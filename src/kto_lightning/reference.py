@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
 from kto_lightning.models import CausalLM
+from kto_lightning.packing import Packing
 from kto_lightning.reference_cache import cached_table, trainer_precision
 
 KINDS = ("copy", "adapter", "cache")
@@ -61,7 +62,9 @@ class ReferenceProvider(nn.Module):
         split: str,
         chunk_size: int,
         needs_kl_rows: bool,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """(main, KL or None) reference log-probs; `packing` runs a live model packed."""
         raise NotImplementedError
 
 
@@ -73,17 +76,17 @@ class CopyReference(ReferenceProvider):
         self.model: CausalLM = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
-        return batch_logprobs(self.model, batch, chunk_size, needs_kl_rows)
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows, packing=None):
+        return batch_logprobs(self.model, batch, chunk_size, needs_kl_rows, packing)
 
 
 class AdapterReference(ReferenceProvider):
     """The policy with its LoRA adapters switched off: the base weights, which never train."""
 
     @torch.no_grad()
-    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows, packing=None):
         with eval_mode(policy), policy.disable_adapter():
-            return batch_logprobs(policy, batch, chunk_size, needs_kl_rows)
+            return batch_logprobs(policy, batch, chunk_size, needs_kl_rows, packing)
 
 
 class CachedReference(ReferenceProvider):
@@ -104,7 +107,8 @@ class CachedReference(ReferenceProvider):
     def _lookup(self, name: str, index: Tensor) -> Tensor:
         return getattr(self, name.replace("/", "__"))[index].view(self.dtypes[name])
 
-    def logps(self, policy, batch, split, chunk_size, needs_kl_rows):
+    def logps(self, policy, batch, split, chunk_size, needs_kl_rows, packing=None):
+        # The table holds per-row log-probs (scored padded, before training): nothing to pack.
         index = batch["index"]
         main = self._lookup(f"{split}/main", index)
         kl = self._lookup(f"{split}/kl", index) if needs_kl_rows else None

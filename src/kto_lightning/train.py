@@ -250,7 +250,9 @@ def _module(
         )
         if cfg.compile.enabled:
             compile_backbones(policy, None, cfg.compile)
-        return SFTModule(policy, optimizer, scheduler, cfg.logprob_chunk_size)
+        return SFTModule(
+            policy, optimizer, scheduler, cfg.logprob_chunk_size, datamodule.batching.packed
+        )
     reference = build_provider(
         instantiate(cfg.reference),
         policy,
@@ -269,6 +271,7 @@ def _module(
         optimizer=optimizer,
         scheduler=scheduler,
         logprob_chunk_size=cfg.logprob_chunk_size,
+        packing=datamodule.batching.packed,
     )
 
 

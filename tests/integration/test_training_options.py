@@ -1,5 +1,5 @@
-"""Training options end to end on the tiny model: length grouping, gradient checkpointing,
-torch.compile and a LoRA policy with the adapter-disabled reference."""
+"""Training options end to end on the tiny model: length grouping, packing, gradient
+checkpointing, torch.compile and a LoRA policy with the adapter-disabled reference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kto_lightning.packing import Packing
 from kto_lightning.train import build, train
 
 
@@ -51,6 +52,30 @@ def test_group_by_length_trains_with_less_padding(make_config, tmp_path) -> None
     assert grouped_share < 0.75 * shuffled_share, (grouped_share, shuffled_share)
     assert "train/padding" in _logged_columns(tmp_path)
     assert "val/padding" in _logged_columns(tmp_path)
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+def test_packing_from_the_config_trains_with_the_padded_numbers(make_config, tmp_path) -> None:
+    padded = build(make_config(f"paths.output_dir={tmp_path / 'padded'}"))
+    packed = build(make_config("data.batching.packing=true"))
+    assert padded.module.packing is None
+    assert packed.module.packing == Packing(max_tokens=None)
+    batch = next(iter(packed.datamodule.train_dataloader()))
+    with torch.no_grad():  # the same weights (same seed) give the same log-probs, packed or not
+        logps, packed_logps = (
+            run.module.eval().forward_logps(batch, "train") for run in (padded, packed)
+        )
+    for name in ("policy", "reference", "kl_policy", "kl_reference"):
+        torch.testing.assert_close(
+            getattr(packed_logps, name), getattr(logps, name), rtol=1e-5, atol=1e-5
+        )
+    before = _snapshot(packed.module.policy)
+    train(make_config("data.batching.packing=true"), run=packed)
+    after = packed.module.policy.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before), "the policy did not train"
+    assert packed.trainer.global_step == 6
 
 
 # ------------------------------------------------------------------------------ checkpointing

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.errors import ConfigError
+from kto_lightning.packing import Packing
 
 TOY = "toy"
 FORMATS = ("auto", "unpaired", "paired", "score")
@@ -153,6 +154,12 @@ class Batching:
         group_by_length: batch rows of similar length together to cut padding
             (LengthGroupedSampler); not together with `balanced_batches`.
         num_workers: DataLoader worker processes.
+        packing: run the model over the rows' real tokens packed end to end, without padding
+            (kto_lightning.packing), for the policy, KL and live reference passes; the log-probs
+            are the padded path's up to float rounding.
+        max_tokens_per_pack: tokens per packed sequence; None packs up to the batch's longest
+            row (a pack is then never longer than the padded rows, so attention per pack costs
+            no more than per padded row). Only with `packing`.
     """
 
     batch_size: int = 16
@@ -160,6 +167,8 @@ class Batching:
     balanced_batches: bool = False
     group_by_length: bool = False
     num_workers: int = 0
+    packing: bool = True
+    max_tokens_per_pack: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -175,10 +184,20 @@ class Batching:
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.batching.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_tokens_per_pack is not None and self.max_tokens_per_pack < 1:
+            raise ConfigError(
+                "data.batching.max_tokens_per_pack must be >= 1 or null, got "
+                f"{self.max_tokens_per_pack}"
+            )
 
     @property
     def validation_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+    @property
+    def packed(self) -> Packing | None:
+        """How the model runs the batches: packed (a `Packing`), or padded (None)."""
+        return Packing(self.max_tokens_per_pack) if self.packing else None
 
 
 Group = TypeVar("Group", Source, Columns, Lengths, Batching)
