@@ -167,7 +167,7 @@ class Batching:
     balanced_batches: bool = False
     group_by_length: bool = False
     num_workers: int = 0
-    packing: bool = True
+    packing: bool = False
     max_tokens_per_pack: int | None = None
 
     def __post_init__(self) -> None:
