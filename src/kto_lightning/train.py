@@ -52,6 +52,7 @@ from kto_lightning.module import KTOModule, PolicyModule
 from kto_lightning.progress import console_callbacks, log_config, quiet_library_noise
 from kto_lightning.reference import CopyReference, ReferenceProvider, build_provider
 from kto_lightning.resume import find_resume
+from kto_lightning.run_records import OBJECTIVE_FILE, read_objective
 from kto_lightning.security import redact_secrets, scrub_hydra_record
 from kto_lightning.sft import SFTLoss, SFTModule
 from kto_lightning.strategies import check_deepspeed
@@ -295,7 +296,8 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
             saved.global_step,
             saved.epoch,
         )
-        return recorded_objective(Path(cfg.paths.output_dir))
+        recorded = read_objective(cfg.paths.output_dir)  # what the finished run wrote, if any
+        return recorded[1] if recorded is not None else None
     log_config(cfg)
     run = run or build(cfg, resumed_step=saved.global_step if saved is not None else None)
     if cfg.validate_before_training and saved is None:
@@ -310,12 +312,6 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
             raise
         raise run.interrupt.stopped from None
     return objective(cfg.get("objective"), run.trainer)
-
-
-def recorded_objective(run_dir: Path) -> float | None:
-    """The objective a finished run wrote to its objective.json, if it wrote one."""
-    record = run_dir / "objective.json"
-    return json.loads(record.read_text())["value"] if record.is_file() else None
 
 
 def objective(name: str | None, trainer: L.Trainer) -> float | None:
@@ -336,7 +332,7 @@ def objective(name: str | None, trainer: L.Trainer) -> float | None:
     value = metrics[name] if math.isfinite(metrics[name]) else None
     if trainer.is_global_zero:
         record = {"objective": name, "value": value}
-        (Path(trainer.default_root_dir) / "objective.json").write_text(json.dumps(record) + "\n")
+        (Path(trainer.default_root_dir) / OBJECTIVE_FILE).write_text(json.dumps(record) + "\n")
     return value
 
 
