@@ -7,8 +7,12 @@ folder, `warm` a second process on the same folder. The time is that of `setup()
 training batch, exactly as training prepares its data (the source file is read, normalised,
 tokenized, filtered and paired).
 
-    python benchmarks/data_prep.py                      # 50k and 200k rows
-    python benchmarks/data_prep.py --rows 1000000 --num-proc 2
+    python benchmarks/data_prep.py                      # 50k, 200k and 1M rows (~15 min)
+    python benchmarks/data_prep.py --rows 200000 --skip-trl --num-proc 2
+
+TRL 1.16's KTOTrainer preparing the same rows is timed beside ours, up to --trl-max-rows. The
+`target` column checks the targets of 2-core machines: 200k rows <= 30 s cold and <= 5 s warm,
+1M rows <= 3 min cold with a peak RSS <= 2 GiB.
 """
 
 from __future__ import annotations
@@ -66,6 +70,37 @@ def child_main(spec: dict) -> None:
     print(json.dumps({"seconds": seconds, "train_rows": summary.kept}))
 
 
+def trl_child_main(spec: dict) -> None:
+    """TRL 1.16's KTOTrainer preparing the same rows: the file read with datasets (as its docs
+    do), then the trainer's own `_prepare_dataset` (prompt and prompt+completion tokenized row by
+    row, KL completions rotated within each batch), and its first training batch."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    policy = AutoModelForCausalLM.from_pretrained(spec["tokenizer"], dtype=torch.float32)
+    args = KTOConfig(
+        output_dir=str(Path(spec["cache_dir"]) / "trl"),
+        per_device_train_batch_size=8,
+        max_length=256,
+        dataset_num_proc=spec["num_proc"],
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    start = time.perf_counter()
+    rows = datasets.load_dataset(
+        "json", data_files=spec["path"], split="train", cache_dir=spec["cache_dir"]
+    )
+    trainer = KTOTrainer(model=policy, args=args, train_dataset=rows, processing_class=tokenizer)
+    next(iter(trainer.get_train_dataloader()))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "train_rows": len(trainer.train_dataset)}))
+
+
 def run_child(spec: dict) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of one configuration, in a fresh process."""
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -101,50 +136,83 @@ def header() -> str:
     )
 
 
+# The issue's targets on 2 cores: rows -> (cold s, warm s, peak RSS MiB); None: no target.
+TARGETS = {200_000: (30.0, 5.0, None), 1_000_000: (180.0, None, 2048.0)}
+
+
+def verdict(n: int, cold: float, warm: float, rss: float) -> str:
+    """'met' / 'MISSED (...)' against TARGETS, or '' where `n` rows have none."""
+    if n not in TARGETS:
+        return ""
+    cold_max, warm_max, rss_max = TARGETS[n]
+    missed = [
+        f"{what} {value:.1f} > {limit:g}"
+        for what, value, limit in (("cold", cold, cold_max), ("warm", warm, warm_max),
+                                   ("RSS", rss, rss_max))
+        if limit is not None and value > limit
+    ]  # fmt: skip
+    return "MISSED (" + "; ".join(missed) + ")" if missed else "met"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     parser.add_argument("--num-proc", type=int, default=None, help="data.source.num_proc")
+    parser.add_argument("--skip-trl", action="store_true", help="time kto_lightning alone")
+    parser.add_argument(
+        "--trl-max-rows", type=int, default=200_000,
+        help="time TRL's preprocessing up to this many rows (it takes ~5x ours per row)",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=HERE / ".data_prep")
     parser.add_argument("--fixture-dir", type=Path, default=HERE / ".fixture")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(json.loads(args.child))
+        spec = json.loads(args.child)
+        (trl_child_main if spec["runner"] == "trl" else child_main)(spec)
         return 0
 
     from fixture import build_fixture
 
     tokenizer = build_fixture(args.fixture_dir / "full")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print("data preparation: KTODataModule.setup + first training batch")
+    print("data preparation: from a JSON-lines file to the first training batch")
     print(header())
-    print(f"  num_proc {args.num_proc}; tokenizer: the benchmark fixture's BPE")
+    print(f"  num_proc {args.num_proc}; the benchmark fixture's BPE tokenizer; ~100 tokens a row")
+    print("  ours: KTODataModule.setup; TRL: load_dataset + KTOTrainer's _prepare_dataset")
     print(
-        f"{'rows':>9}  {'cold s':>7}  {'warm s':>7}  {'peak RSS cold':>13}  {'peak RSS warm':>13}"
+        f"{'rows':>9}  {'runner':>6}  {'cold s':>7}  {'warm s':>7}  {'RSS cold':>9}  "
+        f"{'RSS warm':>9}  target"
     )
     for n in args.rows:
         path = args.workdir / f"rows_{n}.jsonl"
         if not path.exists():
             write_rows(path, n)
-        cache_dir = tempfile.mkdtemp(prefix="cache-", dir=args.workdir)
-        try:
-            spec = {
-                "path": str(path),
-                "cache_dir": cache_dir,
-                "num_proc": args.num_proc,
-                "tokenizer": str(tokenizer),
-            }
-            cold, cold_rss = run_child(spec)
-            warm, warm_rss = run_child(spec)
-        finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        print(
-            f"{n:>9}  {cold:>7.1f}  {warm:>7.1f}  {cold_rss:>9.0f} MiB  {warm_rss:>9.0f} MiB",
-            flush=True,
-        )
+        runners = ["ours"]
+        if not args.skip_trl and n <= args.trl_max_rows:
+            runners.append("trl")
+        for runner in runners:
+            cache_dir = tempfile.mkdtemp(prefix="cache-", dir=args.workdir)
+            try:
+                spec = {
+                    "runner": runner,
+                    "path": str(path),
+                    "cache_dir": cache_dir,
+                    "num_proc": args.num_proc,
+                    "tokenizer": str(tokenizer),
+                }
+                cold, cold_rss = run_child(spec)
+                warm, warm_rss = run_child(spec)
+            finally:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            target = verdict(n, cold, warm, max(cold_rss, warm_rss)) if runner == "ours" else ""
+            print(
+                f"{n:>9}  {runner:>6}  {cold:>7.1f}  {warm:>7.1f}  {cold_rss:>5.0f} MiB  "
+                f"{warm_rss:>5.0f} MiB  {target}",
+                flush=True,
+            )
     return 0
 
 

@@ -8,6 +8,8 @@ import datasets
 import numpy as np
 from torch.utils.data import Dataset
 
+from kto_lightning.data.pairing import TokenIds
+from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.tokenize import Example, fit_beside
 
 
@@ -41,20 +43,17 @@ class KTODataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Tokens of each row as a batch pads it: the longer of the row and its KL row."""
-        prompts = [len(ids) for ids in self.rows["prompt_ids"]]
-        completions = list(self.rows["completion_ids"])
-        lengths = [p + len(c) for p, c in zip(prompts, completions, strict=True)]
-        if self.partners is None:
-            return lengths
-        kl = [
-            p + len(fit_beside(p, completions[j], self.max_length))
-            for p, j in zip(prompts, map(int, self.partners), strict=True)
-        ]
-        return [max(a, b) for a, b in zip(lengths, kl, strict=True)]
+        prompts = TokenIds.from_arrow(arrow_column(self.rows, "prompt_ids")).lengths
+        completions = TokenIds.from_arrow(arrow_column(self.rows, "completion_ids")).lengths
+        lengths = prompts + completions
+        if self.partners is not None:  # the partner's completion, cut as fit_beside cuts it
+            kl = np.minimum(completions[np.asarray(self.partners)], self.max_length - prompts)
+            lengths = np.maximum(lengths, prompts + kl)
+        return lengths.tolist()
 
     @property
     def labels(self) -> list[bool]:
-        return [bool(x) for x in self.rows["label"]]
+        return arrow_column(self.rows, "label").to_numpy().astype(bool).tolist()
 
     @property
     def examples(self) -> list[Example]:

@@ -5,10 +5,12 @@ beside that prompt by the same rule as any completion (`fit_beside`). The pairin
 seeded, and stored with the data, so it holds for any sampler, batch size or number of ranks.
 
 It works on whole columns (numpy over the flat token ids of all rows), not row by row: preparing
-200k rows spent ~90% of its time in a per-row loop before. Token sequences are compared through
-64-bit hashes of their prefixes. Two different hashes mean two different sequences, exactly; two
-equal hashes are taken to mean equal sequences, so a hash collision (~2^-64 per comparison) can
-only make a candidate partner be refused, never a row's own completion be accepted.
+200k rows spent ~90% of its time in a per-row loop before. Whole sequences are compared through a
+64-bit hash of each row. Two different hashes mean two different sequences, exactly; two equal
+hashes are taken to mean equal sequences, so a hash collision (~2^-64 per comparison) can only
+make a candidate partner be refused, never a row's own completion be accepted. Where a cut is
+involved (a completion longer than the room beside a prompt) the tokens themselves are compared.
+Memory stays near the token ids themselves: the prompts are hashed a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _DRAWS = 64
 class TokenIds:
     """Ragged token ids of many rows: row i is `values[offsets[i]:offsets[i + 1]]`."""
 
-    values: np.ndarray  # (total tokens,) int64
+    values: np.ndarray  # (total tokens,) int32 (as the tokenized data stores them) or int64
     offsets: np.ndarray  # (rows + 1,) int64, offsets[0] == 0
 
     @classmethod
@@ -52,7 +54,7 @@ class TokenIds:
         """From a list<int> column (a datasets table's), without a Python object per token."""
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets = np.asarray(array.offsets, dtype=np.int64)
-        values = np.asarray(array.flatten(), dtype=np.int64)  # flatten honours a slice's offset
+        values = array.flatten().to_numpy()  # flatten honours a slice's offset; no copy
         return cls(values, offsets - offsets[0])
 
     @property
@@ -64,8 +66,42 @@ class TokenIds:
         lengths = self.lengths[rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-        return TokenIds(self.values[np.repeat(self.offsets[:-1][rows], lengths) + within], offsets)
+        return TokenIds(self.values[_gather(self.offsets[:-1][rows], lengths)], offsets)
+
+
+@dataclass(frozen=True)
+class RowDigest:
+    """Of each row, what the pairing needs of its prompt: its length and a hash of its tokens."""
+
+    lengths: np.ndarray  # (rows,) int64
+    hashes: np.ndarray  # (rows,) uint64
+
+    @classmethod
+    def of(cls, ids: TokenIds) -> RowDigest:
+        return cls(ids.lengths, _row_hashes(ids))
+
+    @classmethod
+    def of_arrow(cls, column: pa.ChunkedArray | pa.Array) -> RowDigest:
+        """From a list<int> column, a chunk at a time: never the whole column's ids at once."""
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        digests = [cls.of(TokenIds.from_arrow(chunk)) for chunk in chunks]
+        if not digests:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64))
+        return cls(
+            np.concatenate([d.lengths for d in digests]),
+            np.concatenate([d.hashes for d in digests]),
+        )
+
+    def take(self, rows: np.ndarray) -> RowDigest:
+        return RowDigest(self.lengths[rows], self.hashes[rows])
+
+
+def _gather(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat positions of `lengths[k]` tokens from `starts[k]`, for every k in turn."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    return np.repeat(starts, lengths) + within
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -76,17 +112,44 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _prefix_sums(ids: TokenIds) -> np.ndarray:
-    """S such that S[offsets[i] + k] - S[offsets[i]] hashes the first k tokens of row i."""
-    position = np.arange(len(ids.values), dtype=np.int64)
-    position -= np.repeat(ids.offsets[:-1], ids.lengths)  # position within its row
-    sums = np.zeros(len(ids.values) + 1, dtype=np.uint64)
-    np.cumsum(_mix(ids.values.astype(np.uint64) ^ _mix(position)), out=sums[1:])
-    return sums
+# Rows hashed per numpy pass: bounds the temporary arrays (a few times 8 bytes per token).
+_HASH_CHUNK_ROWS = 16_384
+
+
+def _row_hashes(ids: TokenIds) -> np.ndarray:
+    """A uint64 hash of each row's whole token sequence (position-aware)."""
+    n = len(ids.offsets) - 1
+    hashes = np.zeros(n, dtype=np.uint64)
+    for first in range(0, n, _HASH_CHUNK_ROWS):
+        last = min(first + _HASH_CHUNK_ROWS, n)
+        bounds = ids.offsets[first : last + 1] - ids.offsets[first]
+        values = ids.values[ids.offsets[first] : ids.offsets[last]]
+        position = np.arange(len(values), dtype=np.int64) - np.repeat(bounds[:-1], np.diff(bounds))
+        sums = np.zeros(len(values) + 1, dtype=np.uint64)
+        np.cumsum(_mix(values.astype(np.uint64) ^ _mix(position)), out=sums[1:])
+        hashes[first:last] = sums[bounds[1:]] - sums[bounds[:-1]]
+    return hashes
+
+
+def _prefixes_differ(ids: TokenIds, i: np.ndarray, j: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Whether the first `length[k]` tokens of rows i[k] and j[k] differ (exact)."""
+    differ = np.zeros(len(i), dtype=bool)
+    nonempty = np.flatnonzero(length > 0)  # two empty prefixes are equal
+    if not nonempty.size:
+        return differ
+    length = length[nonempty]
+    unequal = (
+        ids.values[_gather(ids.offsets[i[nonempty]], length)]
+        != ids.values[_gather(ids.offsets[j[nonempty]], length)]
+    )
+    starts = np.zeros(len(length), dtype=np.int64)
+    np.cumsum(length[:-1], out=starts[1:])
+    differ[nonempty] = np.logical_or.reduceat(unequal, starts)
+    return differ
 
 
 def kl_partners_of(
-    prompts: TokenIds, completions: TokenIds, max_length: int, seed: int
+    prompts: RowDigest | TokenIds, completions: TokenIds, max_length: int, seed: int
 ) -> np.ndarray:
     """For every row, the index of another whose completion is unrelated to it.
 
@@ -101,22 +164,26 @@ def kl_partners_of(
         raise DataError(
             f"the KL estimate needs at least 2 examples with different completions; got {n}"
         )
-    prompt_lengths = prompts.lengths
-    prompt_sums = _prefix_sums(prompts)
-    prompt_hash = prompt_sums[prompts.offsets[1:]] - prompt_sums[prompts.offsets[:-1]]
-    sums, starts, lengths = _prefix_sums(completions), completions.offsets[:-1], completions.lengths
-    if _all_equal(completions, sums):
+    if isinstance(prompts, TokenIds):
+        prompts = RowDigest.of(prompts)
+    prompt_lengths, prompt_hash = prompts.lengths, prompts.hashes
+    lengths, own_hash_full = completions.lengths, _row_hashes(completions)
+    if _all_equal(completions, own_hash_full):
         raise DataError(
             "every example has the same completion, so no example can be paired with an "
             "unrelated completion for the KL estimate"
         )
     room = np.maximum(max_length - prompt_lengths, 0)
     own_length = np.minimum(lengths, room)
-    own_hash = sums[starts + own_length] - sums[starts]
 
     def unrelated(i: np.ndarray, j: np.ndarray, strict: bool) -> np.ndarray:
         cut = np.minimum(lengths[j], room[i])
-        differs = (cut != own_length[i]) | (sums[starts[j] + cut] - sums[starts[j]] != own_hash[i])
+        differs = cut != own_length[i]
+        # Equal lengths: both completions whole -> their hashes; a cut involved -> the tokens.
+        whole = ~differs & (cut == lengths[j]) & (own_length[i] == lengths[i])
+        differs[whole] = own_hash_full[j[whole]] != own_hash_full[i[whole]]
+        cut_rows = np.flatnonzero(~differs & ~whole)
+        differs[cut_rows] = _prefixes_differ(completions, i[cut_rows], j[cut_rows], cut[cut_rows])
         if strict:
             other_prompt = prompt_lengths[j] != prompt_lengths[i]
             differs &= other_prompt | (prompt_hash[j] != prompt_hash[i])
@@ -149,7 +216,7 @@ def kl_partners_of(
 
 
 def cached_kl_partners(
-    prompts: TokenIds,
+    prompts: RowDigest | TokenIds,
     completions: TokenIds,
     keep: np.ndarray,
     max_length: int,
@@ -180,10 +247,9 @@ def cached_kl_partners(
     return partners
 
 
-def _all_equal(ids: TokenIds, sums: np.ndarray) -> bool:
+def _all_equal(ids: TokenIds, hashes: np.ndarray) -> bool:
     """Whether every row holds the same tokens (exact: hashes only rule it out)."""
     lengths = ids.lengths
-    hashes = sums[ids.offsets[1:]] - sums[ids.offsets[:-1]]
     if (lengths != lengths[0]).any() or (hashes != hashes[0]).any():
         return False
     if lengths[0] == 0:

@@ -11,9 +11,11 @@ import random
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 
 from kto_lightning.data.config import TOY, Columns, Source
 from kto_lightning.data.formats import normalise
+from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.toy import CONSISTENCY, consistency_rows, toy_rows
 from kto_lightning.errors import DataError
@@ -70,11 +72,10 @@ def _hold_out(
             "rows, or name validation data with data.source.val_path (a file) or "
             "data.source.val_split (a split of the same source)"
         )
-    held_out = set(order[:n_val])
-    source_rows = rows["row"]
-    train = [i for i, r in enumerate(source_rows) if r not in held_out]
-    val = [i for i, r in enumerate(source_rows) if r in held_out]
-    return train, val, n_val
+    held_out = np.zeros(n_source, dtype=bool)
+    held_out[order[:n_val]] = True
+    in_val = held_out[arrow_column(rows, "row").to_numpy()]
+    return np.flatnonzero(~in_val).tolist(), np.flatnonzero(in_val).tolist(), n_val
 
 
 def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit, ReadSplit]:

@@ -32,7 +32,7 @@ from kto_lightning.data.rows import Row
 from kto_lightning.errors import DataError
 
 # Bump when the encoding below changes, so cached tokenizations made by older code are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,23 @@ def render_chat(
     return prompt_text, full_text[len(prompt_text) :]
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, straight from the Rust
+    tokenizer where that gives the same ids: a third faster, as transformers builds a Python
+    object per text around the ids."""
+    fast = getattr(tokenizer, "is_fast", False)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if fast else None
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    if (
+        backend is None
+        or backend.truncation is not None  # transformers switches both off for its call
+        or backend.padding is not None
+        or backend.encode_special_tokens != split_special
+    ):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def encode(
     prompts: Sequence[Any],
     completions: Sequence[Any],
@@ -99,8 +116,8 @@ def encode(
     else:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_tokens = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    completion_tokens = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    prompt_tokens = token_ids(tokenizer, list(prompts))
+    completion_tokens = token_ids(tokenizer, list(completions))
     bos_id = tokenizer.bos_token_id
     for prompt, completion in zip(prompt_tokens, completion_tokens, strict=True):
         prompt, completion = bos + prompt, completion + eos
@@ -192,11 +209,20 @@ def tokenize_dataset(
         out["label"] = batch["label"]
         return out
 
+    ids, count = datasets.List(datasets.Value("int32")), datasets.Value("int64")
+    features = datasets.Features(  # int32 ids: half the bytes to write, map and read
+        prompt_ids=ids,
+        completion_ids=ids,
+        prompt_tokens=count,
+        completion_tokens=count,
+        label=rows.features["label"],
+    )
     tokenized = rows.map(
         _encode,
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
+        features=features,
         new_fingerprint=fingerprint,
         num_proc=num_proc,
         desc=f"Tokenizing {name}",
