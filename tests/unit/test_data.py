@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from kto_lightning.data.formats import normalise
 from kto_lightning.data.pairing import TokenIds, cached_kl_partners, kl_partners, kl_partners_of
 from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
-from kto_lightning.data.tokenize import fit_beside
+from kto_lightning.data.tokenize import fit_beside, token_ids
 from kto_lightning.errors import ConfigError, DataError
 
 BOS, EOS, PAD = 256, 257, 258
@@ -359,6 +361,32 @@ class _NoEosTokenizer:
 
     def __call__(self, texts, add_special_tokens=False):
         return {"input_ids": [[ord(ch) for ch in text if ch != "#"] for text in texts]}
+
+
+def test_token_ids_straight_from_the_rust_tokenizer_equal_transformers_call():
+    texts = ["Hello there", "", "héllo <|eot|> wörld", "a" * 50]
+    expected = byte_level_tokenizer()(texts, add_special_tokens=False)["input_ids"]
+    plain = byte_level_tokenizer()
+    assert token_ids(plain, texts) == expected
+    # A tokenizer file may switch truncation and padding on in the backend; transformers' call
+    # switches them off, so the ids stay those of the whole texts.
+    configured = byte_level_tokenizer()
+    configured.backend_tokenizer.enable_truncation(max_length=3)
+    configured.backend_tokenizer.enable_padding(length=60, pad_id=0)
+    assert token_ids(configured, texts) == expected
+
+
+def test_dataset_lengths_are_the_longer_of_each_row_and_its_kl_row(tokenizer, tmp_path):
+    rows = [record(f"Q{i}" * (1 + i % 9), "A" * (1 + (7 * i) % 40), i % 2) for i in range(60)]
+    path = write_lines(tmp_path / "rows.jsonl", rows)
+    lengths = {"max_length": 32, "max_prompt_length": 16}  # KL completions are cut
+    dm = make_datamodule(tokenizer, source={"path": str(path)}, lengths=lengths)
+    expected = [
+        len(e.prompt_ids) + max(len(e.completion_ids), len(e.kl_completion_ids))
+        for e in dm.train_set.examples
+    ]
+    assert dm.train_set.lengths == expected
+    assert any(len(e.kl_completion_ids) > len(e.completion_ids) for e in dm.train_set.examples)
 
 
 def test_tokenize_drops_and_counts_rows_left_without_completion_tokens():
@@ -1004,6 +1032,42 @@ def test_datamodule_caches_the_kl_pairing_per_seed(tokenizer, tmp_path):
     assert again.train_set.examples == first.train_set.examples
     make_datamodule(tokenizer, source=source, seed=43)
     assert len(list((tmp_path / "cache").rglob("kl-partners-*.npy"))) > 2
+
+
+_PREPARE_WHEN_BOTH_READY = """
+import json, sys, time
+from pathlib import Path
+from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.data import KTODataModule
+
+path, cache, me, other = sys.argv[1:]
+Path(me).touch()
+while not Path(other).exists():  # both processes start preparing together
+    time.sleep(0.01)
+data = KTODataModule(byte_level_tokenizer(), source={"path": path, "cache_dir": cache})
+data.setup("fit")
+examples = [(e.prompt_ids, e.completion_ids, e.kl_completion_ids) for e in data.train_set.examples]
+print(json.dumps([data.summaries["train"].tokenization, examples]))
+"""
+
+
+def test_processes_preparing_the_same_data_together_tokenize_it_once(tmp_path):
+    # DDP ranks (torchrun starts them together) or sweep jobs on one machine: one process
+    # tokenizes and pairs, the other waits for its lock, then reads the cache.
+    path = numbered_rows(tmp_path / "rows.jsonl", 20_000)  # a second or so to tokenize
+    ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    cmd = [sys.executable, "-c", _PREPARE_WHEN_BOTH_READY, str(path), str(tmp_path / "cache")]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(ready[i]), str(ready[1 - i])], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    results = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r[0] for r in results) == ["cached", "computed"]
+    assert results[0][1] == results[1][1]  # the same rows and KL partners
+    assert len(list((tmp_path / "cache").rglob("kl-partners-*.npy"))) == 2  # train, validation
 
 
 def test_datamodule_num_proc_errors_name_the_row_of_the_file(tokenizer, tmp_path):

@@ -14,23 +14,27 @@ DeepSpeed restore after setup), whose RankShard draws nothing before the first b
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
 import numpy as np
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
-from kto_lightning.data.config import Batching, Columns, Lengths, Source, as_group
+from kto_lightning.data.config import TOY, Batching, Columns, Lengths, Source, as_group
 from kto_lightning.data.dataset import BatchesOf, KTODataset
-from kto_lightning.data.pairing import TokenIds, cached_kl_partners
+from kto_lightning.data.pairing import RowDigest, TokenIds, cached_kl_partners
+from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.sampler import (
     EpochSampler,
     EpochShuffleSampler,
@@ -41,6 +45,7 @@ from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_sta
 from kto_lightning.data.splits import ReadSplit, read_splits
 from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import tokenize_dataset
+from kto_lightning.data.toy import CONSISTENCY
 from kto_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,29 @@ def _tokenization_note(cached: bool, in_memory: bool) -> str:
 def _cache_folder(rows: datasets.Dataset) -> Path | None:
     """The folder of a dataset's cache files; None for rows made in memory (nothing to reuse)."""
     return Path(rows.cache_files[0]["filename"]).parent if rows.cache_files else None
+
+
+@contextlib.contextmanager
+def preparing(source: Source) -> Iterator[None]:
+    """Hold the lock on preparing `source`'s rows in its cache folder (nothing for a bundled
+    task, which is made in memory); logs when another process holds it first."""
+    if source.path in (TOY, CONSISTENCY) and source.val_path is None:
+        yield
+        return
+    folder = Path(source.cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    named = (source.path, source.subset, source.split, source.revision, source.val_path)
+    digest = hashlib.sha256(repr((*named, source.val_split)).encode()).hexdigest()[:16]
+    lock = FileLock(folder / f"kto_lightning-prepare-{digest}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("data: another process is preparing %s; waiting for its cache", source.path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class KTODataModule(L.LightningDataModule):
@@ -129,14 +157,11 @@ class KTODataModule(L.LightningDataModule):
             rows, self.tokenizer, chat, max_length, max_prompt_length, name, self.source.num_proc
         )
         # Whole columns through Arrow and numpy: no Python object per token (see pairing.py).
-        if tokenized._indices is not None:  # map writes a fresh table; this is a safeguard
-            tokenized = tokenized.flatten_indices()
-        table = tokenized.data
-        prompt_tokens = table.column("prompt_tokens").to_numpy()
-        completion_tokens = table.column("completion_tokens").to_numpy()
-        completions = TokenIds.from_arrow(table.column("completion_ids"))
+        prompt_tokens = arrow_column(tokenized, "prompt_tokens").to_numpy()
+        completion_tokens = arrow_column(tokenized, "completion_tokens").to_numpy()
+        completions = TokenIds.from_arrow(arrow_column(tokenized, "completion_ids"))
         kept_completions = completions.lengths
-        all_labels = table.column("label").to_numpy(zero_copy_only=False).astype(bool)
+        all_labels = arrow_column(tokenized, "label").to_numpy().astype(bool)
         keep = np.flatnonzero(kept_completions > 0)
         empty = len(tokenized) - len(keep)
         undesirable = int((~all_labels[keep]).sum())
@@ -169,7 +194,7 @@ class KTODataModule(L.LightningDataModule):
             key = (tokenized._fingerprint, self.drop_undesirable, max_length, seed)
             try:
                 partners = cached_kl_partners(
-                    TokenIds.from_arrow(table.column("prompt_ids")),
+                    RowDigest.of_arrow(arrow_column(tokenized, "prompt_ids")),
                     completions,
                     keep,
                     max_length,
@@ -181,12 +206,23 @@ class KTODataModule(L.LightningDataModule):
                 raise DataError(f"{name}: {error}") from None
         return KTODataset(kept_rows, partners, max_length), summary
 
+    def prepare_data(self) -> None:
+        """Read, tokenize and pair the rows, into the datasets cache.
+
+        Lightning calls it on one process per node before `setup` on every process; `setup`
+        then reads the caches. Called in that process, it also leaves the data set up.
+        """
+        self.setup("fit")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val = read_splits(self.source, self.columns, self.seed)
-        train_set, train_summary = self._prepare(train, self.seed)
-        val_set, val_summary = self._prepare(val, self.seed + 1)
+        # One process prepares, under a lock on the cache: any other process (a DDP rank, a
+        # sweep job of the same data) waits, then reads the caches that one wrote.
+        with preparing(self.source):
+            train, val = read_splits(self.source, self.columns, self.seed)
+            train_set, train_summary = self._prepare(train, self.seed)
+            val_set, val_summary = self._prepare(val, self.seed + 1)
         lengths = self.lengths
         log.info(
             "%s",
