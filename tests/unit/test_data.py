@@ -31,7 +31,13 @@ from kto_lightning.data import (
 )
 from kto_lightning.data.config import Columns, check_lengths
 from kto_lightning.data.formats import normalise
-from kto_lightning.data.pairing import TokenIds, cached_kl_partners, kl_partners, kl_partners_of
+from kto_lightning.data.pairing import (
+    RowDigest,
+    TokenIds,
+    cached_kl_partners,
+    kl_partners,
+    kl_partners_of,
+)
 from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.tokenize import fit_beside, token_ids
@@ -1150,6 +1156,29 @@ def test_token_ids_from_arrow_and_take_match_the_lists():
     taken = TokenIds.from_lists(rows).take(np.array([3, 0]))
     assert taken.values.tolist() == [5, 6, 1, 2, 3]
     assert taken.offsets.tolist() == [0, 2, 5]
+
+
+def test_kl_pairing_of_arrow_columns_equals_the_pairing_of_lists():
+    # The data module pairs from the tokenized Arrow columns, in chunks, fetching tokens only
+    # where a cut must be compared (max_length 6 cuts most completions here).
+    rng = random.Random(1)
+    prompts = [[BOS, rng.randrange(30)] for _ in range(500)]
+    completions = [[rng.randrange(20)] * rng.randint(1, 6) + [EOS] for _ in range(500)]
+
+    def column(rows):
+        int32 = pa.list_(pa.int32())
+        return pa.chunked_array([pa.array(rows[:123], int32), pa.array(rows[123:], int32)])
+
+    keep = np.arange(0, 500, 3)
+    digests = RowDigest.of_arrow(column(prompts)), RowDigest.of_arrow(column(completions))
+    got = cached_kl_partners(*digests, keep, 6, 5, ("rows",), None)
+    lists = TokenIds.from_lists(prompts), TokenIds.from_lists(completions)
+    expected = kl_partners_of(lists[0].take(keep), lists[1].take(keep), 6, 5)
+    assert got.tolist() == expected.tolist()
+    assert digests[1].take(keep).ids(np.array([2, 0])).values.tolist() == [
+        *completions[6],
+        *completions[0],
+    ]
 
 
 def test_cached_kl_partners_are_keyed_by_seed_and_lengths(tmp_path):

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.config import TOY, Batching, Columns, Lengths, Source, as_group
 from kto_lightning.data.dataset import BatchesOf, KTODataset
-from kto_lightning.data.pairing import RowDigest, TokenIds, cached_kl_partners
+from kto_lightning.data.pairing import RowDigest, cached_kl_partners
 from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.sampler import (
     EpochSampler,
@@ -140,9 +140,9 @@ class KTODataModule(L.LightningDataModule):
         self._restored_position: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ preparing
-    def _prepare(self, read: ReadSplit, seed: int) -> tuple[KTODataset, SplitSummary]:
-        """Tokenize, filter and pair one split; `seed` seeds its KL pairing."""
-        rows, chat, name = read.rows, read.conversational, read.name
+    def _tokenize(self, read: ReadSplit) -> tuple[datasets.Dataset, str]:
+        """One split's rows tokenized, and how (computed, cached, in memory)."""
+        chat, name = read.conversational, read.name
         if chat:
             if self.columns.chat_template is not None:
                 self.tokenizer.chat_template = self.columns.chat_template
@@ -154,12 +154,21 @@ class KTODataModule(L.LightningDataModule):
                 )
         max_length, max_prompt_length = self.lengths.max_length, self.lengths.max_prompt_length
         tokenized, cached = tokenize_dataset(
-            rows, self.tokenizer, chat, max_length, max_prompt_length, name, self.source.num_proc
-        )
+            read.rows, self.tokenizer, chat, max_length, max_prompt_length, name,
+            self.source.num_proc,
+        )  # fmt: skip
+        return tokenized, _tokenization_note(cached, in_memory=not read.rows.cache_files)
+
+    def _prepare(
+        self, read: ReadSplit, tokenized: datasets.Dataset, note: str, seed: int
+    ) -> tuple[KTODataset, SplitSummary]:
+        """Filter and pair one tokenized split; `seed` seeds its KL pairing."""
+        chat, name = read.conversational, read.name
+        max_length, max_prompt_length = self.lengths.max_length, self.lengths.max_prompt_length
         # Whole columns through Arrow and numpy: no Python object per token (see pairing.py).
         prompt_tokens = arrow_column(tokenized, "prompt_tokens").to_numpy()
         completion_tokens = arrow_column(tokenized, "completion_tokens").to_numpy()
-        completions = TokenIds.from_arrow(arrow_column(tokenized, "completion_ids"))
+        completions = RowDigest.of_arrow(arrow_column(tokenized, "completion_ids"))
         kept_completions = completions.lengths
         all_labels = arrow_column(tokenized, "label").to_numpy().astype(bool)
         keep = np.flatnonzero(kept_completions > 0)
@@ -181,7 +190,7 @@ class KTODataModule(L.LightningDataModule):
             completions_truncated=int((kept_completions < completion_tokens).sum()),
             prompt_lengths=percentiles(prompt_tokens.tolist()),
             completion_lengths=percentiles(completion_tokens.tolist()),
-            tokenization=_tokenization_note(cached, in_memory=not rows.cache_files),
+            tokenization=note,
         )
         if empty:
             summary.dropped[DROPPED_EMPTY] = empty
@@ -221,8 +230,12 @@ class KTODataModule(L.LightningDataModule):
         # sweep job of the same data) waits, then reads the caches that one wrote.
         with preparing(self.source):
             train, val = read_splits(self.source, self.columns, self.seed)
-            train_set, train_summary = self._prepare(train, self.seed)
-            val_set, val_summary = self._prepare(val, self.seed + 1)
+            tokenized = [self._tokenize(read) for read in (train, val)]
+            # The text rows are read no more: let them go, and their memory map with them (a
+            # million rows map ~1 GB of text, which counts in this process's RSS).
+            train, val = train.without_rows(), val.without_rows()
+            train_set, train_summary = self._prepare(train, *tokenized[0], self.seed)
+            val_set, val_summary = self._prepare(val, *tokenized[1], self.seed + 1)
         lengths = self.lengths
         log.info(
             "%s",

@@ -71,29 +71,41 @@ class TokenIds:
 
 @dataclass(frozen=True)
 class RowDigest:
-    """Of each row, what the pairing needs of its prompt: its length and a hash of its tokens."""
+    """Of each row, what the pairing reads first: its length and a hash of its tokens.
+
+    The tokens themselves are fetched from `tokens` (the whole column, or the ids of every row)
+    only for the few rows the hashes cannot settle: rows cut to the same length.
+    """
 
     lengths: np.ndarray  # (rows,) int64
     hashes: np.ndarray  # (rows,) uint64
+    tokens: pa.ChunkedArray | TokenIds
+    rows: np.ndarray | None = None  # row k is row rows[k] of `tokens`; None: the same row
 
     @classmethod
     def of(cls, ids: TokenIds) -> RowDigest:
-        return cls(ids.lengths, _row_hashes(ids))
+        return cls(ids.lengths, _row_hashes(ids), ids)
 
     @classmethod
     def of_arrow(cls, column: pa.ChunkedArray | pa.Array) -> RowDigest:
         """From a list<int> column, a chunk at a time: never the whole column's ids at once."""
-        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-        digests = [cls.of(TokenIds.from_arrow(chunk)) for chunk in chunks]
-        if not digests:
-            return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64))
-        return cls(
-            np.concatenate([d.lengths for d in digests]),
-            np.concatenate([d.hashes for d in digests]),
-        )
+        if isinstance(column, pa.Array):
+            column = pa.chunked_array([column])
+        digests = [cls.of(TokenIds.from_arrow(chunk)) for chunk in column.chunks]
+        lengths = [d.lengths for d in digests] or [np.zeros(0, dtype=np.int64)]
+        hashes = [d.hashes for d in digests] or [np.zeros(0, dtype=np.uint64)]
+        return cls(np.concatenate(lengths), np.concatenate(hashes), column)
 
     def take(self, rows: np.ndarray) -> RowDigest:
-        return RowDigest(self.lengths[rows], self.hashes[rows])
+        source_rows = rows if self.rows is None else self.rows[rows]
+        return RowDigest(self.lengths[rows], self.hashes[rows], self.tokens, source_rows)
+
+    def ids(self, rows: np.ndarray) -> TokenIds:
+        """The tokens of the rows at `rows`, in that order."""
+        source_rows = rows if self.rows is None else self.rows[rows]
+        if isinstance(self.tokens, TokenIds):
+            return self.tokens.take(source_rows)
+        return TokenIds.from_arrow(self.tokens.take(pa.array(source_rows)))
 
 
 def _gather(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -131,16 +143,19 @@ def _row_hashes(ids: TokenIds) -> np.ndarray:
     return hashes
 
 
-def _prefixes_differ(ids: TokenIds, i: np.ndarray, j: np.ndarray, length: np.ndarray) -> np.ndarray:
+def _prefixes_differ(
+    rows: RowDigest, i: np.ndarray, j: np.ndarray, length: np.ndarray
+) -> np.ndarray:
     """Whether the first `length[k]` tokens of rows i[k] and j[k] differ (exact)."""
     differ = np.zeros(len(i), dtype=bool)
     nonempty = np.flatnonzero(length > 0)  # two empty prefixes are equal
     if not nonempty.size:
         return differ
     length = length[nonempty]
+    firsts, seconds = rows.ids(i[nonempty]), rows.ids(j[nonempty])
     unequal = (
-        ids.values[_gather(ids.offsets[i[nonempty]], length)]
-        != ids.values[_gather(ids.offsets[j[nonempty]], length)]
+        firsts.values[_gather(firsts.offsets[:-1], length)]
+        != seconds.values[_gather(seconds.offsets[:-1], length)]
     )
     starts = np.zeros(len(length), dtype=np.int64)
     np.cumsum(length[:-1], out=starts[1:])
@@ -149,7 +164,7 @@ def _prefixes_differ(ids: TokenIds, i: np.ndarray, j: np.ndarray, length: np.nda
 
 
 def kl_partners_of(
-    prompts: RowDigest | TokenIds, completions: TokenIds, max_length: int, seed: int
+    prompts: RowDigest | TokenIds, completions: RowDigest | TokenIds, max_length: int, seed: int
 ) -> np.ndarray:
     """For every row, the index of another whose completion is unrelated to it.
 
@@ -159,16 +174,18 @@ def kl_partners_of(
     seeded; where every different completion shares the prompt, a different completion is
     enough.
     """
-    n = len(completions.offsets) - 1
+    if isinstance(prompts, TokenIds):
+        prompts = RowDigest.of(prompts)
+    if isinstance(completions, TokenIds):
+        completions = RowDigest.of(completions)
+    n = len(completions.lengths)
     if n < 2:
         raise DataError(
             f"the KL estimate needs at least 2 examples with different completions; got {n}"
         )
-    if isinstance(prompts, TokenIds):
-        prompts = RowDigest.of(prompts)
     prompt_lengths, prompt_hash = prompts.lengths, prompts.hashes
-    lengths, own_hash_full = completions.lengths, _row_hashes(completions)
-    if _all_equal(completions, own_hash_full):
+    lengths, own_hash_full = completions.lengths, completions.hashes
+    if _all_equal(completions):
         raise DataError(
             "every example has the same completion, so no example can be paired with an "
             "unrelated completion for the KL estimate"
@@ -217,7 +234,7 @@ def kl_partners_of(
 
 def cached_kl_partners(
     prompts: RowDigest | TokenIds,
-    completions: TokenIds,
+    completions: RowDigest | TokenIds,
     keep: np.ndarray,
     max_length: int,
     seed: int,
@@ -236,7 +253,7 @@ def cached_kl_partners(
         partners = np.load(path)
         if len(partners) == len(keep):
             return partners
-    if len(keep) != len(completions.offsets) - 1:
+    if len(keep) != len(completions.lengths):
         prompts, completions = prompts.take(keep), completions.take(keep)
     partners = kl_partners_of(prompts, completions, max_length, seed)
     if path is not None:
@@ -247,14 +264,15 @@ def cached_kl_partners(
     return partners
 
 
-def _all_equal(ids: TokenIds, hashes: np.ndarray) -> bool:
+def _all_equal(rows: RowDigest) -> bool:
     """Whether every row holds the same tokens (exact: hashes only rule it out)."""
-    lengths = ids.lengths
+    lengths, hashes = rows.lengths, rows.hashes
     if (lengths != lengths[0]).any() or (hashes != hashes[0]).any():
         return False
     if lengths[0] == 0:
         return True
-    return bool((ids.values.reshape(len(lengths), -1) == ids.values[: lengths[0]]).all())
+    values = rows.ids(np.arange(len(lengths))).values
+    return bool((values.reshape(len(lengths), -1) == values[: lengths[0]]).all())
 
 
 def kl_partners(

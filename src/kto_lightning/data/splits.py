@@ -8,7 +8,7 @@ seeded `data.source.val_fraction` of the source rows is held out of the training
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -31,6 +31,10 @@ class ReadSplit:
     split: str  # "train" or "validation"
     name: str  # where the rows came from, as messages name it
     rows_read: int  # source rows it holds (a pair is one)
+
+    def without_rows(self) -> ReadSplit:
+        """This split's description with no rows: its rows, once tokenized, can be let go."""
+        return replace(self, rows=datasets.Dataset.from_dict({}))
 
 
 def _name(path: str, split: str) -> str:
