@@ -33,13 +33,16 @@ format: ## Apply ruff fixes and formatting
 	ruff format src tests
 
 .PHONY: bench
-bench: ## Install TRL, then benchmark against its KTOTrainer on CPU (~10 min); ARGS="--smoke"
+bench: ## Install TRL; steps against its KTOTrainer, data preparation, packed vs padded (~25 min, CPU); ARGS="--smoke"
 	$(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/bench.py $(ARGS)
+	$(PYTHON) benchmarks/data_prep.py $(if $(filter --smoke,$(ARGS)),--rows 2000)
+	$(PYTHON) benchmarks/packing.py $(if $(filter --smoke,$(ARGS)),--steps 2)
 
 .PHONY: bench-data
-bench-data: ## Time data preparation (KTODataModule.setup), cold and warm cache; ARGS="--rows 1000000"
+bench-data: ## Time data preparation alone: ours and TRL's, cold and warm cache; ARGS="--rows 200000 --skip-trl"
+	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/data_prep.py $(ARGS)
 
 clean: ## Remove run outputs and caches

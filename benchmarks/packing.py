@@ -9,7 +9,8 @@ main + KL, reference main + KL, loss, backward, optimizer step) on the same batc
 (`data.batching.packing=false`) and packed (`true`, packs up to the batch's longest row).
 "Slots" are the positions the backbone computes: B x L padded, P x T packed (main + KL rows).
 Steps alternate between the two paths batch by batch; prints the median over --steps steps
-after one warm-up step.
+after one warm-up step, and each path's peak RSS, measured in a fresh process of its own taking
+the same steps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -60,6 +63,18 @@ def step(module: KTOModule, optimizer: torch.optim.Optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
+def peak_rss_of(path: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process that takes the same steps on one path alone."""
+    cmd = [sys.executable, __file__, "--only", path, "--steps", str(args.steps)]
+    cmd += ["--hidden", str(args.hidden), "--layers", str(args.layers)]
+    cmd += ["--batch-size", str(args.batch_size), "--attn", args.attn]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{path} child failed:\n{proc.stderr.read() if proc.stderr else ''}")
+    return usage.ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 1 warm-up)")
@@ -67,6 +82,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--only", choices=("padded", "packed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokenizer = TinyLlama().load_tokenizer()
     with tempfile.TemporaryDirectory() as cache:
@@ -80,13 +96,17 @@ def main() -> None:
         data.setup("fit")
         loader = iter(data.train_dataloader())
         batches = [next(loader) for _ in range(args.steps + 1)]
+    paths = {"padded": None, "packed": Packing()}
+    if args.only:  # a child measuring its own peak RSS: the steps, one path, nothing printed
+        module, optimizer = build(args, paths[args.only])
+        for batch in batches:
+            step(module, optimizer, batch)
+        return
     print(
         f"model hidden {args.hidden}, {args.layers} layers, attn {args.attn}; batch "
         f"{args.batch_size} (+ KL rows); torch threads {torch.get_num_threads()}; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"{'path':8} {'s/step':>8} {'tokens/step':>12} {'slots/step':>11} {'padding':>8}")
-    paths = {"padded": None, "packed": Packing()}
     runs = {name: build(args, packing) for name, packing in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in paths}
     # Interleaved, padded then packed on each batch, so that a change in the machine's load
@@ -96,13 +116,18 @@ def main() -> None:
             seconds = step(module, optimizer, batch)
             if i > 0:
                 times[name].append(seconds)
+    print(
+        f"{'path':8} {'s/step':>8} {'tokens/step':>12} {'slots/step':>11} {'padded/step':>12} "
+        f"{'padding':>8} {'peak RSS':>9}"
+    )
     for name, packing in paths.items():
         counts = [slots(b, packing) for b in batches[1:]]
         real = statistics.mean(c[0] for c in counts)
         positions = statistics.mean(c[1] for c in counts)
         print(
             f"{name:8} {statistics.median(times[name]):8.3f} {real:12.0f} {positions:11.0f} "
-            f"{1 - real / positions:8.1%}"
+            f"{positions - real:12.0f} {1 - real / positions:8.1%} "
+            f"{peak_rss_of(name, args):5.0f} MiB"
         )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
