@@ -351,7 +351,7 @@ def report(plan: Plan, jobs: dict[str, Job], fixture_facts: dict, header: dict) 
     if fill is not None and fill.result is not None:
         lines.append(
             f"  kto_lightning cache fill (first run, fill_cache): "
-            f"{_f(fill.result.get('precompute_s'), '.1f')} s; build() "
+            f"{_f(fill.result.get('precompute_s'), '.1f')} s; build() + module.setup() "
             f"{fill.result['build_s']:.1f} s on a miss vs "
             f"{_f((ours_cached.result or {}).get('build_s') if ours_cached else None, '.1f')} s "
             "when the cache is reused"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def _active() -> bool:
@@ -13,6 +17,32 @@ def _active() -> bool:
 
 def world_size() -> int:
     return dist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective: the rank's GPU under NCCL, the CPU otherwise."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank. Nothing in one process."""
+    if _active():
+        dist.barrier()
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (anything picklable), in rank order. [value] in one process."""
+    if not _active():
+        return [value]
+    gathered: list[T | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return cast(list[T], gathered)  # every slot filled
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

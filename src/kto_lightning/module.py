@@ -193,6 +193,11 @@ class KTOModule(PolicyModule):
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
         return metrics_from_sums(sums)
 
+    def setup(self, stage: str) -> None:
+        # Lightning calls this on every rank once the process group exists, before the model is
+        # moved, cast or wrapped: a cached reference fills its table here, each rank a shard.
+        self.reference.prepare(self.policy)
+
     # ---------------------------------------------------------------- forward passes
     def forward_logps(self, batch: dict[str, Tensor], split: str) -> StepLogps:
         """The log-probs a KTO step needs; the KL ones only when the loss needs KL rows.

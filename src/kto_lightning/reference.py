@@ -6,6 +6,7 @@
   disk under a content hash of (initial weights, tokenizer, tokenized data with its KL pairing,
   length settings, trainer precision). Training then holds no reference model at all, and every
   run of a sweep over beta, weights or learning rate reuses the file (`reference_cache.py`).
+  Under DDP the ranks fill it together, each scoring its shard of the rows, in `KTOModule.setup`.
 
 The reference is the policy as it was before training, so the cache is scored by the policy
 itself before its first step, under the precision the trainer will train in: no reference model
@@ -24,7 +25,7 @@ from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
 from kto_lightning.models import CausalLM
 from kto_lightning.packing import Packing
-from kto_lightning.reference_cache import cached_table, trainer_precision
+from kto_lightning.reference_cache import CachePlan, cache_plan, trainer_precision
 
 KINDS = ("copy", "adapter", "cache")
 # A cached table is kept as raw bits in an integer buffer (see CachedReference).
@@ -67,6 +68,12 @@ class ReferenceProvider(nn.Module):
         """(main, KL or None) reference log-probs; `packing` runs a live model packed."""
         raise NotImplementedError
 
+    def prepare(self, policy: nn.Module) -> None:
+        """Get ready before the first step: on every rank, once the trainer has started them all.
+
+        `KTOModule.setup` calls it with the policy as it is before training.
+        """
+
 
 class CopyReference(ReferenceProvider):
     """A separate frozen model (an exact copy of the initial policy)."""
@@ -90,13 +97,30 @@ class AdapterReference(ReferenceProvider):
 
 
 class CachedReference(ReferenceProvider):
-    """Log-probs looked up by example index; no model."""
+    """Log-probs looked up by example index; no model.
 
-    def __init__(self, table: dict[str, Tensor]) -> None:
+    Built from its table, or from a `CachePlan` whose table `prepare` reads or fills: Lightning
+    starts the DDP processes only in `fit`, so this is where every rank can score its shard.
+    """
+
+    def __init__(self, source: dict[str, Tensor] | CachePlan) -> None:
         super().__init__()
         self.dtypes: dict[str, torch.dtype] = {}
+        self.plan: CachePlan | None = None
+        if isinstance(source, CachePlan):
+            self.plan = source
+        else:
+            self._hold(source)
+
+    def prepare(self, policy: nn.Module) -> None:
+        if self.plan is not None:
+            self._hold(self.plan.table(policy))
+            self.plan = None  # and with it the loaders
+
+    def _hold(self, table: dict[str, Tensor]) -> None:
         for name, values in table.items():
-            # Buffers follow the module across devices; not persistent: never in a checkpoint.
+            # Buffers follow the module across devices (Lightning moves it after `setup`); not
+            # persistent: never in a checkpoint.
             # Raw bits in an integer buffer, because a trainer that casts the whole module
             # (precision=bf16-true, DeepSpeed) casts float buffers too, and bf16 would round a
             # log-prob of -200 to a multiple of 1.
@@ -108,6 +132,11 @@ class CachedReference(ReferenceProvider):
         return getattr(self, name.replace("/", "__"))[index].view(self.dtypes[name])
 
     def logps(self, policy, batch, split, chunk_size, needs_kl_rows, packing=None):
+        if self.plan is not None:
+            raise RuntimeError(
+                "the cached reference has no table yet: KTOModule.setup reads or fills it when "
+                "the trainer starts (or call CachedReference.prepare with the untrained policy)"
+            )
         # The table holds per-row log-probs (scored padded, before training): nothing to pack.
         index = batch["index"]
         main = self._lookup(f"{split}/main", index)
@@ -123,11 +152,14 @@ def build_provider(
     chunk_size: int,
     needs_kl_rows: bool,
     precision: str | int | None = "32-true",
+    deferred: bool = False,
 ) -> ReferenceProvider:
     """The provider `spec` asks for; for `cache`, the table is read or filled here, before training.
 
     `datamodule` must be set up: the cache covers its train and validation sets. `precision` is
-    `trainer.precision`; the cache is scored under it and keyed by it.
+    `trainer.precision`; the cache is scored under it and keyed by it. `deferred`: only the
+    cache's key is computed here (from the policy as it is now); its table is read or filled
+    later by `prepare`, which `KTOModule.setup` calls on every rank once DDP has started them.
     """
     if spec.kind == "copy":
         from kto_lightning.models import make_reference
@@ -141,7 +173,10 @@ def build_provider(
                 "+model.lora.target_modules=all-linear) or use reference=copy"
             )
         return AdapterReference()
-    table = cached_table(
+    plan = cache_plan(
         spec, policy, tokenizer, datamodule, chunk_size, needs_kl_rows, trainer_precision(precision)
     )
-    return CachedReference(table)
+    reference = CachedReference(plan)
+    if not deferred:
+        reference.prepare(policy)
+    return reference

@@ -4,7 +4,8 @@ Every main row's and KL row's reference log-prob, scored once by the untrained p
 under a content hash of (initial weights, tokenizer, tokenized data with its KL pairing, length
 settings, trainer precision), so that no change to any of them reuses a stale table. The table
 is scored the way the trainer will run the policy (`trainer.precision`), so that at step 0 the
-policy's log-probs equal it exactly.
+policy's log-probs equal it exactly. Under DDP each rank scores a shard of the rows and the ranks
+gather the shards into the one file, which rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from kto_lightning import distributed
 from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
@@ -140,6 +143,90 @@ def cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+def _eager() -> contextlib.AbstractContextManager:
+    """Run a policy compiled by `compile.enabled` eagerly (torch >= 2.6; older torch compiles).
+
+    The fill is one pass, in eval mode, over batches of every length: compiling for it costs more
+    than it saves, and eagerly it scores what it scored before the policy was compiled.
+    """
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def _shard(loader: DataLoader, split: str) -> DataLoader:
+    """This rank's batches of `loader`: batches r, r + N, r + 2N, ... for rank r of N.
+
+    Whole batches of the one-process fill, not rows: each row is padded and scored exactly as one
+    process scores it, so the merged table is the one-process table to the bit, in any precision.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return loader
+    batches = list(cast(Iterable[list[int]], loader.batch_sampler))
+    mine = batches[rank::world]
+    log.info(
+        "reference log-probs: rank %d scores %s shard %d/%d: %d of %d batches (%d of %d rows)",
+        rank, split, rank + 1, world, len(mine), len(batches), sum(map(len, mine)),
+        len(cast(Rows, loader.dataset)),
+    )  # fmt: skip
+    return DataLoader(loader.dataset, batch_sampler=mine, collate_fn=loader.collate_fn)
+
+
+def _score(
+    policy: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    chunk_size: int,
+    needs_kl_rows: bool,
+    dtype: torch.dtype,
+    split: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row index, main log-prob, KL log-prob) of every row `loader` gives, on the CPU.
+
+    The KL log-probs are NaN where the loss needs no KL rows.
+    """
+    none = torch.empty(0, dtype=dtype)  # a rank may have no batch at all
+    index, main, kl = [none.long()], [none], [none]
+    progress = tqdm(
+        loader, desc=f"Reference log-probs ({split})", leave=False, disable=distributed.rank() > 0
+    )
+    for batch in progress:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scored, scored_kl = batch_logprobs(policy, batch, chunk_size, needs_kl_rows)
+        index.append(batch["index"].cpu())
+        main.append(scored.to(dtype).cpu())
+        if scored_kl is None:
+            kl.append(torch.full_like(main[-1], torch.nan))
+        else:
+            kl.append(scored_kl.to(dtype).cpu())
+    return torch.cat(index), torch.cat(main), torch.cat(kl)
+
+
+def _merge(split: str, rows: int, index: Tensor, *columns: Tensor) -> list[Tensor]:
+    """The `rows`-long tables of `columns`, from every rank's (row index, value) pairs.
+
+    Gathered, never summed, so each value keeps the bits its rank scored. Raises unless every row
+    was scored exactly once: a row scored twice or never is a sharding bug, not a number to train
+    against.
+    """
+    device = distributed.collective_device()
+    index = distributed.gather_cat(index.to(device)).cpu()
+    times = torch.bincount(index, minlength=rows)
+    if len(times) != rows or not bool((times == 1).all()):
+        wrong = (times != 1).nonzero().flatten()[:5].tolist()
+        raise RuntimeError(
+            f"reference log-probs of {split}: {len(index)} scores for {rows} rows; rows {wrong} "
+            f"were scored {times[wrong].tolist()} times, not once each"
+        )
+    tables = []
+    for values in columns:
+        table = torch.full((rows,), torch.nan, dtype=values.dtype)
+        table[index] = distributed.gather_cat(values.to(device)).cpu()
+        tables.append(table)
+    return tables
+
+
 @torch.no_grad()
 def fill_cache(
     policy: nn.Module,
@@ -150,6 +237,8 @@ def fill_cache(
 ) -> dict[str, Tensor]:
     """Score every row of every split with the (untrained) policy, in eval mode.
 
+    Under DDP every rank calls it: each scores its shard of the batches (`_shard`), and the ranks
+    gather each other's rows, so every rank gets the whole table in about 1/N of the time.
     Runs on a GPU when there is one (the trainer has not moved the policy yet), under the
     trainer's `precision` (autocast for `*-mixed`, the policy cast for `*-true`), so that at step
     0 the policy's log-probs equal the table's exactly. Hands the policy back where it was.
@@ -161,19 +250,13 @@ def fill_cache(
     home = next(policy.parameters()).device
     device = torch.device("cuda") if torch.cuda.is_available() else home
     policy.to(device)
-    with eval_mode(policy), _as_trained(policy, precision, device):
+    with eval_mode(policy), _as_trained(policy, precision, device), _eager():
         for split, loader in loaders.items():
-            n = len(cast(Rows, loader.dataset))
-            main = torch.full((n,), torch.nan, dtype=dtype)
-            kl = torch.full((n,), torch.nan, dtype=dtype)
-            for batch in tqdm(loader, desc=f"Reference log-probs ({split})", leave=False):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                scored, scored_kl = batch_logprobs(policy, batch, chunk_size, needs_kl_rows)
-                main[batch["index"].cpu()] = scored.to(dtype).cpu()
-                if scored_kl is not None:
-                    kl[batch["index"].cpu()] = scored_kl.to(dtype).cpu()
-            table[f"{split}/main"] = main
-            table[f"{split}/kl"] = kl
+            index, main, kl = _score(
+                policy, _shard(loader, split), device, chunk_size, needs_kl_rows, dtype, split
+            )
+            rows = len(cast(Rows, loader.dataset))
+            table[f"{split}/main"], table[f"{split}/kl"] = _merge(split, rows, index, main, kl)
     policy.to(home)
     return table
 
@@ -189,22 +272,64 @@ def load_or_fill_cache(
 ) -> tuple[dict[str, Tensor], bool]:
     """The cached table for `key`, computed and written first on a miss; returns (table, hit).
 
-    `precision` (the trainer's) must be the one `key` was computed with.
+    `precision` (the trainer's) must be the one `key` was computed with. Under DDP every rank
+    calls it: a miss on any rank has them all fill the table together, and rank 0 writes it.
     """
     path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        log.info("reference log-probs: read from the cache %s", path)
+    rank, world = distributed.rank(), distributed.world_size()
+    # The ranks must agree on the key (shards of other tables make no table) and on filling or
+    # not (a rank that reads while the others fill leaves them waiting in the merge for ever).
+    keys, found = zip(*distributed.gather_objects((key, path.is_file())), strict=True)
+    if len(set(keys)) > 1:
+        raise RuntimeError(
+            f"the ranks computed different reference cache keys {list(keys)}: their initial "
+            "weights or data differ, and a table merged from them would be wrong"
+        )
+    if all(found):
+        if rank == 0:
+            log.info("reference log-probs: read from the cache %s", path)
         return load_file(path), True
-    log.info("reference log-probs: not cached yet; scoring every row once -> %s", path)
+    if rank == 0:
+        shards = f" ({world} ranks, each scoring a shard)" if world > 1 else ""
+        log.info(
+            "reference log-probs: not cached yet; scoring every row once%s -> %s", shards, path
+        )
     table = fill_cache(policy, loaders, chunk_size, needs_kl_rows, precision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(table, str(partial))
-    os.replace(partial, path)  # atomic: a crash or a concurrent run never leaves half a file
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(table, str(partial))
+        os.replace(partial, path)  # atomic: a crash or a concurrent run never leaves half a file
+    distributed.barrier()  # on return the file is there, on every rank
     return table, False
 
 
-def cached_table(
+@dataclass(frozen=True)
+class CachePlan:
+    """A cache file's key and how to fill it: what `load_or_fill_cache` needs but the policy."""
+
+    cache_dir: str
+    key: str
+    loaders: dict[str, DataLoader]
+    chunk_size: int
+    needs_kl_rows: bool
+    precision: str
+
+    def table(self, policy: nn.Module) -> dict[str, Tensor]:
+        """The table, read or filled (and written); under DDP, every rank calls it."""
+        table, _ = load_or_fill_cache(
+            self.cache_dir,
+            self.key,
+            policy,
+            self.loaders,
+            self.chunk_size,
+            self.needs_kl_rows,
+            self.precision,
+        )
+        return table
+
+
+def cache_plan(
     spec: ReferenceSpec,
     policy: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -212,8 +337,11 @@ def cached_table(
     chunk_size: int,
     needs_kl_rows: bool,
     precision: str,
-) -> dict[str, Tensor]:
-    """The table of the set-up `datamodule`'s train and validation rows, read or filled here."""
+) -> CachePlan:
+    """The plan of the table of the set-up `datamodule`'s train and validation rows.
+
+    The key is computed here, from the policy's weights as they are now: before training.
+    """
     splits = {"train": datamodule.train_set, "validation": datamodule.val_set}
     key = cache_key(
         policy,
@@ -230,7 +358,4 @@ def cached_table(
         )
         for name, dataset in splits.items()
     }
-    table, _ = load_or_fill_cache(
-        spec.cache_dir, key, policy, loaders, chunk_size, needs_kl_rows, precision
-    )
-    return table
+    return CachePlan(spec.cache_dir, key, loaders, chunk_size, needs_kl_rows, precision)

@@ -262,6 +262,7 @@ def _module(
         cfg.logprob_chunk_size,
         needs_kl_rows=loss.needs_kl_rows,
         precision=cfg.trainer.precision,
+        deferred=True,  # a cache is filled in KTOModule.setup, where every DDP rank takes a shard
     )
     if cfg.compile.enabled:
         compile_backbones(policy, reference, cfg.compile)

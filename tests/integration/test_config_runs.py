@@ -88,14 +88,37 @@ def _final_validation(run_dir: Path) -> dict[str, str]:
     return [row for row in rows if row.get("val/loss")][-1]
 
 
+def _check_one_fill_of_the_cache(make_config, run: list[str], folder: Path) -> None:
+    """The 2-process run's cache in `folder`: one file, what one process fills for its config."""
+    (merged,) = folder.glob("*")  # one file, no partial one left behind
+    one_process = [o for o in run if not o.startswith(("strategy=", "trainer.devices="))]
+    single = build(
+        make_config(
+            *one_process, f"reference.cache_dir={folder}_single",
+            f"paths.output_dir={folder}_single_run", fast=False,
+        )
+    )  # fmt: skip
+    single.module.setup("fit")  # fills the cache, as `trainer.fit` does
+    (filled,) = Path(f"{folder}_single").glob("*")
+    assert merged.name == filled.name, "the same content hash on every rank and in one process"
+    merged_table, table = load_file(merged), load_file(filled)
+    assert merged_table.keys() == table.keys()
+    for name, values in table.items():
+        torch.testing.assert_close(merged_table[name], values, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("name", MULTI_PROCESS_STRATEGIES)
-def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) -> None:
+def test_strategy_config_trains_on_two_cpu_processes(
+    make_config, tmp_path: Path, name: str
+) -> None:
     run = [
         f"strategy={name}", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer=gpu",  # bf16-mixed with fused AdamW and clipping, under each strategy
         "debug=fast", "data.source.toy_rows=160", "trainer.max_epochs=2",
         "callbacks.model_checkpoint.save_top_k=-1",  # keep the end of epoch 1 for the resume
     ]  # fmt: skip
+    if name == "ddp":  # the two ranks fill a reference cache first, each scoring its shard
+        run += ["reference=cache", f"reference.cache_dir={tmp_path / 'cache'}"]
     result = train_cli(*run, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -103,7 +126,10 @@ def test_strategy_config_trains_on_two_cpu_processes(tmp_path: Path, name: str) 
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "last.ckpt").exists()
     assert (tmp_path / "run" / "objective.json").is_file()
-    if name != "fsdp":
+    if name == "ddp":
+        for rank in (1, 2):
+            assert f"scores train shard {rank}/2" in output
+        _check_one_fill_of_the_cache(make_config, run, tmp_path / "cache")
         return
     # FSDP2 writes sharded checkpoints (a folder per checkpoint, without the frozen reference);
     # resuming from the one at the end of epoch 1 must finish exactly as the run did.

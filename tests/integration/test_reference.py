@@ -27,7 +27,7 @@ from kto_lightning.reference import (
     build_provider,
 )
 from kto_lightning.reference_cache import cache_key
-from kto_lightning.train import build, train
+from kto_lightning.train import Run, build, train
 
 
 def _cache(tmp_path: Path) -> list[str]:
@@ -36,6 +36,12 @@ def _cache(tmp_path: Path) -> list[str]:
 
 def _cache_files(tmp_path: Path) -> set[str]:
     return {p.name for p in (tmp_path / "cache").glob("*.safetensors")}
+
+
+def _prepared(run: Run) -> Run:
+    """`run` with its reference ready, as `trainer.fit` makes it (KTOModule.setup, every rank)."""
+    run.module.setup("fit")
+    return run
 
 
 def _train_losses(run_dir: Path) -> list[float]:
@@ -48,6 +54,9 @@ def test_cached_log_probs_equal_the_live_reference(make_config, tmp_path) -> Non
     cached = build(make_config(*_cache(tmp_path)))
     assert isinstance(live.module.reference, CopyReference)
     assert isinstance(cached.module.reference, CachedReference)
+    assert not _cache_files(tmp_path), "the trainer fills the cache, once it has started every rank"
+    _prepared(cached)
+    assert len(_cache_files(tmp_path)) == 1
     for split, loader in (
         ("train", live.datamodule.train_dataloader()),
         ("validation", live.datamodule.val_dataloader()),
@@ -71,7 +80,7 @@ def test_training_with_the_cache_gives_the_live_losses(make_config, tmp_path) ->
 def test_a_second_run_reuses_the_cache_and_loads_no_reference(
     make_config, tmp_path, monkeypatch
 ) -> None:
-    build(make_config(*_cache(tmp_path)))
+    _prepared(build(make_config(*_cache(tmp_path))))
     files = _cache_files(tmp_path)
     assert len(files) == 1
 
@@ -108,9 +117,9 @@ def test_a_second_run_reuses_the_cache_and_loads_no_reference(
     ],
 )
 def test_a_change_to_any_hashed_input_misses_the_cache(make_config, tmp_path, change) -> None:
-    build(make_config(*_cache(tmp_path)))
+    _prepared(build(make_config(*_cache(tmp_path))))
     first = _cache_files(tmp_path)
-    build(make_config(*_cache(tmp_path), change))
+    _prepared(build(make_config(*_cache(tmp_path), change)))
     assert len(_cache_files(tmp_path) - first) == 1, f"{change} should have missed the cache"
 
 
@@ -187,7 +196,7 @@ def test_bf16_mixed_cache_gives_zero_log_ratios_at_step_zero(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     bf16 = ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"]
     live = build(make_config(*bf16))
-    cached = build(make_config(*bf16, *_cache(tmp_path), "reference.batch_size=8"))
+    cached = _prepared(build(make_config(*bf16, *_cache(tmp_path), "reference.batch_size=8")))
     assert isinstance(cached.module.reference, CachedReference)
     offsets = []
     for split, batch in _cache_batches(live.datamodule, batch_size=8):
