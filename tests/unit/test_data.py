@@ -29,7 +29,7 @@ from kto_lightning.data import (
     tokenize_rows,
     toy_rows,
 )
-from kto_lightning.data.config import Columns, check_lengths
+from kto_lightning.data.config import Columns, Source, check_lengths
 from kto_lightning.data.formats import normalise
 from kto_lightning.data.pairing import (
     RowDigest,
@@ -1074,6 +1074,16 @@ def test_processes_preparing_the_same_data_together_tokenize_it_once(tmp_path):
     assert sorted(r[0] for r in results) == ["cached", "computed"]
     assert results[0][1] == results[1][1]  # the same rows and KL partners
     assert len(list((tmp_path / "cache").rglob("kl-partners-*.npy"))) == 2  # train, validation
+
+
+def test_unset_num_proc_uses_every_cpu_from_20k_rows(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    unset = Source(path="rows.jsonl")
+    assert unset.processes_for(19_999) is None
+    assert unset.processes_for(20_000) == 8  # at most 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert unset.processes_for(10**6) is None  # one CPU: no pool
+    assert Source(path="rows.jsonl", num_proc=3).processes_for(10) == 3  # set: as set
 
 
 def test_datamodule_num_proc_errors_name_the_row_of_the_file(tokenizer, tmp_path):

@@ -155,7 +155,7 @@ class KTODataModule(L.LightningDataModule):
         max_length, max_prompt_length = self.lengths.max_length, self.lengths.max_prompt_length
         tokenized, cached = tokenize_dataset(
             read.rows, self.tokenizer, chat, max_length, max_prompt_length, name,
-            self.source.num_proc,
+            self.source.processes_for(len(read.rows)),
         )  # fmt: skip
         return tokenized, _tokenization_note(cached, in_memory=not read.rows.cache_files)
 

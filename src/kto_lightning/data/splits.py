@@ -52,13 +52,14 @@ def _read(
         raw = datasets.Dataset.from_list(consistency_rows(n_rows, split, seed=seed))
     else:
         raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
-    rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, source.num_proc)
+    num_proc = source.processes_for(len(raw))
+    rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, num_proc)
     return rows, fmt, chat, len(raw)
 
 
 def _hold_out(
     rows: datasets.Dataset, n_source: int, fraction: float, seed: int, name: str
-) -> tuple[list[int], list[int], int]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Training and validation row indices, and the number of source rows held out.
 
     A seeded share of the *source* rows is held out.
@@ -79,7 +80,8 @@ def _hold_out(
     held_out = np.zeros(n_source, dtype=bool)
     held_out[order[:n_val]] = True
     in_val = held_out[arrow_column(rows, "row").to_numpy()]
-    return np.flatnonzero(~in_val).tolist(), np.flatnonzero(in_val).tolist(), n_val
+    # Arrays, not lists: `select` fingerprints its indices, and hashes an array's bytes at once.
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val), n_val
 
 
 def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit, ReadSplit]:
