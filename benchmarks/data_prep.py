@@ -11,7 +11,9 @@ tokenized, filtered and paired).
     python benchmarks/data_prep.py --rows 200000 --skip-trl --num-proc 2
 
 TRL 1.16's KTOTrainer preparing the same rows is timed beside ours, up to --trl-max-rows. The
-`target` column checks the targets of 2-core machines: 200k rows <= 30 s cold and <= 5 s warm,
+`worker RSS` column is the largest peak RSS of datasets.map's worker processes (num_proc > 1,
+forked from the main process, whose pages they share and count too). The `target` column
+checks the targets of 2-core machines: 200k rows <= 30 s cold and <= 5 s warm,
 1M rows <= 3 min cold with a peak RSS <= 2 GiB.
 """
 
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,7 +70,9 @@ def child_main(spec: dict) -> None:
     next(iter(data.train_dataloader()))
     seconds = time.perf_counter() - start
     summary = data.summaries["train"]
-    print(json.dumps({"seconds": seconds, "train_rows": summary.kept}))
+    # The largest RSS of datasets.map's worker processes (num_proc > 1), all ended by now.
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "train_rows": summary.kept, "worker_rss": workers}))
 
 
 def trl_child_main(spec: dict) -> None:
@@ -101,8 +106,9 @@ def trl_child_main(spec: dict) -> None:
     print(json.dumps({"seconds": seconds, "train_rows": len(trainer.train_dataset)}))
 
 
-def run_child(spec: dict) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one configuration, in a fresh process."""
+def run_child(spec: dict) -> tuple[float, float, float]:
+    """(seconds, peak RSS, largest map worker's peak RSS; MiB) of one configuration, in a fresh
+    process."""
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
@@ -117,7 +123,7 @@ def run_child(spec: dict) -> tuple[float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"child failed:\n{err[-4000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    return result["seconds"], usage.ru_maxrss / 1024
+    return result["seconds"], usage.ru_maxrss / 1024, result.get("worker_rss", 0.0)
 
 
 def header() -> str:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  ours: KTODataModule.setup; TRL: load_dataset + KTOTrainer's _prepare_dataset")
     print(
         f"{'rows':>9}  {'runner':>6}  {'cold s':>7}  {'warm s':>7}  {'RSS cold':>9}  "
-        f"{'RSS warm':>9}  target"
+        f"{'RSS warm':>9}  {'worker RSS':>9}  target"
     )
     for n in args.rows:
         path = args.workdir / f"rows_{n}.jsonl"
@@ -203,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                     "num_proc": args.num_proc,
                     "tokenizer": str(tokenizer),
                 }
-                cold, cold_rss = run_child(spec)
-                warm, warm_rss = run_child(spec)
+                cold, cold_rss, cold_workers = run_child(spec)
+                warm, warm_rss, _ = run_child(spec)
             finally:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             target = verdict(n, cold, warm, max(cold_rss, warm_rss)) if runner == "ours" else ""
+            workers = f"{cold_workers:>5.0f} MiB" if cold_workers else f"{'-':>9}"
             print(
                 f"{n:>9}  {runner:>6}  {cold:>7.1f}  {warm:>7.1f}  {cold_rss:>5.0f} MiB  "
-                f"{warm_rss:>5.0f} MiB  {target}",
+                f"{warm_rss:>5.0f} MiB  {workers}  {target}",
                 flush=True,
             )
     return 0
