@@ -282,17 +282,20 @@ def batch_logprobs(
     needs_kl_rows: bool,
     packing: Packing | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(main, KL or None) log-probs of one batch, in one forward over main and KL rows."""
-    if not needs_kl_rows:
-        return sequence_logprobs(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            chunk_size,
-            packing,
-        ), None
+    """(main, KL or None) log-probs of one batch, in one forward over main and KL rows.
+
+    Packed, main and KL rows run in two forwards, each packed on its own, as the policy's passes
+    run them (KTOModule.forward_logps): a packed row's numbers depend, by float rounding, on the
+    rows it shares a pack with, so a live reference packed like the policy equals it exactly at
+    step 0.
+    """
     keys = ("input_ids", "attention_mask", "completion_mask")
+    if not needs_kl_rows or packing is not None:
+        main = sequence_logprobs(model, *(batch[k] for k in keys), chunk_size, packing)
+        if not needs_kl_rows:
+            return main, None
+        kl = sequence_logprobs(model, *(batch[f"kl_{k}"] for k in keys), chunk_size, packing)
+        return main, kl
     ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
     main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size, packing).chunk(2)
     return main, kl

@@ -25,12 +25,13 @@ PAD = 258
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
 
 
-def _batch(seed: int = 0, rows: int = 6) -> dict[str, torch.Tensor]:
-    """Rows of very different lengths (3 to 40 tokens), each with a KL partner, right-padded."""
+def _batch(seed: int = 0, rows: int = 6, scale: int = 1) -> dict[str, torch.Tensor]:
+    """Rows of very different lengths (3 to 40 tokens, times `scale`), each with a KL partner,
+    right-padded."""
     g = torch.Generator().manual_seed(seed)
 
     def ids(lo: int, hi: int) -> list[int]:
-        n = int(torch.randint(lo, hi, (1,), generator=g))
+        n = int(torch.randint(lo * scale, hi * scale, (1,), generator=g))
         return torch.randint(0, 256, (n,), generator=g).tolist()
 
     examples = [
@@ -118,15 +119,17 @@ def test_packed_logprobs_equal_padded(
         assert not torch.allclose(torch.cat([leaky_main, leaky_kl]), torch.cat([main, kl]))
 
 
-def _module(reference: str, packing: Packing | None) -> KTOModule:
+def _module(reference: str, packing: Packing | None, moved: bool = True) -> KTOModule:
     torch.manual_seed(0)
     lora = LORA if reference == "adapter" else None
     policy = TinyLlama(hidden_size=32, num_layers=2, lora=lora).load_policy()
     provider = CopyReference(make_reference(policy)) if reference == "copy" else AdapterReference()
+    if lora is not None:  # PEFT starts lora_B at 0: the adapters change nothing yet
+        assert all(p.abs().sum() == 0 for n, p in policy.named_parameters() if "lora_B" in n)
     # Move the policy off the reference, so that the rewards and the KL term are not all 0.
     with torch.no_grad():
         for p in policy.parameters():
-            if p.requires_grad:
+            if p.requires_grad and moved:
                 p.add_(0.02 * torch.randn_like(p))
     loss = KTOLoss(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
     optimizer = functools.partial(torch.optim.SGD, lr=0.1)
@@ -152,3 +155,14 @@ def test_packed_training_step_equals_padded(reference: str) -> None:
         scale = grad.abs().max()
         assert scale > 0, name
         assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapter"])
+def test_packed_live_reference_equals_the_packed_policy_exactly_at_step_0(reference: str) -> None:
+    # The reference packs main and KL rows as the policy's passes do, so before any update the
+    # log-ratios are exactly 0 (not float rounding of other packs), for main and KL rows.
+    module = _module(reference, Packing(), moved=False).train()
+    logps = module.forward_logps(_batch(seed=2, rows=16, scale=6), "train")  # up to 240 tokens
+    assert logps.kl_policy is not None and logps.kl_reference is not None
+    assert torch.equal(logps.policy.detach(), logps.reference)
+    assert torch.equal(logps.kl_policy, logps.kl_reference)
