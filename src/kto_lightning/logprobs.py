@@ -289,13 +289,17 @@ def batch_logprobs(
     rows it shares a pack with, so a live reference packed like the policy equals it exactly at
     step 0.
     """
+
+    def rows(prefix: str) -> Tensor:
+        ids, attention = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
+        completion = batch[f"{prefix}completion_mask"]
+        return sequence_logprobs(model, ids, attention, completion, chunk_size, packing)
+
+    if not needs_kl_rows:
+        return rows(""), None
+    if packing is not None:
+        return rows(""), rows("kl_")
     keys = ("input_ids", "attention_mask", "completion_mask")
-    if not needs_kl_rows or packing is not None:
-        main = sequence_logprobs(model, *(batch[k] for k in keys), chunk_size, packing)
-        if not needs_kl_rows:
-            return main, None
-        kl = sequence_logprobs(model, *(batch[f"kl_{k}"] for k in keys), chunk_size, packing)
-        return main, kl
     ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
     main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size, packing).chunk(2)
     return main, kl
