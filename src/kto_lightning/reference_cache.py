@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,10 +189,14 @@ def _score(
     """
     none = torch.empty(0, dtype=dtype)  # a rank may have no batch at all
     index, main, kl = [none.long()], [none], [none]
+    # A bar on a terminal; elsewhere (a log file, SLURM) a plain line at every tenth of the way.
+    shown, interactive = distributed.rank() == 0, sys.stderr.isatty()
     progress = tqdm(
-        loader, desc=f"Reference log-probs ({split})", leave=False, disable=distributed.rank() > 0
-    )
-    for batch in progress:
+        loader, desc=f"Reference log-probs ({split})", leave=False,
+        disable=not (shown and interactive),
+    )  # fmt: skip
+    every = max(1, len(loader) // 10)
+    for done, batch in enumerate(progress, start=1):
         batch = {k: v.to(device) for k, v in batch.items()}
         scored, scored_kl = batch_logprobs(policy, batch, chunk_size, needs_kl_rows)
         index.append(batch["index"].cpu())
@@ -200,6 +205,8 @@ def _score(
             kl.append(torch.full_like(main[-1], torch.nan))
         else:
             kl.append(scored_kl.to(dtype).cpu())
+        if shown and not interactive and (done % every == 0 or done == len(loader)):
+            log.info("reference log-probs (%s): %d/%d batches", split, done, len(loader))
     return torch.cat(index), torch.cat(main), torch.cat(kl)
 
 
