@@ -33,7 +33,7 @@ format: ## Apply ruff fixes and formatting
 	ruff format src tests
 
 .PHONY: bench
-bench: ## Install TRL; steps against its KTOTrainer, data preparation, packed vs padded (~20 min, CPU); ARGS="--smoke"
+bench: ## Install TRL; steps against its KTOTrainer, data preparation, packed vs padded (~30 min, CPU); ARGS="--smoke"
 	$(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/bench.py $(ARGS)

@@ -7,7 +7,7 @@ folder, `warm` a second process on the same folder. The time is that of `setup()
 training batch, exactly as training prepares its data (the source file is read, normalised,
 tokenized, filtered and paired).
 
-    python benchmarks/data_prep.py                      # 50k, 200k and 1M rows (~15 min)
+    python benchmarks/data_prep.py                      # 50k, 200k and 1M rows (~20 min)
     python benchmarks/data_prep.py --rows 200000 --skip-trl --num-proc 2
 
 TRL 1.16's KTOTrainer preparing the same rows is timed beside ours, up to --trl-max-rows. The
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-proc", type=int, default=None, help="data.source.num_proc")
     parser.add_argument("--skip-trl", action="store_true", help="time kto_lightning alone")
     parser.add_argument(
-        "--trl-max-rows", type=int, default=200_000,
-        help="time TRL's preprocessing up to this many rows (it takes ~5x ours per row)",
+        "--trl-max-rows", type=int, default=1_000_000,
+        help="time TRL's preprocessing up to this many rows (it takes ~4x ours per row)",
     )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=HERE / ".data_prep")
     parser.add_argument("--fixture-dir", type=Path, default=HERE / ".fixture")
