@@ -70,8 +70,12 @@ def child_main(spec: dict) -> None:
     next(iter(data.train_dataloader()))
     seconds = time.perf_counter() - start
     summary = data.summaries["train"]
-    # The largest RSS of datasets.map's worker processes (num_proc > 1), all ended by now.
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # The largest RSS of datasets.map's worker processes (num_proc > 1), all ended by now; none
+    # where the map ran in this process (another child, such as a tool a library runs, is not
+    # one of them).
+    rows = sum(s.rows_read for s in data.summaries.values())
+    pooled = (data.source.processes_for(rows) or 1) > 1
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if pooled else 0.0
     print(json.dumps({"seconds": seconds, "train_rows": summary.kept, "worker_rss": workers}))
 
 
