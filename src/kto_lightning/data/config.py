@@ -77,8 +77,9 @@ class Source:
         """
         if self.num_proc is not None or rows < AUTO_NUM_PROC_ROWS:
             return self.num_proc
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return min(cpus or 1, 8) if (cpus or 1) > 1 else None
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+        return min(cpus, 8) if cpus > 1 else None
 
     @property
     def holds_out(self) -> bool:

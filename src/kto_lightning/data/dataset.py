@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from kto_lightning.data.pairing import TokenIds
 from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.tokenize import Example, fit_beside
 
@@ -43,8 +43,10 @@ class KTODataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Tokens of each row as a batch pads it: the longer of the row and its KL row."""
-        prompts = TokenIds.from_arrow(arrow_column(self.rows, "prompt_ids")).lengths
-        completions = TokenIds.from_arrow(arrow_column(self.rows, "completion_ids")).lengths
+        prompts, completions = (
+            pc.list_value_length(arrow_column(self.rows, name)).to_numpy().astype(np.int64)
+            for name in ("prompt_ids", "completion_ids")
+        )
         lengths = prompts + completions
         if self.partners is not None:  # the partner's completion, cut as fit_beside cuts it
             kl = np.minimum(completions[np.asarray(self.partners)], self.max_length - prompts)

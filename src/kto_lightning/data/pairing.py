@@ -108,12 +108,19 @@ class RowDigest:
         return TokenIds.from_arrow(self.tokens.take(pa.array(source_rows)))
 
 
+def _positions(offsets: np.ndarray) -> np.ndarray:
+    """Each token's position within its row, for rows laid end to end at `offsets`."""
+    lengths = np.diff(offsets)
+    return np.arange(offsets[-1] - offsets[0], dtype=np.int64) - np.repeat(
+        offsets[:-1] - offsets[0], lengths
+    )
+
+
 def _gather(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Flat positions of `lengths[k]` tokens from `starts[k]`, for every k in turn."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-    return np.repeat(starts, lengths) + within
+    return np.repeat(starts, lengths) + _positions(offsets)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -136,9 +143,8 @@ def _row_hashes(ids: TokenIds) -> np.ndarray:
         last = min(first + _HASH_CHUNK_ROWS, n)
         bounds = ids.offsets[first : last + 1] - ids.offsets[first]
         values = ids.values[ids.offsets[first] : ids.offsets[last]]
-        position = np.arange(len(values), dtype=np.int64) - np.repeat(bounds[:-1], np.diff(bounds))
         sums = np.zeros(len(values) + 1, dtype=np.uint64)
-        np.cumsum(_mix(values.astype(np.uint64) ^ _mix(position)), out=sums[1:])
+        np.cumsum(_mix(values.astype(np.uint64) ^ _mix(_positions(bounds))), out=sums[1:])
         hashes[first:last] = sums[bounds[1:]] - sums[bounds[:-1]]
     return hashes
 

@@ -120,19 +120,14 @@ def encode(
     completion_tokens = token_ids(tokenizer, list(completions))
     bos_id = tokenizer.bos_token_id
     for prompt, completion in zip(prompt_tokens, completion_tokens, strict=True):
-        if bos:
-            prompt = bos + prompt
-        if eos:
-            completion.extend(eos)  # a fresh list from the tokenizer, ours to change
+        prompt, completion = bos + prompt, completion + eos
         out["prompt_tokens"].append(len(prompt))
         out["completion_tokens"].append(len(completion))
         if len(prompt) > max_prompt_length:
             head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
             prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
-        if len(prompt) + len(completion) > max_length:  # else fit_beside keeps it whole
-            completion = fit_beside(len(prompt), completion, max_length)
         out["prompt_ids"].append(prompt)
-        out["completion_ids"].append(completion)
+        out["completion_ids"].append(fit_beside(len(prompt), completion, max_length))
     return out
 
 
