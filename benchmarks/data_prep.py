@@ -26,7 +26,6 @@ import platform
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from runners import run_measured  # noqa: E402
 
 
 def write_rows(path: Path, n: int, seed: int = 0) -> None:
@@ -115,19 +116,10 @@ def run_child(spec: dict) -> tuple[float, float, float]:
     process."""
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
-        proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env)
-        # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix all children);
-        # ru_maxrss is the process itself, not datasets.map's worker processes (num_proc > 1).
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out_file.seek(0)
-        err_file.seek(0)
-        out, err = out_file.read(), err_file.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed:\n{err[-4000:]}")
+    # The peak RSS is the process itself, not datasets.map's worker processes (num_proc > 1).
+    out, peak = run_measured(cmd, env)
     result = json.loads(out.strip().splitlines()[-1])
-    return result["seconds"], usage.ru_maxrss / 1024, result.get("worker_rss", 0.0)
+    return result["seconds"], peak, result.get("worker_rss", 0.0)
 
 
 def header() -> str:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from functools import partial
 
 import torch
+from runners import run_measured
 
 from kto_lightning.data import KTODataModule
 from kto_lightning.losses import KTOLoss
@@ -68,11 +68,7 @@ def peak_rss_of(path: str, args: argparse.Namespace) -> float:
     cmd = [sys.executable, __file__, "--only", path, "--steps", str(args.steps)]
     cmd += ["--hidden", str(args.hidden), "--layers", str(args.layers)]
     cmd += ["--batch-size", str(args.batch_size), "--attn", args.attn]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{path} child failed:\n{proc.stderr.read() if proc.stderr else ''}")
-    return usage.ru_maxrss / 1024
+    return run_measured(cmd)[1]
 
 
 def main() -> None:

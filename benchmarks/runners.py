@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,24 @@ class ChildSpec:
     cache_dir: str | None = None
     gradient_checkpointing: bool = False
     ours_overrides: tuple[str, ...] = ()  # extra Hydra overrides for kto_lightning (experiments)
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
+    """(stdout, peak RSS in MiB) of `cmd` run to its end; SystemExit with its stderr if it fails.
+
+    os.wait4 gives this child's own rusage: its ru_maxrss is the process itself, not the
+    processes it starts (RUSAGE_CHILDREN would mix all children). Output goes to files, so a
+    chatty child never blocks on a full pipe.
+    """
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child failed: {' '.join(cmd[:4])} ...\n{err[-4000:]}")
+    return out, usage.ru_maxrss / 1024
 
 
 def peak_rss_mib() -> float:
