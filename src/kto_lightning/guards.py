@@ -60,9 +60,11 @@ def _describe(value: Tensor) -> str:
 class NonFiniteGuard(L.Callback):
     """Stop training at the first non-finite loss or policy gradient, naming step and checkpoint.
 
-    Gradients are checked in `on_before_optimizer_step`, so a NaN/inf gradient never reaches the
-    weights (with gradient clipping, Lightning clips after this hook, and clipping a NaN norm
-    would spread the NaN to every weight). The loss is checked in `on_train_batch_end`.
+    Both are checked in `on_before_optimizer_step`, so neither a NaN/inf gradient nor a step
+    whose loss went non-finite reaches the weights (with gradient clipping, Lightning clips after
+    this hook, and clipping a NaN norm would spread the NaN to every weight). The losses of the
+    step's batches (several with accumulation) and every gradient are reduced on the device to
+    one flag: one host sync per optimizer step, and the only one a step needs.
 
     Under fp16 mixed precision the gradient scaler skips overflowing steps on purpose, so the
     gradient check is left to it there; the loss check still runs.
@@ -72,12 +74,20 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self) -> None:
         self._step = 0
+        self._losses: list[Tensor] = []  # the step's losses so far, detached, on the device
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # The optimizer step this batch contributes to (several batches with accumulation).
-        self._step = trainer.global_step + 1
+        step = trainer.global_step + 1
+        if step != self._step:
+            self._step, self._losses = step, []
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor
+    ) -> None:
+        self._losses.append(loss.detach())
 
     def _stop(self, trainer: L.Trainer, what: str) -> TrainingDiverged:
         checkpoint = last_good_checkpoint(trainer)
@@ -91,47 +101,36 @@ class NonFiniteGuard(L.Callback):
             "rate too high, fp16 overflow (try precision=bf16-mixed), or an empty completion."
         )
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, Tensor):
-            return
-        # One device sync per step (a 0-d bool): negligible next to a forward and backward.
-        if not bool(torch.isfinite(loss.detach()).all()):
-            raise self._stop(trainer, f"non-finite loss ({_describe(loss)})")
-
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
     ) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # fp16: the GradScaler skips overflowing steps itself
-        policy = getattr(pl_module, "policy", pl_module)
-        named = [(n, p.grad) for n, p in policy.named_parameters() if p.grad is not None]
-        if not named:
+        losses, self._losses = self._losses, []
+        named: list[tuple[str, Tensor]] = []
+        if getattr(trainer.precision_plugin, "scaler", None) is None:  # fp16: the scaler's job
+            policy = getattr(pl_module, "policy", pl_module)
+            named = [(n, p.grad) for n, p in policy.named_parameters() if p.grad is not None]
+        flags = [torch.isfinite(loss).all() for loss in losses]
+        flags += [torch.isfinite(g).all() for _, g in named]
+        if not flags or bool(torch.stack(flags).all()):  # the one sync of the step
             return
-        # All flags stay on the device and are reduced to one bool: one sync per optimizer step.
-        flags = torch.stack([torch.isfinite(g).all() for _, g in named])
-        if bool(flags.all()):
-            return
-        # The error path only: find the first offending tensor to name it.
-        name, grad = next(
-            (n, g) for (n, g), ok in zip(named, flags.tolist(), strict=True) if not ok
-        )
-        raise self._stop(
-            trainer,
-            f"non-finite gradient ({_describe(grad)}) in policy.{name} before the optimizer "
-            "step (the weights were not updated)",
-        )
+        # The error path only: name the first offending gradient, else the loss.
+        for name, grad in named:
+            if not bool(torch.isfinite(grad).all()):
+                raise self._stop(
+                    trainer,
+                    f"non-finite gradient ({_describe(grad)}) in policy.{name} before the "
+                    "optimizer step (the weights were not updated)",
+                )
+        bad = next(loss for loss in losses if not bool(torch.isfinite(loss).all()))
+        raise self._stop(trainer, f"non-finite loss ({_describe(bad)})")
 
 
 class ZeroKLWarning(L.Callback):
-    """Warn once when the logged KL reference point `train/kl` stays exactly 0.
+    """Warn once when the KL reference point of training steps stays exactly 0.
+
+    The count of consecutive steps at 0, and its longest run, are kept on the device from the
+    module's `reference_point` (KTOModule), and read every `patience` steps: the warning comes
+    at most `patience` steps late, and no step waits for the device on its account.
 
     Args:
         patience: consecutive training steps at exactly 0 before the warning.
@@ -139,7 +138,9 @@ class ZeroKLWarning(L.Callback):
 
     def __init__(self, patience: int = 50) -> None:
         self.patience = patience
-        self._zero_steps = 0
+        self._seen = 0  # steps counted so far
+        self._run: Tensor | None = None  # consecutive steps at 0 up to the last one
+        self._longest: Tensor | None = None  # the longest such run
         self._warned = False
 
     def on_train_batch_end(
@@ -150,24 +151,25 @@ class ZeroKLWarning(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        kl = trainer.callback_metrics.get("train/kl")
-        if kl is None:
+        kl = getattr(pl_module, "reference_point", None)
+        if kl is None or self._warned:
+            return  # a run without a reference point (SFT), or warned already
+        zero = (kl == 0).long()
+        self._run = zero if self._run is None else (self._run + 1) * zero
+        longest = self._longest
+        self._longest = self._run if longest is None else torch.maximum(longest, self._run)
+        self._seen += 1
+        if self._seen % self.patience != 0 or int(self._longest) < self.patience:
             return
-        # float() of a device tensor is one small sync per step.
-        if float(kl) != 0.0:
-            self._zero_steps = 0
-            return
-        self._zero_steps += 1
-        if self._zero_steps == self.patience and not self._warned:
-            self._warned = True
-            log.warning(
-                "train/kl has been exactly 0 for %d consecutive steps: the KL reference point "
-                "z_ref is clamped at 0 (the policy's log-ratio on unrelated completions is "
-                "negative), so KTO is running without its reference point. This is usual early "
-                "with loss.estimator=mismatched or with a tiny loss.beta; consider "
-                "loss.estimator=batch, or check that the data's KL rows differ from the main rows.",
-                self._zero_steps,
-            )
+        self._warned = True
+        log.warning(
+            "train/kl has been exactly 0 for %d consecutive steps: the KL reference point "
+            "z_ref is clamped at 0 (the policy's log-ratio on unrelated completions is "
+            "negative), so KTO is running without its reference point. This is usual early "
+            "with loss.estimator=mismatched or with a tiny loss.beta; consider "
+            "loss.estimator=batch, or check that the data's KL rows differ from the main rows.",
+            self.patience,
+        )
 
 
 # ------------------------------------------------------------------- unknown config keys

@@ -16,6 +16,7 @@ gradient checks can be tight); the returned log-probs have that dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -73,6 +74,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None  # (V, H)
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None  # (V,)
         dev, enabled, ac_dtype = ctx.autocast
+        # The matmuls run in the dtype forward's did: the autocast dtype under mixed precision
+        # (an fp32 product of the (V, c) gradient there would be a slow fp32 GEMM on a GPU), else
+        # the model's. Only the accumulation over chunks is kept in >= float32.
+        mm_dtype = ac_dtype if enabled else weight.dtype
         n = hidden.shape[0]
         with torch.autocast(dev, dtype=ac_dtype, enabled=enabled):
             for s in range(0, n, ctx.chunk_size):
@@ -87,14 +92,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     g.mul_(1 - t * t)  # through softcap * tanh(raw / softcap)
                 if need_b:
                     grad_b += g.sum(0)
-                g = g.to(weight.dtype)  # matmuls in the model dtype
+                g = g.to(mm_dtype)
                 if need_h:
                     grad_h[s:e] = (g @ weight).to(hidden.dtype)  # (c, V) @ (V, H)
                 if need_w:
-                    if acc == weight.dtype:  # accumulate in place: no (V, H) temporary
-                        grad_w.addmm_(g.T, h.to(weight.dtype))  # (V, c) @ (c, H)
-                    else:
-                        grad_w += (g.T @ h.to(weight.dtype)).to(acc)
+                    if acc == mm_dtype:  # fp32 throughout: accumulate in place, no temporary
+                        grad_w.addmm_(g.T, h.to(mm_dtype))  # (V, c) @ (c, H)
+                    else:  # a (V, H) product in mm_dtype, added into the fp32 sum as it is read
+                        grad_w.add_(g.T @ h.to(mm_dtype))
                 del logits, t, g
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
@@ -211,6 +216,7 @@ def sequence_logprobs(
     completion_mask: Tensor,
     chunk_size: int = 256,
     packing: Packing | None = None,
+    completion_index: Tensor | None = None,
 ) -> Tensor:
     """Per-sequence sum of log p(token) over completion tokens only: (B, L) each -> (B,) float32.
 
@@ -221,12 +227,19 @@ def sequence_logprobs(
     (kto_lightning.packing); the numbers are the same up to float rounding.
     Models that rescale logits other than by final_logit_softcapping are not supported. The head
     runs as the model's own head would: through its adapters and its strategy's hooks.
+
+    `completion_index` (N,) long, when given, says the rows are laid out as `KTOCollator` lays
+    them out: right-padded, with the flat positions `row * (L - 1) + t - 1` of their completion
+    tokens t listed on the host. The forward then needs neither the attention mask nor a
+    `nonzero`, so it never waits for the device (see `_right_padded_states`).
     """
     sharded_entry = model.__dict__.get(SHARDED_ENTRY)  # set on a sharded root only
     if sharded_entry is not None:
-        return sharded_entry(input_ids, attention_mask, completion_mask, chunk_size, packing)
+        return sharded_entry(
+            input_ids, attention_mask, completion_mask, chunk_size, packing, completion_index
+        )
     return unsharded_sequence_logprobs(
-        model, input_ids, attention_mask, completion_mask, chunk_size, packing
+        model, input_ids, attention_mask, completion_mask, chunk_size, packing, completion_index
     )
 
 
@@ -237,6 +250,7 @@ def unsharded_sequence_logprobs(
     completion_mask: Tensor,
     chunk_size: int = 256,
     packing: Packing | None = None,
+    completion_index: Tensor | None = None,
 ) -> Tensor:
     """`sequence_logprobs` itself, for a model whose weights are all in hand (or gathered)."""
     if packing is not None:
@@ -249,6 +263,8 @@ def unsharded_sequence_logprobs(
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (P, T, H)
         hidden_sel = hidden.flatten(0, 1)[packed.hidden_index]  # (N, H)
         targets, row = packed.targets, packed.row  # (N,), (N,)
+    elif completion_index is not None:
+        hidden_sel, targets, row = _right_padded_states(model, input_ids, completion_index)
     else:
         # position_ids: (B, L), 0 at the first real token whatever the padding side.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -275,6 +291,81 @@ def unsharded_sequence_logprobs(
     return sums.index_add(0, row, token_lp)  # (B,)
 
 
+def _full_attention_sdpa(config: object) -> bool:
+    """Whether every layer of a model with this config attends causally over the whole row, with
+    SDPA: no sliding window, chunked or bidirectional layers (their masks are not a plain
+    triangle)."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return not any(
+        getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _triangle(length: int, device: torch.device) -> Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def _causal_mask(model: nn.Module, length: int, device: torch.device) -> Tensor | None:
+    """The (1, 1, L, L) causal mask for SDPA, made once per length and device; None (the model
+    builds its own) for other attention.
+
+    Given no mask, transformers checks its position ids for packed rows, and given a padding
+    mask, whether it masks anything: each check reads a device value, so the host waits for the
+    device at the start of every forward. A ready 4-D mask is used as it is: no check, and no
+    mask rebuilt for each batch.
+    """
+    if not _full_attention_sdpa(getattr(model, "config", None)):
+        return None
+    return _triangle(length, device)
+
+
+def _right_padded_states(
+    model: CausalLM, input_ids: Tensor, completion_index: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, H) hidden states predicting the completion tokens, their (N,) targets and (N,) rows,
+    for right-padded rows whose completion positions the collator listed (`completion_index`).
+
+    No padding mask and no position ids: in a right-padded row every real token sits before all
+    padding, so causal attention alone never lets a real token see a pad, and the positions are
+    the default 0, 1, 2, ... The states of pad positions are garbage, but never selected. The
+    positions come from the host: a `nonzero` on the device would wait for it.
+    """
+    length = input_ids.shape[1]
+    mask = _causal_mask(model, length, input_ids.device)
+    out = _backbone(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
+    predicting = hidden[:, :-1].flatten(0, 1)  # (B * (L-1), H): the state at t-1 predicts t
+    hidden_sel = predicting[completion_index]  # (N, H)
+    targets = input_ids[:, 1:].flatten()[completion_index]  # (N,)
+    row = torch.div(completion_index, input_ids.shape[1] - 1, rounding_mode="floor")  # (N,)
+    return hidden_sel, targets, row
+
+
+def rows_logprobs(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    prefix: str = "",
+    chunk_size: int = 256,
+    packing: Packing | None = None,
+) -> Tensor:
+    """(B,) `sequence_logprobs` of a collated batch's main rows (`prefix` "") or KL rows ("kl_"),
+    with the completion positions the collator listed, when it did."""
+    return sequence_logprobs(
+        model,
+        batch[f"{prefix}input_ids"],
+        batch[f"{prefix}attention_mask"],
+        batch[f"{prefix}completion_mask"],
+        chunk_size,
+        packing,
+        batch.get(f"{prefix}completion_index"),
+    )
+
+
 def batch_logprobs(
     model: nn.Module,
     batch: dict[str, Tensor],
@@ -289,19 +380,21 @@ def batch_logprobs(
     rows it shares a pack with, so a live reference packed like the policy equals it exactly at
     step 0.
     """
-
-    def rows(prefix: str) -> Tensor:
-        ids, attention = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
-        completion = batch[f"{prefix}completion_mask"]
-        return sequence_logprobs(model, ids, attention, completion, chunk_size, packing)
-
     if not needs_kl_rows:
-        return rows(""), None
+        return rows_logprobs(model, batch, "", chunk_size, packing), None
     if packing is not None:
-        return rows(""), rows("kl_")
+        main = rows_logprobs(model, batch, "", chunk_size, packing)
+        return main, rows_logprobs(model, batch, "kl_", chunk_size, packing)
     keys = ("input_ids", "attention_mask", "completion_mask")
-    ids, attention, completion = (torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys)
-    main, kl = sequence_logprobs(model, ids, attention, completion, chunk_size, packing).chunk(2)
+    both = {k: torch.cat([batch[k], batch[f"kl_{k}"]]) for k in keys}
+    if "completion_index" in batch:
+        # The KL rows follow the main rows: their flat positions shift by B * (L - 1).
+        rows, length = batch["input_ids"].shape
+        shift = rows * (length - 1)
+        both["completion_index"] = torch.cat(
+            [batch["completion_index"], batch["kl_completion_index"] + shift]
+        )
+    main, kl = rows_logprobs(model, both, "", chunk_size).chunk(2)
     return main, kl
 
 

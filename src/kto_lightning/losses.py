@@ -148,7 +148,8 @@ def kl_statistics(
                 "(the batch has no KL rows)"
             )
         ratios = kl_policy_logps.detach().float() - kl_reference_logps.detach().float()
-    count = torch.tensor(float(ratios.numel()), dtype=torch.float32, device=device)
+    # A fill on the device: torch.tensor(..., device=) would copy from the host and wait for it.
+    count = torch.full((), float(ratios.numel()), dtype=torch.float32, device=device)
     return ratios.sum(), count
 
 

@@ -51,12 +51,17 @@ def batch_sums(
     """
     d = labels.float()
     u = 1.0 - d
+
+    def scalar(value: Tensor | float) -> Tensor:
+        # new_full fills on the device; new_tensor would copy from the host and wait for it.
+        return value.float() if torch.is_tensor(value) else d.new_full((), float(value))
+
     losses, rewards, policy_logps = (t.detach().float() for t in (losses, rewards, policy_logps))
     correct = torch.where(labels, rewards > threshold, rewards < threshold).float()
     return torch.stack(
         [
             losses.sum(),
-            d.new_tensor(float(len(labels))),
+            scalar(len(labels)),
             (losses * d).sum(),
             d.sum(),
             (losses * u).sum(),
@@ -68,8 +73,8 @@ def batch_sums(
             correct.sum(),
             kl_sum.detach().float().reshape(()),
             kl_count.detach().float().reshape(()),
-            d.new_tensor(real_tokens) if not torch.is_tensor(real_tokens) else real_tokens.float(),
-            d.new_tensor(slot_tokens) if not torch.is_tensor(slot_tokens) else slot_tokens.float(),
+            scalar(real_tokens),
+            scalar(slot_tokens),
         ]
     )
 

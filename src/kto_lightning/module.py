@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ from kto_lightning.checkpointing import (
 )
 from kto_lightning.distributed import all_reduce_sum, gather_cat, world_size
 from kto_lightning.errors import ConfigError
-from kto_lightning.logprobs import sequence_logprobs
+from kto_lightning.logprobs import rows_logprobs
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import metrics_from_sums, reward_auroc
 from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups
@@ -38,9 +38,6 @@ from kto_lightning.packing import Packing
 from kto_lightning.reference import ReferenceProvider
 from kto_lightning.step import Reduction, StepLogps, StepResult, kto_step
 from kto_lightning.strategies import FSDP2Strategy
-
-# Shown in the progress bar under short names; the loggers get the full names.
-PROGRESS_BAR = {"loss": "loss", "kl": "kl", "rewards/margins": "margin"}
 
 
 class PolicyModule(L.LightningModule):
@@ -58,6 +55,8 @@ class PolicyModule(L.LightningModule):
 
     # What the closing summary calls the run: "KTO training finished in ...".
     summary_title = "training"
+    # Metrics shown in the progress bar, under short names; the loggers get the full names.
+    progress_bar: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -76,24 +75,68 @@ class PolicyModule(L.LightningModule):
         self.run_config: dict | None = None  # set by the entry point; stored in checkpoints
         self._train_metric_sums: Tensor | None = None  # this rank's totals over the whole run
         self._val_metric_sums: Tensor | None = None  # ... and over this validation epoch
+        self._step_sums: Tensor | None = None  # the last training step's sums over all ranks
+        self._step_values: dict[str, float] | None = None  # ... as floats, once asked for
+        self._step_at_batch_start = 0
+        self._batch_size = 0
 
     def _logps(self, model: nn.Module, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
-        return sequence_logprobs(
-            model,
-            batch[f"{prefix}input_ids"],
-            batch[f"{prefix}attention_mask"],
-            batch[f"{prefix}completion_mask"],
-            chunk_size=self.logprob_chunk_size,
-            packing=self.packing,
-        )
+        return rows_logprobs(model, batch, prefix, self.logprob_chunk_size, self.packing)
 
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
         """Means from a sums vector of this module's steps (each stage has its own fields)."""
         raise NotImplementedError
 
-    def _add_train_sums(self, sums: Tensor) -> None:
+    def _record_train_step(self, sums: Tensor, batch_size: int) -> None:
+        """Keep a training step's metric sums: in the run's totals, and over all ranks (one
+        all-reduce of a small vector) for `step_metrics`. Nothing is read on the host here."""
         totals = self._train_metric_sums
         self._train_metric_sums = sums if totals is None else totals + sums
+        self._step_sums = all_reduce_sum(sums)
+        self._step_values = None
+        self._batch_size = batch_size
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last training step's metrics over all ranks, as `train/<name>` floats.
+
+        Read from the device once per step, and only when asked: by the log at the steps where
+        Lightning writes to the loggers (`on_train_batch_end`), and by the progress lines. Every
+        other step leaves its metrics on the device, so the host never waits for them.
+        """
+        if self._step_values is None and self._step_sums is not None:
+            metrics = self.metrics_of(self._step_sums)
+            values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one sync
+            names = [f"train/{name}" for name in metrics]
+            self._step_values = dict(zip(names, values, strict=True))
+        return dict(self._step_values or {})
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning writes step metrics to the loggers every `trainer.log_every_n_steps` optimizer
+        # steps and at a stop (the rule of its logger connector, which runs right after this
+        # hook); logged anywhere else, a metric would only be converted, one sync per value, and
+        # dropped. So they are logged here, at those steps, as host tensors read in one copy.
+        trainer = self.trainer
+        if trainer.global_step == self._step_at_batch_start or self._step_sums is None:
+            return  # in the middle of gradient accumulation
+        every = trainer.log_every_n_steps
+        written = bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
+        if not (written or trainer.fast_dev_run):
+            return
+        values = self.step_metrics()
+        for name, value in values.items():
+            self.log(name, torch.tensor(value), batch_size=self._batch_size, sync_dist=False)
+        for name, short in self.progress_bar.items():
+            if f"train/{name}" in values:
+                self.log(
+                    short,
+                    torch.tensor(values[f"train/{name}"]),
+                    prog_bar=True,
+                    logger=False,
+                    batch_size=self._batch_size,
+                )
 
     @property
     def train_padding_share(self) -> float | None:
@@ -166,6 +209,11 @@ class KTOModule(PolicyModule):
     """
 
     summary_title = "KTO training"
+    progress_bar: ClassVar[dict[str, str]] = {
+        "loss": "loss",
+        "kl": "kl",
+        "rewards/margins": "margin",
+    }
 
     def __init__(
         self,
@@ -182,6 +230,8 @@ class KTOModule(PolicyModule):
         self.loss = loss
         self._val_rewards: list[Tensor] = []
         self._val_labels: list[Tensor] = []
+        # The last training step's z_ref over all ranks, on the device (guards.ZeroKLWarning).
+        self.reference_point: Tensor | None = None
 
     def train(self, mode: bool = True) -> KTOModule:
         # Lightning puts the whole module in train mode at the start of fit; the reference stays
@@ -232,19 +282,10 @@ class KTOModule(PolicyModule):
             slot_tokens=float(sum(m.numel() for m in masks)),
         )
 
-    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=False)
-        for name, short in PROGRESS_BAR.items():
-            self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         result = self._step(batch, "train")
-        sums = result.metric_sums
-        self._add_train_sums(sums)
-        # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
-        metrics = metrics_from_sums(all_reduce_sum(sums))
-        self._log_metrics("train", metrics, batch_size=len(batch["labels"]))
+        self._record_train_step(result.metric_sums, batch_size=len(batch["labels"]))
+        self.reference_point = result.output.reference_point.detach()
         return result.loss
 
     # ---------------------------------------------------------------- validation

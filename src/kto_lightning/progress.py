@@ -72,6 +72,13 @@ def _rows(batch: Any) -> int:
     return len(labels) if labels is not None else 0
 
 
+def _step_metrics(trainer: L.Trainer, pl_module: L.LightningModule | None) -> Mapping[str, Any]:
+    """The metrics of the step that just ended: the module's own (PolicyModule.step_metrics, read
+    from the device once for that step), else what Lightning holds from the last logging step."""
+    step_metrics = getattr(pl_module, "step_metrics", None)
+    return step_metrics() if callable(step_metrics) else trainer.callback_metrics
+
+
 class PlainProgress(AfterOptimizerStep):
     """A log line every `every_n_steps` optimizer steps, and one per validation, on rank 0.
 
@@ -117,18 +124,18 @@ class PlainProgress(AfterOptimizerStep):
             return
         now = time.perf_counter()
         if trainer.is_global_zero:
-            log.info("%s", self.step_line(trainer, now))
+            log.info("%s", self.step_line(trainer, now, _step_metrics(trainer, pl_module)))
         self._window_start, self._window_rows, self._validating = now, 0, 0.0
 
-    def step_line(self, trainer: L.Trainer, now: float) -> str:
+    def step_line(self, trainer: L.Trainer, now: float, metrics: Mapping[str, Any]) -> str:
         """`step 10/67 | epoch 1/1 | loss 0.4012 | kl 1.2345 | margin +0.512 | 61.3 examples/s |
-        ETA 0:00:21`."""
+        ETA 0:00:21`, with the step's `train/...` metrics."""
         step, total = trainer.global_step, self._total
         parts = [f"step {step}/{int(total)}" if math.isfinite(total) else f"step {step}"]
         epochs = trainer.max_epochs
         epoch = trainer.current_epoch + 1
         parts.append(f"epoch {epoch}/{epochs}" if epochs and epochs > 0 else f"epoch {epoch}")
-        parts += _fields(trainer.callback_metrics, STEP_FIELDS)
+        parts += _fields(metrics, STEP_FIELDS)
         # Throughput leaves validation out; the ETA keeps it in, as the rest of the run will.
         seconds = now - self._window_start - self._validating
         if self._window_rows and seconds > 0:

@@ -14,6 +14,7 @@ rows are made; the data module drops the undesirable rows (and says how many in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,8 +23,6 @@ from kto_lightning.distributed import all_reduce_sum, world_size
 from kto_lightning.module import PolicyModule
 from kto_lightning.step import LOCAL, Reduction
 
-# Shown in the progress bar under short names; the loggers get the full names.
-PROGRESS_BAR = {"loss": "loss", "perplexity": "ppl"}
 # Order of the entries in an SFT sums vector.
 FIELDS = ("nll_sum", "tokens", "rows", "real_tokens", "slot_tokens")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
@@ -82,7 +81,11 @@ def sft_step(
     global_tokens = reduction.sum(local_tokens.detach().clone()).clamp(min=1.0)
     nll_sum = -policy_logps.float().sum()
     loss = nll_sum * reduction.world_size / global_tokens
-    as_tensor = local_tokens.new_tensor
+
+    # new_full fills on the device; new_tensor would copy from the host and wait for it.
+    def as_tensor(value: float) -> Tensor:
+        return local_tokens.new_full((), value)
+
     sums = torch.stack(
         [
             nll_sum.detach(),
@@ -115,6 +118,7 @@ class SFTModule(PolicyModule):
     """
 
     summary_title = "SFT training"
+    progress_bar: ClassVar[dict[str, str]] = {"loss": "loss", "perplexity": "ppl"}
 
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
         return sft_metrics(sums)
@@ -132,14 +136,7 @@ class SFTModule(PolicyModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         result = self._step(batch)
-        self._add_train_sums(result.metric_sums)
-        # Metrics of this step over all ranks: one all-reduce of a small vector, no .item().
-        metrics = sft_metrics(all_reduce_sum(result.metric_sums))
-        batch_size = len(batch["input_ids"])
-        for name, value in metrics.items():
-            self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=False)
-        for name, short in PROGRESS_BAR.items():
-            self.log(short, metrics[name], prog_bar=True, logger=False, batch_size=batch_size)
+        self._record_train_step(result.metric_sums, batch_size=len(batch["input_ids"]))
         return result.loss
 
     def on_validation_epoch_start(self) -> None:

@@ -87,7 +87,7 @@ def kto_step(
     kl_sum, kl_count = kl_statistics(
         loss.reference_estimator, logps.policy, logps.reference, logps.kl_policy, logps.kl_reference
     )
-    rows = kl_sum.new_tensor(float(len(labels)))
+    rows = kl_sum.new_full((), float(len(labels)))  # a device fill, not a host copy that waits
     # One reduction for the reference point and the global row count: every rank then uses the
     # same z_ref, and the loss is normalised by the global number of rows.
     global_kl_sum, global_kl_count, global_rows = reduction.sum(

@@ -118,10 +118,10 @@ def test_guard_passes_a_healthy_run(make_config) -> None:
 
 # ------------------------------------------------------------------- zero KL
 def _zero_kl_steps(callback: ZeroKLWarning, values: list[float]) -> None:
-    trainer = SimpleNamespace(callback_metrics={})
+    module = SimpleNamespace(reference_point=None)  # as KTOModule holds it after each step
     for step, value in enumerate(values):
-        trainer.callback_metrics["train/kl"] = torch.tensor(value)
-        callback.on_train_batch_end(trainer, None, None, None, step)
+        module.reference_point = torch.tensor(value)
+        callback.on_train_batch_end(SimpleNamespace(), module, None, None, step)
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -149,11 +149,22 @@ def test_zero_kl_counter_resets_on_a_non_zero_step(caplog) -> None:
     assert len(_warnings(caplog)) == 1
 
 
+def test_zero_kl_run_between_two_reads_is_still_caught(caplog) -> None:
+    # The counter is read every `patience` steps; a run of zeros that starts after one read and
+    # ends before the next is caught by the longest run kept on the device.
+    callback = ZeroKLWarning(patience=50)
+    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
+        _zero_kl_steps(callback, [0.5] * 30 + [0.0] * 55 + [0.5] * 14)
+        assert _warnings(caplog) == []  # 99 steps: one read so far, at step 50 (a run of 20)
+        _zero_kl_steps(callback, [0.5])
+    assert len(_warnings(caplog)) == 1
+
+
 def test_zero_kl_ignores_a_run_that_does_not_log_kl(caplog) -> None:
     callback = ZeroKLWarning(patience=1)
-    trainer = SimpleNamespace(callback_metrics={})
+    sft_module = SimpleNamespace()  # no reference point
     with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        callback.on_train_batch_end(trainer, None, None, None, 0)
+        callback.on_train_batch_end(SimpleNamespace(), sft_module, None, None, 0)
     assert _warnings(caplog) == []
 
 

@@ -555,6 +555,9 @@ def test_collator_pads_main_and_kl_rows_to_one_length():
     assert batch["labels"].tolist() == [True, False]
     assert batch["input_ids"].dtype == torch.long
     assert batch["completion_mask"].dtype == torch.bool
+    # Flat positions row * (L - 1) + t - 1 of the states that predict each completion token t.
+    assert batch["completion_index"].tolist() == [2, 3, 8 + 1, 8 + 2, 8 + 3, 8 + 4, 8 + 5]
+    assert batch["kl_completion_index"].tolist() == [2, 3, 4, 5, 6, 7, 8 + 1]
 
 
 def test_collator_masks_recover_the_tokens():
@@ -573,7 +576,9 @@ def test_collator_masks_recover_the_tokens():
 
 def test_collator_without_kl_omits_kl_keys_and_pads_to_the_main_rows():
     batch = KTOCollator(pad_token_id=PAD, needs_kl_rows=False)(collator_examples())
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "labels", "index"}
+    assert set(batch) == {
+        "input_ids", "attention_mask", "completion_mask", "completion_index", "labels", "index"
+    }
     assert batch["input_ids"].shape == (2, 7)
     assert batch["input_ids"][0].tolist() == [BOS, 1, 2, 3, EOS, PAD, PAD]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kto_lightning.logprobs import sequence_logprobs, token_logprobs_chunked
@@ -186,6 +187,38 @@ def test_chunked_under_autocast_recomputes_consistently():
         assert_close(x.grad, r.grad, rtol=0.05, atol=0.05)
 
 
+class _MatmulDtypes(TorchDispatchMode):
+    """The input dtypes of every matrix product run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "addmv"}:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+            self.seen.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_under_autocast_runs_every_matmul_in_the_autocast_dtype():
+    # fp32 master weights under bf16 autocast: forward and backward (which recomputes the chunk
+    # logits and forms both gradients) run their products in bf16, as a GPU's tensor cores want;
+    # only the log-sum-exp and the accumulation over chunks stay in fp32.
+    hidden, weight, targets, b = rand_inputs(bias=True)
+    xs = [x.clone().requires_grad_(True) for x in (hidden, weight, b)]
+    with _MatmulDtypes() as products:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = token_logprobs_chunked(xs[0], xs[1], targets, chunk_size=7, bias=xs[2])
+        out.sum().backward()
+    assert len(products.seen) >= 3 * -(-len(targets) // 7)  # forward, recompute, 2 gradients
+    assert all(dtypes and set(dtypes) == {torch.bfloat16} for _, dtypes in products.seen), (
+        products.seen
+    )
+    assert xs[1].grad.dtype == torch.float32
+
+
 def _saved_shapes(fn):
     shapes = []
 
@@ -294,6 +327,24 @@ def test_sequence_logprobs_padding_invariant():
             assert am.all()
             alone = sequence_logprobs(model, ids, am, cm, chunk_size=4)
             assert_close(alone, lp_right[i : i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_listed_completion_positions_give_the_masked_numbers_and_gradients():
+    # The collator's layout: right-padded rows, the completion positions listed on the host.
+    # The forward then runs without attention mask or nonzero; numbers and gradients match the
+    # masked path and the naive one.
+    model = tiny_llama()
+    ids, am, cm = make_batch("right")
+    index = cm[:, 1:].flatten().nonzero().flatten()
+    listed = sequence_logprobs(model, ids, am, cm, chunk_size=4, completion_index=index)
+    grads = torch.autograd.grad(listed.sum(), list(model.parameters()))
+    masked = sequence_logprobs(model, ids, am, cm, chunk_size=4)
+    expected = torch.autograd.grad(masked.sum(), list(model.parameters()))
+    assert_close(listed, masked, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert_close(listed, naive_sequence_logprobs(model, ids, am, cm), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_sequence_logprobs_train_mode_and_no_grad():

@@ -14,7 +14,13 @@ from kto_lightning.data.tokenize import Example
 
 
 def _pad(sequences: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict:
-    """(prompt ids, completion ids) pairs -> input_ids, attention_mask, completion_mask (B, L)."""
+    """(prompt ids, completion ids) pairs -> input_ids, attention_mask, completion_mask (B, L)
+    and completion_index (N,): the flat positions `row * (L - 1) + t - 1` of the N completion
+    tokens t, i.e. of the hidden states that predict them (see logprobs.sequence_logprobs).
+
+    The positions are listed here, on the host, because finding them on the device (`nonzero`)
+    makes the host wait for the device in the middle of every forward.
+    """
     batch = len(sequences)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
@@ -24,20 +30,23 @@ def _pad(sequences: list[tuple[list[int], list[int]]], length: int, pad_id: int)
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, len(prompt) : len(ids)] = True
+    # Token 0 is never a target: nothing precedes it to predict it.
+    (completion_index,) = completion_mask[:, 1:].flatten().nonzero(as_tuple=True)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
+        "completion_index": completion_index,
     }
 
 
 class KTOCollator:
     """Collate Examples into tensors.
 
-    Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) for the rows themselves,
-    `labels` (B,) bool, `index` (B,) the examples' dataset positions, and with `needs_kl_rows` the
-    same three tensors prefixed `kl_` for the rows built from each prompt and its partner's
-    completion.
+    Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) and `completion_index` (N,)
+    for the rows themselves, right-padded, `labels` (B,) bool, `index` (B,) the examples' dataset
+    positions, and with `needs_kl_rows` the same four tensors prefixed `kl_` for the rows built
+    from each prompt and its partner's completion.
     """
 
     def __init__(self, pad_token_id: int, needs_kl_rows: bool = True) -> None:
