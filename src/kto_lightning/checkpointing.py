@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ class LastCheckpoint(AfterOptimizerStep):
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
         self._flush_logs = False
+        self.end_of_run: tuple[str, float] | None = None  # the final save, for the summary
 
     @property
     def written(self) -> Path | None:
@@ -186,7 +188,9 @@ class LastCheckpoint(AfterOptimizerStep):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Again even at a step just saved: saved after the last batch, the file would not yet
         # count the last epoch as done, and resume=auto would take the run for unfinished.
+        start = time.perf_counter()
         self._save(trainer)
+        self.end_of_run = (f"last checkpoint: {self.path}", time.perf_counter() - start)
 
 
 def load_run_checkpoint(path: Path, key: str, advice: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from kto_lightning.reference import ReferenceProvider
 from kto_lightning.resume import differences
 from kto_lightning.security import scrub_hydra_record
 from kto_lightning.step import StepLogps
+from kto_lightning.strategies import keep_state_on_device
 from kto_lightning.train import config_dir
 
 log = logging.getLogger("kto_lightning")
@@ -228,7 +229,7 @@ def _scoring_loss(
 def _trainer(cfg: DictConfig) -> L.Trainer:
     """The `trainer` and `strategy` groups' Trainer, for `validate` alone: no callbacks,
     checkpoints or loggers."""
-    return instantiate(
+    trainer: L.Trainer = instantiate(
         cfg.trainer,
         strategy=instantiate(cfg.strategy),
         callbacks=[],
@@ -237,6 +238,8 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
         enable_model_summary=False,
         enable_progress_bar=bool(cfg.trainer.enable_progress_bar) and sys.stdout.isatty(),
     )
+    keep_state_on_device(trainer.strategy)  # no copy of the models to the host after validate
+    return trainer
 
 
 def _write(record: dict[str, Any], rewards: Tensor, labels: Tensor, out: Path) -> None:

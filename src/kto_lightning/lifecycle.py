@@ -2,7 +2,8 @@
 
 - `ReleaseHostMemory`: hand memory freed by a step back to the OS.
 - `ValidateAtLastStep`: a run that `trainer.max_steps` ends mid-epoch still validates at the end.
-- `RunSummary`: the closing summary, each validation metric before -> after training.
+- `RunSummary`: the closing summary, each validation metric before -> after training, and what
+  the end of the run did, timed.
 - `TrainingCurves`: the training-curves PNG of the run.
 - `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`, with its card.
 """
@@ -24,7 +25,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.checkpointing import LastCheckpoint
 from kto_lightning.errors import KTOError
 from kto_lightning.export import export_policy
 from kto_lightning.model_card import write_model_card
@@ -60,7 +60,7 @@ class ReleaseHostMemory(L.Callback):
 
 
 def _checkpoint_lines(trainer: L.Trainer) -> list[str]:
-    """The summary's lines on checkpoints: the best one with its score, and last.ckpt."""
+    """The summary's line on the best checkpoint, with its score."""
     lines = []
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
@@ -68,10 +68,14 @@ def _checkpoint_lines(trainer: L.Trainer) -> list[str]:
         monitor, best, score = callback.monitor, callback.best_model_path, callback.best_model_score
         if monitor and monitor != "step" and best and score is not None:
             lines.append(f"  best checkpoint: {best} ({monitor} {float(score):.4f})")
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, LastCheckpoint):
-            lines.append(f"  last checkpoint: {callback.path}")
     return lines
+
+
+def _end_of_run_lines(trainer: L.Trainer) -> list[str]:
+    """A line for each thing done at the end of the run, with its seconds: the callbacks that do
+    one (the last checkpoint, the curves, the export) keep `end_of_run = (line, seconds)`."""
+    done = [getattr(c, "end_of_run", None) for c in trainer.callbacks]  # type: ignore[attr-defined]
+    return [f"  {line} ({seconds:.1f} s)" for line, seconds in filter(None, done)]
 
 
 class ValidateAtLastStep(L.Callback):
@@ -107,7 +111,9 @@ SUMMARY_ROWS = (
 
 
 class RunSummary(L.Callback):
-    """The closing summary: each validation metric before and after training, on rank 0.
+    """The closing summary: each validation metric before and after training, on rank 0, what
+    the end of the run did (last checkpoint, curves, export) with its seconds, and the seconds
+    from the last optimizer step to the summary. Listed after the callbacks it reports on.
 
     "Before" is the validation run by `trainer.validate` ahead of `fit`, if there was one.
     """
@@ -115,6 +121,10 @@ class RunSummary(L.Callback):
     def __init__(self) -> None:
         self.before: dict[str, float] = {}
         self._start = 0.0
+        self._last_step_end = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._last_step_end = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
@@ -125,11 +135,12 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            seconds = time.perf_counter() - self._start
+            now = time.perf_counter()
             after = scalar_metrics(trainer.callback_metrics)
             padding = getattr(pl_module, "train_padding_share", None)
             title = getattr(pl_module, "summary_title", "training")
-            log.info("%s", self.format(after, seconds, trainer, padding, title))
+            tail = now - self._last_step_end if self._last_step_end else None
+            log.info("%s", self.format(after, now - self._start, trainer, padding, title, tail))
 
     def format(
         self,
@@ -138,6 +149,7 @@ class RunSummary(L.Callback):
         trainer: L.Trainer,
         padding: float | None,
         title: str = "KTO training",
+        tail: float | None = None,
     ) -> str:
         lines = [
             f"{title} finished in {seconds:.1f} s: {trainer.global_step} optimizer steps, "
@@ -152,6 +164,11 @@ class RunSummary(L.Callback):
         if padding is not None:
             lines.append(f"  padding in training batches: {100 * padding:.1f}% of token slots")
         lines.extend(_checkpoint_lines(trainer))
+        lines.extend(_end_of_run_lines(trainer))
+        if tail is not None:
+            lines.append(
+                f"  after the last step: {tail:.1f} s (its validation and all of the above)"
+            )
         lines.append(f"  run directory: {trainer.default_root_dir}")
         return "\n".join(lines)
 
@@ -159,14 +176,20 @@ class RunSummary(L.Callback):
 class TrainingCurves(L.Callback):
     """`<run dir>/training_curves.png` at the end of the fit, when the run logged CSV metrics."""
 
+    def __init__(self) -> None:
+        self.end_of_run: tuple[str, float] | None = None  # for the summary
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.default_root_dir
         if not trainer.is_global_zero or not (Path(run_dir) / "csv" / "metrics.csv").is_file():
             return
+        start = time.perf_counter()
         try:
-            log.info("  training curves: %s", plot_run(run_dir))
+            path = plot_run(run_dir)
         except KTOError as error:  # e.g. no training step logged: nothing to draw
             log.warning("no training curves: %s", error)
+            return
+        self.end_of_run = (f"training curves: {path}", time.perf_counter() - start)
 
 
 class HuggingFaceExport(L.Callback):
@@ -181,6 +204,7 @@ class HuggingFaceExport(L.Callback):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, merge_lora: bool = True) -> None:
         self.tokenizer = tokenizer
         self.merge_lora = merge_lora
+        self.end_of_run: tuple[str, float] | None = None  # for the summary
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -194,6 +218,7 @@ class HuggingFaceExport(L.Callback):
             )
             return
         run_dir = Path(trainer.default_root_dir)
+        start = time.perf_counter()
         exported = export_policy(
             pl_module.policy, self.tokenizer, run_dir / EXPORT_DIR, merge_lora=self.merge_lora
         )
@@ -207,4 +232,4 @@ class HuggingFaceExport(L.Callback):
             validation_metrics(scalar_metrics(trainer.callback_metrics)),
             merge_lora=self.merge_lora,
         )
-        log.info("  Hugging Face model: %s", exported)
+        self.end_of_run = (f"Hugging Face model: {exported}", time.perf_counter() - start)

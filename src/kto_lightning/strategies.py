@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -182,3 +182,35 @@ def check_deepspeed(accelerator: str) -> None:
             "the DeepSpeed strategies need DeepSpeed: pip install -e '.[deepspeed]' (or use "
             "strategy=fsdp, which needs nothing more)"
         )
+
+
+def keep_state_on_device(strategy: Strategy) -> None:
+    """Make `strategy.teardown` leave the module and the optimizer states where they are.
+
+    Lightning's `Strategy.teardown`, run at the end of every `fit` and `validate`, copies each
+    optimizer state and the whole LightningModule to host memory, to free the device for what
+    the process does next. At the end of a run that is a copy of every weight, of the reference
+    and of AdamW's two moments, thrown away at exit: on one H200 it took 41-47 s after the last
+    step of a 1.1B model and peaked at 15 GB of host memory. After `validate` ahead of training
+    it is a round trip, device -> host -> device, before the first step. The device memory is
+    freed instead when the run is let go (`train.main` collects it before a sweep's next job).
+    Everything else teardown does (precision, accelerator, checkpoint IO, the cluster
+    environment, DDP's unwrapping) still runs, and the strategy's class is unchanged: this works
+    for "auto", DDP, FSDP2 and DeepSpeed alike.
+    """
+    teardown = strategy.teardown
+
+    def teardown_in_place() -> None:
+        optimizers, module = strategy.optimizers, strategy.lightning_module
+        strategy.optimizers = []  # nothing for Strategy.teardown to copy to the host
+        if module is not None:
+            # Strategy.teardown calls `lightning_module.cpu()`; for this call only, a no-op.
+            object.__setattr__(module, "cpu", lambda: module)
+        try:
+            teardown()
+        finally:
+            if module is not None:
+                object.__delattr__(module, "cpu")
+            strategy.optimizers = optimizers
+
+    strategy.teardown = teardown_in_place  # type: ignore[method-assign]

@@ -7,6 +7,7 @@ python -m kto_lightning.train -m loss.beta=0.05,0.1,0.3     # a sweep
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -55,7 +57,7 @@ from kto_lightning.resume import find_resume
 from kto_lightning.run_records import OBJECTIVE_FILE, read_objective
 from kto_lightning.security import redact_secrets, scrub_hydra_record
 from kto_lightning.sft import SFTLoss, SFTModule
-from kto_lightning.strategies import check_deepspeed
+from kto_lightning.strategies import check_deepspeed, keep_state_on_device
 from kto_lightning.sweeps import (
     in_sweep,
     job_result,
@@ -166,16 +168,12 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     strategy = instantiate(cfg.strategy)
     # What every run does around its fit, whatever the callbacks group holds.
     interrupt = SaveOnInterrupt(Path(cfg.paths.output_dir) / "checkpoints")
-    around_fit: list[L.Callback] = [
-        interrupt,
-        ReleaseHostMemory(),
-        ValidateAtLastStep(),
-        RunSummary(),
-        TrainingCurves(),
-    ]
+    around_fit: list[L.Callback] = [interrupt, ReleaseHostMemory(), ValidateAtLastStep()]
+    around_fit.append(TrainingCurves())
     if cfg.export.enabled:
         around_fit.append(HuggingFaceExport(tokenizer, merge_lora=cfg.export.merge_lora))
-    callbacks = [*_instantiate_group(cfg.get("callbacks")), *around_fit]
+    # Last: the summary reports what the callbacks before it did at the end of the run.
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), *around_fit, RunSummary()]
     # A progress bar on a terminal, plain log lines elsewhere (SLURM, nohup, a pipe).
     console, switches = console_callbacks(cfg.trainer, callbacks, cfg.progress.every_n_steps)
     trainer: L.Trainer = instantiate(
@@ -186,6 +184,7 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
         plugins=[AtomicCheckpointIO()],
         **switches,
     )
+    keep_state_on_device(trainer.strategy)  # no copy of models and optimizer to the host at the end
     # Secrets (a hub token, an API key) never reach a logger or a checkpoint. The config as
     # composed (a weight may say "auto"), and beside it the loss as it is trained.
     composed = OmegaConf.to_container(cfg, resolve=True)
@@ -337,6 +336,14 @@ def objective(name: str | None, trainer: L.Trainer) -> float | None:
     return value
 
 
+def release_device_memory() -> None:
+    """Free what a finished run left on the device: Lightning's trainer and module refer to each
+    other, so they go with the garbage collector's next pass, not at once."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resume_command(checkpoint: Path | str) -> str:
     """The command line that resumes this run from `checkpoint`: its overrides (secret-named
     ones shown as ***, for the user to fill in again) and `resume=`."""
@@ -353,6 +360,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with finishing_wandb_run():  # else the next job of a sweep logs into this job's run
             value = train(cfg)
+        # The run's models and optimizer stay on the device at its end (keep_state_on_device);
+        # they are freed here, before a sweep's next job, once nothing refers to them.
+        release_device_memory()
     except RunInterrupted as stopped:
         _record_job(cfg, None, "interrupted", str(stopped))
         log.error("%s", stopped)
