@@ -44,6 +44,7 @@ from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.evaluation_target import build_models, load_tokenizer, resolve_target
 from kto_lightning.guards import explain_missing_value, run_explained
 from kto_lightning.lifecycle import scalar_metrics
+from kto_lightning.logprobs import resolve_chunk_size
 from kto_lightning.losses import KTOLoss, KTOLossConfig
 from kto_lightning.models import CausalLM, check_context_window
 from kto_lightning.module import KTOModule
@@ -53,7 +54,7 @@ from kto_lightning.resume import differences
 from kto_lightning.security import scrub_hydra_record
 from kto_lightning.step import StepLogps
 from kto_lightning.strategies import keep_state_on_device
-from kto_lightning.train import config_dir
+from kto_lightning.train import config_dir, on_gpu
 
 log = logging.getLogger("kto_lightning")
 RESULTS = "eval.json"
@@ -283,12 +284,14 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         loss = loss_config
     else:  # "auto" class weights balance the rows scored
         loss, _ = loss_config.with_class_counts(summary.desirable, summary.undesirable)
+    # The run's own chunk size (resolved when it trained), else "auto" for this device.
+    chunk = resolve_chunk_size(cfg.logprob_chunk_size, on_gpu(cfg), len(tokenizer))
     policy, reference, identity = build_models(
-        target, tokenizer, int(cfg.seed), cfg.reference_model, cfg.model,
-        int(cfg.logprob_chunk_size), loss.needs_kl_rows,
+        target, tokenizer, int(cfg.seed), cfg.reference_model, cfg.model, chunk,
+        loss.needs_kl_rows,
     )  # fmt: skip
     check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
-    module = ScoringModule(policy, reference, loss, int(cfg.logprob_chunk_size))
+    module = ScoringModule(policy, reference, loss, chunk)
     trainer = _trainer(cfg)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics, rewards, labels = _metrics(trainer), module.rewards, module.labels

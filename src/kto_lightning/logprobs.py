@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kto_lightning.errors import ConfigError
 from kto_lightning.models import CausalLM
 from kto_lightning.packing import Packing, pack_rows
 
@@ -104,6 +105,28 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None
+
+
+# `logprob_chunk_size=auto`: the rows of one LM-head chunk on a GPU, as a count of logits. On one
+# H200 with a 32000-token vocabulary, 4096 rows (2^27 logits, 512 MB in float32) made a 1.1B
+# step 15% faster than 256: fewer, larger products and fewer launches. On a CPU, larger chunks
+# are not faster and cost memory, so 256 rows.
+GPU_CHUNK_LOGITS = 2**27
+CPU_CHUNK_ROWS = 256
+
+
+def resolve_chunk_size(value: int | str, on_gpu: bool, vocab_size: int) -> int:
+    """`logprob_chunk_size` as configured: a number of rows, or "auto" for the device and the
+    vocabulary (on a GPU the largest power of two of rows whose logits stay within
+    `GPU_CHUNK_LOGITS`, at least 256; on a CPU 256)."""
+    if value != "auto":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"logprob_chunk_size must be an integer >= 1 or auto, got {value!r}")
+        return value
+    if not on_gpu:
+        return CPU_CHUNK_ROWS
+    rows = 2 ** max(0, (GPU_CHUNK_LOGITS // max(1, vocab_size)).bit_length() - 1)
+    return max(CPU_CHUNK_ROWS, rows)
 
 
 def token_logprobs_chunked(
@@ -300,9 +323,7 @@ def _full_attention_sdpa(config: object) -> bool:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return all(kind == "full_attention" for kind in layer_types)
-    return not any(
-        getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")
-    )
+    return not any(getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size"))
 
 
 @functools.lru_cache(maxsize=32)

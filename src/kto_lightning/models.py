@@ -340,12 +340,43 @@ def _zero_dropout_attributes(owner: object) -> None:
             setattr(owner, name, 0.0)
 
 
-def make_reference(policy: CausalLM) -> CausalLM:
-    """The frozen reference: an exact copy of the policy as it is before training."""
+def make_reference(policy: CausalLM, autocast_dtype: torch.dtype | None = None) -> CausalLM:
+    """The frozen reference: an exact copy of the policy as it is before training.
+
+    `autocast_dtype`: the dtype mixed precision computes in (bf16-mixed: bfloat16), if any. The
+    copy's linear layers then hold their weights in it (`hold_linear_weights_in`): at about half
+    the memory, and computing exactly what the policy's fp32 weights compute under autocast.
+    """
     reference = copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)
+    if autocast_dtype is not None:
+        hold_linear_weights_in(reference, autocast_dtype)
     return reference
+
+
+def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights and biases of `model`'s linear layers to `dtype`, in place; returns the
+    bytes saved.
+
+    Under autocast to `dtype`, a linear layer casts its float32 weight to `dtype` at every call
+    (one copy of the weights per forward) and multiplies in `dtype`; holding the weight in `dtype`
+    already skips that cast, and the product is bit for bit the same, since the cast rounds the
+    same way once or every time. Embeddings, norms and anything tied to an embedding keep their
+    dtype, so the residual stream stays float32 as autocast runs it: a frozen model so held
+    scores exactly what its float32 original scores under autocast.
+    """
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    saved = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or id(module.weight) in tied:
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(module, name)
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                saved += tensor.numel() * (tensor.element_size() - dtype.itemsize)
+                tensor.data = tensor.data.to(dtype)
+    return saved
 
 
 def _check_reachable(name_or_path: str, key: str) -> None:

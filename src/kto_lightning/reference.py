@@ -28,6 +28,8 @@ from kto_lightning.packing import Packing
 from kto_lightning.reference_cache import CachePlan, cache_plan, trainer_precision
 
 KINDS = ("copy", "adapter", "cache")
+# The dtype each mixed precision computes matrix products in.
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # A cached table is kept as raw bits in an integer buffer (see CachedReference).
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -153,6 +155,7 @@ def build_provider(
     needs_kl_rows: bool,
     precision: str | int | None = "32-true",
     deferred: bool = False,
+    sharded: bool = False,
 ) -> ReferenceProvider:
     """The provider `spec` asks for; for `cache`, the table is read or filled here, before training.
 
@@ -160,11 +163,16 @@ def build_provider(
     `trainer.precision`; the cache is scored under it and keyed by it. `deferred`: only the
     cache's key is computed here (from the policy as it is now); its table is read or filled
     later by `prepare`, which `KTOModule.setup` calls on every rank once DDP has started them.
+    `sharded`: a strategy shards the models (FSDP, DeepSpeed): a `copy` then keeps the policy's
+    dtypes, which the sharding expects uniform; otherwise, under mixed precision, its linear
+    weights are held in the autocast dtype (`models.hold_linear_weights_in`).
     """
     if spec.kind == "copy":
         from kto_lightning.models import make_reference
 
-        return CopyReference(make_reference(policy))
+        mixed = _AUTOCAST_DTYPES.get(str(precision))
+        reference = make_reference(policy, None if sharded else mixed)
+        return CopyReference(reference)
     if spec.kind == "adapter":
         if not hasattr(policy, "disable_adapter"):
             raise ConfigError(

@@ -47,6 +47,7 @@ from kto_lightning.lifecycle import (
     ValidateAtLastStep,
     scalar_metrics,
 )
+from kto_lightning.logprobs import resolve_chunk_size
 from kto_lightning.losses import KTOLoss, KTOLossConfig
 from kto_lightning.model_card import DATA_COUNTS_KEY, data_counts
 from kto_lightning.models import CausalLM, ModelSource, check_context_window
@@ -114,6 +115,19 @@ class Run:
     interrupt: SaveOnInterrupt  # among the trainer's callbacks: what a signal stopped and saved
 
 
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run's trainer will train on CUDA GPUs (`trainer.accelerator` gpu or cuda, or
+    auto with one present)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def _sharded(cfg: DictConfig) -> bool:
+    """Whether the strategy shards the models' weights (FSDP, DeepSpeed)."""
+    target = str(cfg.strategy.get("_target_", "")) if isinstance(cfg.strategy, DictConfig) else ""
+    return "FSDP" in target or "DeepSpeed" in target
+
+
 def _check_integer(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
@@ -152,6 +166,8 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     loss = _trained_loss(loss_config, datamodule)
     policy = source.load_policy()
     check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
+    vocab_size = getattr(policy.config, "vocab_size", None) or len(tokenizer)
+    cfg.logprob_chunk_size = resolve_chunk_size(cfg.logprob_chunk_size, on_gpu(cfg), vocab_size)
     if cfg.gradient_checkpointing:
         # Recompute each decoder layer in backward: activation memory for ~30% more compute.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -262,6 +278,7 @@ def _module(
         needs_kl_rows=loss.needs_kl_rows,
         precision=cfg.trainer.precision,
         deferred=True,  # a cache is filled in KTOModule.setup, where every DDP rank takes a shard
+        sharded=_sharded(cfg),
     )
     if cfg.compile.enabled:
         compile_backbones(policy, reference, cfg.compile)

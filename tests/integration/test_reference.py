@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import functools
 from pathlib import Path
@@ -16,6 +17,7 @@ from kto_lightning import reference_cache
 from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import KTODataModule
 from kto_lightning.errors import ConfigError
+from kto_lightning.logprobs import batch_logprobs
 from kto_lightning.losses import KTOLoss
 from kto_lightning.metrics import FIELDS
 from kto_lightning.models import TinyLlama
@@ -253,3 +255,29 @@ def test_a_precision_the_cache_cannot_match_names_the_key(tmp_path, precision) -
             spec, policy, tokenizer, _datamodule(tokenizer), 64, True, precision=precision
         )
     assert repr(precision) in str(info.value)
+
+
+def test_bf16_mixed_copy_holds_linear_weights_in_bf16_and_scores_the_same(
+    make_config, monkeypatch
+) -> None:
+    # Under bf16-mixed the frozen copy's linear layers hold bf16 weights: about half its memory,
+    # and no cast of them in each forward. Embeddings and norms stay fp32, so under autocast it
+    # scores bit for bit what an fp32 copy scores.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = build(make_config("trainer.precision=bf16-mixed", "trainer.accelerator=cpu"))
+    model = run.module.reference.model
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    others = [
+        p for m in model.modules() if not isinstance(m, torch.nn.Linear)
+        for p in m.parameters(recurse=False)
+    ]  # fmt: skip
+    assert others and all(p.dtype == torch.float32 for p in others)
+    # The policy trains in fp32 master weights, untouched.
+    assert all(p.dtype == torch.float32 for p in run.module.policy.parameters())
+    fp32_copy = copy.deepcopy(run.module.policy).eval()
+    batch = next(iter(run.datamodule.val_dataloader()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        held = batch_logprobs(model, batch, 64, needs_kl_rows=True)
+        full = batch_logprobs(fp32_copy, batch, 64, needs_kl_rows=True)
+    assert torch.equal(held[0], full[0]) and torch.equal(held[1], full[1])

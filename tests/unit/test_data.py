@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -560,6 +561,26 @@ def test_collator_pads_main_and_kl_rows_to_one_length():
     assert batch["kl_completion_index"].tolist() == [2, 3, 4, 5, 6, 7, 8 + 1]
 
 
+@pytest.mark.parametrize(
+    ("multiple", "max_length", "length"),
+    [(1, None, 9), (4, None, 12), (8, None, 16), (8, 12, 12), (8, 4, 9)],
+)
+def test_collator_pads_to_a_multiple_but_not_past_max_length(multiple, max_length, length):
+    # The longest row (a KL row) has 9 tokens; a multiple rounds the batch up, max_length caps
+    # the rounding (but never cuts a row: rows were cut to max_length when tokenized).
+    collate = KTOCollator(pad_token_id=PAD, pad_to_multiple_of=multiple, max_length=max_length)
+    batch = collate(collator_examples())
+    plain = KTOCollator(pad_token_id=PAD)(collator_examples())
+    assert batch["input_ids"].shape == (2, length)
+    assert_close(batch["input_ids"][:, :9], plain["input_ids"])
+    assert (batch["input_ids"][:, 9:] == PAD).all() and not batch["attention_mask"][:, 9:].any()
+    # The listed completion positions follow the new row length.
+    for prefix in ("", "kl_"):
+        mask = batch[f"{prefix}completion_mask"]
+        expected = mask[:, 1:].flatten().nonzero().flatten()
+        assert batch[f"{prefix}completion_index"].tolist() == expected.tolist()
+
+
 def test_collator_masks_recover_the_tokens():
     examples = collator_examples()
     batch = KTOCollator(pad_token_id=PAD)(examples)
@@ -577,7 +598,12 @@ def test_collator_masks_recover_the_tokens():
 def test_collator_without_kl_omits_kl_keys_and_pads_to_the_main_rows():
     batch = KTOCollator(pad_token_id=PAD, needs_kl_rows=False)(collator_examples())
     assert set(batch) == {
-        "input_ids", "attention_mask", "completion_mask", "completion_index", "labels", "index"
+        "input_ids",
+        "attention_mask",
+        "completion_mask",
+        "completion_index",
+        "labels",
+        "index",
     }
     assert batch["input_ids"].shape == (2, 7)
     assert batch["input_ids"][0].tolist() == [BOS, 1, 2, 3, EOS, PAD, PAD]
@@ -616,6 +642,20 @@ def make_datamodule(
     dm = KTODataModule(tokenizer, **settings, seed=seed, needs_kl_rows=needs_kl_rows)
     dm.setup("fit")
     return dm
+
+
+@pytest.mark.parametrize(("device", "setting", "multiple"), [
+    ("cpu", None, 1), ("cuda", None, 64), ("cuda", 8, 8), ("cpu", 16, 16)
+])  # fmt: skip
+def test_batches_are_padded_to_a_multiple_chosen_for_the_device(
+    tokenizer, device, setting, multiple
+):
+    dm = make_datamodule(tokenizer, batching={"pad_to_multiple_of": setting})
+    strategy = SimpleNamespace(root_device=torch.device(device))
+    dm.trainer = SimpleNamespace(strategy=strategy, world_size=1, global_rank=0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        lengths = {batch["input_ids"].shape[1] for batch in loader}
+        assert all(n % multiple == 0 or n == 96 for n in lengths), lengths  # 96: max_length
 
 
 def test_datamodule_toy_split_sizes(tokenizer):

@@ -9,7 +9,13 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_lightning.logprobs import sequence_logprobs, token_logprobs_chunked
+from kto_lightning.errors import ConfigError
+from kto_lightning.logprobs import (
+    GPU_CHUNK_LOGITS,
+    resolve_chunk_size,
+    sequence_logprobs,
+    token_logprobs_chunked,
+)
 from naive_logprobs import compute_logprobs, naive_sequence_logprobs
 
 V, H, N = 300, 24, 37  # vocab, hidden, selected rows (H != V so V only appears as the vocab dim)
@@ -471,3 +477,19 @@ def test_a_hooked_head_runs_through_its_module():
     n_targets = int(cm[:, 1:].sum())
     # one naive call over (B, L) plus one call per chunk of completion positions
     assert len(calls) == 1 + -(-n_targets // 5)
+
+
+@pytest.mark.parametrize(
+    ("on_gpu", "vocab", "rows"),
+    [(False, 32000, 256), (True, 32000, 4096), (True, 128256, 1024), (True, 256000, 512)],
+)
+def test_auto_chunk_size_fits_the_device_and_vocabulary(on_gpu, vocab, rows):
+    assert resolve_chunk_size("auto", on_gpu, vocab) == rows
+    assert rows * vocab <= GPU_CHUNK_LOGITS or not on_gpu
+    assert resolve_chunk_size(64, on_gpu, vocab) == 64  # a number is kept
+
+
+@pytest.mark.parametrize("value", [0, -3, "big", 2.5, True])
+def test_a_bad_chunk_size_is_named(value):
+    with pytest.raises(ConfigError, match=r"logprob_chunk_size must be an integer >= 1 or auto"):
+        resolve_chunk_size(value, True, 32000)

@@ -41,7 +41,8 @@ def _pad(sequences: list[tuple[list[int], list[int]]], length: int, pad_id: int)
 
 
 class KTOCollator:
-    """Collate Examples into tensors.
+    """Collate Examples into tensors, padded to the batch's longest row rounded up to a multiple
+    of `pad_to_multiple_of` (but not past `max_length`).
 
     Returns `input_ids`, `attention_mask`, `completion_mask` (B, L) and `completion_index` (N,)
     for the rows themselves, right-padded, `labels` (B,) bool, `index` (B,) the examples' dataset
@@ -49,14 +50,26 @@ class KTOCollator:
     from each prompt and its partner's completion.
     """
 
-    def __init__(self, pad_token_id: int, needs_kl_rows: bool = True) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        needs_kl_rows: bool = True,
+        pad_to_multiple_of: int = 1,
+        max_length: int | None = None,
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.needs_kl_rows = needs_kl_rows
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
         main = [(e.prompt_ids, e.completion_ids) for e in examples]
         kl = [(e.prompt_ids, e.kl_completion_ids) for e in examples] if self.needs_kl_rows else []
-        length = max(len(p) + len(c) for p, c in main + kl)
+        longest = max(len(p) + len(c) for p, c in main + kl)
+        multiple = self.pad_to_multiple_of
+        length = -(-longest // multiple) * multiple
+        if self.max_length is not None:  # never past the model's budget for a row
+            length = max(longest, min(length, self.max_length))
         batch = _pad(main, length, self.pad_token_id)
         if self.needs_kl_rows:
             batch.update({f"kl_{k}": v for k, v in _pad(kl, length, self.pad_token_id).items()})

@@ -31,7 +31,15 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.collate import KTOCollator
-from kto_lightning.data.config import TOY, Batching, Columns, Lengths, Source, as_group
+from kto_lightning.data.config import (
+    GPU_PAD_MULTIPLE,
+    TOY,
+    Batching,
+    Columns,
+    Lengths,
+    Source,
+    as_group,
+)
 from kto_lightning.data.dataset import BatchesOf, KTODataset
 from kto_lightning.data.pairing import RowDigest, cached_kl_partners
 from kto_lightning.data.rows import arrow_column
@@ -131,7 +139,12 @@ class KTODataModule(L.LightningDataModule):
                 "trains on the desirable rows alone (loss=sft); set "
                 "data.batching.balanced_batches=false"
             )
-        self.collator = KTOCollator(tokenizer.pad_token_id, needs_kl_rows=needs_kl_rows)
+        self.collator = KTOCollator(
+            tokenizer.pad_token_id,
+            needs_kl_rows=needs_kl_rows,
+            pad_to_multiple_of=self.batching.pad_to_multiple_of or 1,
+            max_length=self.lengths.max_length,
+        )
         self.train_set: KTODataset | None = None
         self.val_set: KTODataset | None = None
         self.summaries: dict[str, SplitSummary] = {}
@@ -316,8 +329,18 @@ class KTODataModule(L.LightningDataModule):
             return LengthGroupedSampler(self.train_set.lengths, batch_size, seed=self.seed)
         return EpochShuffleSampler(len(self.train_set), seed=self.seed)
 
+    def _pad_for_the_device(self) -> None:
+        """An unset `data.batching.pad_to_multiple_of`: GPU_PAD_MULTIPLE when the trainer runs on
+        a GPU, 1 elsewhere (see `Batching`)."""
+        if self.batching.pad_to_multiple_of is not None:
+            return
+        trainer = self.trainer
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        self.collator.pad_to_multiple_of = GPU_PAD_MULTIPLE if on_gpu else 1
+
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None, "call setup() first"
+        self._pad_for_the_device()
         shard = RankShard(self._epoch_order(), *self._ranks())
         if self._restored_position is not None:
             shard.load_state_dict(self._restored_position)
@@ -339,6 +362,7 @@ class KTODataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
+        self._pad_for_the_device()
         # Our own shards: Lightning's DistributedSampler would pad the rows to a multiple of the
         # world size and score up to world - 1 of them twice.
         sampler = ShardedEvalBatches(
