@@ -25,6 +25,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from kto_lightning.checkpointing import LastCheckpoint
@@ -55,6 +56,20 @@ def _describe(value: Tensor) -> str:
     bad = value.detach().float().flatten()
     bad = bad[~torch.isfinite(bad)]
     return "/".join(sorted({str(v) for v in bad[:16].tolist()})) or "non-finite"
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, read on the host once.
+
+    The flags are reduced on the device. Sharded gradients (FSDP2's DTensors) reduce to a flag
+    over all ranks (one all-reduce), which every rank then reads alike.
+    """
+    plain = [torch.isfinite(t).all() for t in tensors if not isinstance(t, DTensor)]
+    sharded = [torch.isfinite(t).all() for t in tensors if isinstance(t, DTensor)]
+    flags = [torch.stack(plain).all()] if plain else []
+    if sharded:
+        flags.append(torch.stack(sharded).all().full_tensor())
+    return not flags or bool(torch.stack(flags).all())
 
 
 class NonFiniteGuard(L.Callback):
@@ -109,9 +124,7 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # fp16: the scaler's job
             policy = getattr(pl_module, "policy", pl_module)
             named = [(n, p.grad) for n, p in policy.named_parameters() if p.grad is not None]
-        flags = [torch.isfinite(loss).all() for loss in losses]
-        flags += [torch.isfinite(g).all() for _, g in named]
-        if not flags or bool(torch.stack(flags).all()):  # the one sync of the step
+        if _all_finite([*losses, *(g for _, g in named)]):  # the one sync of the step
             return
         # The error path only: name the first offending gradient, else the loss.
         for name, grad in named:
