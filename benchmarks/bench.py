@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fixture import FixtureSpec, build_fixture, describe
-from runners import BATCH_SIZE, BETA, LEARNING_RATE, ChildSpec, run_child
+from runners import BATCH_SIZE, BETA, LEARNING_RATE, ChildSpec, child_env, run_child
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -216,15 +216,7 @@ def run_job(job: Job, log_dir: Path, timeout: int) -> None:
     """Run `job` in a fresh child process; fills job.result or job.error."""
     log_path = log_dir / (job.key.replace("/", "_") + ".log")
     with tempfile.TemporaryDirectory(prefix="kto_bench_datasets_") as datasets_cache:
-        env = dict(
-            os.environ,
-            HF_DATASETS_CACHE=datasets_cache,  # nothing reused from an earlier run
-            HF_HUB_OFFLINE="1",
-            HF_DATASETS_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            TQDM_DISABLE="1",
-            WANDB_MODE="disabled",
-        )
+        env = child_env(datasets_cache)
         script = str(Path(__file__).resolve())
         cmd = [sys.executable, script, "--child", json.dumps(asdict(job.spec))]
         start, busy, ours = time.perf_counter(), _busy_cpu_s(), _children_cpu_s()

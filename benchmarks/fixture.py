@@ -12,6 +12,7 @@ Nothing is downloaded. Layout of the fixture folder:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -84,6 +85,7 @@ class FixtureSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 2048
+    weights_dtype: str = "float32"  # as saved; both frameworks load them as float32 either way
     special_tokens: dict[str, str] = field(
         default_factory=lambda: {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
     )
@@ -102,9 +104,11 @@ class TextGenerator:
         self.rng.shuffle(self.names)
         # Zipf weights: a few names are common, most are rare, as in real text.
         self.name_weights = [1.0 / (i + 1) for i in range(len(self.names))]
+        # What random.choices(weights=...) sums on every call, summed once: the same draws.
+        self._cum_weights = list(itertools.accumulate(self.name_weights))
 
     def _name(self) -> str:
-        return self.rng.choices(self.names, weights=self.name_weights)[0].capitalize()
+        return self.rng.choices(self.names, cum_weights=self._cum_weights)[0].capitalize()
 
     def _noun_phrase(self) -> str:
         r = self.rng.random()
@@ -247,15 +251,31 @@ def _long_rows(rows: list[dict], tokenizer, length: int) -> list[dict]:
     return out
 
 
-def build_fixture(folder: Path, spec: FixtureSpec | None = None, log=print) -> Path:
-    """Build the fixture in `folder` unless an identical one is there; returns the model folder."""
-    spec = spec or FixtureSpec()
+def _spec_json(spec: FixtureSpec) -> str:
     # The generator's code is part of what the fixture is: an edit to this file rebuilds it.
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    spec_json = json.dumps({**asdict(spec), "source": source}, sort_keys=True)
+    return json.dumps({**asdict(spec), "source": source}, sort_keys=True)
+
+
+def is_built(folder: Path, spec: FixtureSpec | None = None) -> bool:
+    """Whether `folder` holds a complete fixture of `spec`, built by this version of this file."""
     marker = folder / "spec.json"
-    if marker.is_file() and marker.read_text() == spec_json:
+    return marker.is_file() and marker.read_text() == _spec_json(spec or FixtureSpec())
+
+
+def build_fixture(
+    folder: Path, spec: FixtureSpec | None = None, log=print, init_device: str = "cpu"
+) -> Path:
+    """Build the fixture in `folder` unless an identical one is there; returns the model folder.
+
+    `init_device` is where the random weights are drawn ("cuda" is much faster for a 1B model;
+    the draws differ from the CPU's, so the cached fixture is whichever was built first).
+    """
+    spec = spec or FixtureSpec()
+    if is_built(folder, spec):
         return folder / "model"
+    spec_json = _spec_json(spec)
+    marker = folder / "spec.json"
     log(f"building the fixture in {folder} (cached for later runs)")
     if folder.exists():
         shutil.rmtree(folder)
@@ -267,9 +287,9 @@ def build_fixture(folder: Path, spec: FixtureSpec | None = None, log=print) -> P
     generator = TextGenerator(spec.seed)
     rows = generator.rows(spec.rows, spec.words)
     val_rows = generator.rows(spec.val_rows, spec.words)
-    longest = max(spec.long_lengths)
+    longest = max(spec.long_lengths, default=0)
     # ~1.3 tokens per word: enough words that both halves exceed longest/2 tokens.
-    raw_long = generator.rows(spec.long_rows, words=longest)
+    raw_long = generator.rows(spec.long_rows, words=longest) if longest else []
     texts = [r[k] for r in rows + val_rows + raw_long for k in ("prompt", "completion")]
     tokenizer = _train_tokenizer(texts, spec)
 
@@ -292,7 +312,9 @@ def build_fixture(folder: Path, spec: FixtureSpec | None = None, log=print) -> P
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(init_device):
+        model = LlamaForCausalLM(config)
+    model = model.to(getattr(torch, spec.weights_dtype)).to("cpu")  # saved from host memory
     model_dir = folder / "model"
     model.save_pretrained(model_dir)  # safetensors
     tokenizer.save_pretrained(model_dir)

@@ -3,15 +3,20 @@
 Each runner trains for `warmup + measured` optimizer steps and returns a dict: the seconds of every
 step (batch start -> optimizer step done, data loading excluded), the tokens of every step, the
 setup and reference-precompute seconds, and the process's peak RSS. The parent prints the table.
+On CUDA (`accelerator="gpu"`, benchmarks/gpu.py) the device is synchronised at both ends of every
+step, and the dict also holds the peak GPU memory, the wall-clock moments of the first step's start
+and the last step's end, and the host synchronisations counted on `sync_steps`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,37 @@ class ChildSpec:
     cache_dir: str | None = None
     gradient_checkpointing: bool = False
     ours_overrides: tuple[str, ...] = ()  # extra Hydra overrides for kto_lightning (experiments)
+    batch_size: int = BATCH_SIZE
+    accelerator: str = "cpu"  # Lightning's trainer.accelerator: "cpu" or "gpu" (TRL: use_cpu)
+    precision: str = "32-true"  # Lightning's trainer.precision; TRL runs bf16=True for "bf16-*"
+    sync_steps: tuple[int, ...] = ()  # steps (from 0) whose host syncs are counted (CUDA only)
+
+    @property
+    def cuda(self) -> bool:
+        return self.accelerator in ("gpu", "cuda")
+
+
+def child_env(datasets_cache: str, threads: int | None = None) -> dict[str, str]:
+    """The children's environment: offline, no progress bars, a datasets cache of their own;
+    `threads`: torch's CPU threads (several smoke children share the cores)."""
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=datasets_cache,  # nothing reused from an earlier run
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TQDM_DISABLE="1",
+        WANDB_MODE="disabled",
+    )
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if importlib.util.find_spec("kto_lightning") is None:  # not installed: this checkout's src/
+        paths = [
+            str(Path(__file__).resolve().parents[1] / "src"),
+            *filter(None, [os.environ.get("PYTHONPATH")]),
+        ]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
@@ -64,47 +100,146 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Clock:
-    """Step seconds and tokens, filled by a framework callback."""
+SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
 
-    def __init__(self) -> None:
+
+class _Clock:
+    """Step seconds and tokens, filled by a framework callback.
+
+    With `cuda`, the device is synchronised before a step's start is read and before its end is
+    read, so a step's seconds are its own GPU work, not the previous step's queue. Steps listed in
+    `sync_steps` run under torch.cuda.set_sync_debug_mode("warn"), whose warnings count the host
+    synchronisations of the step (the clock's own synchronize calls are outside that window).
+    """
+
+    def __init__(self, cuda: bool = False, sync_steps: tuple[int, ...] = ()) -> None:
         self.steps: list[float] = []
         self.tokens: list[int] = []  # real (unpadded) tokens of main + KL rows per step
         self.padded: list[int] = []  # padded positions of main + KL rows per step
+        self.row_tokens: list[int] = []  # real tokens of the batch's own rows (not KL) per step
+        self._sums: list[list[Any]] = []  # per step, the masks' sums (tensors) of `count`
+        self.starts: list[float] = []  # perf_counter() at each step's start
         self.first_step_at: float | None = None
+        self.first_step_wall: float | None = None  # time.time() at the first step's start
+        self.last_step_end_wall: float | None = None  # time.time() at the last step's end
+        self.cuda = cuda
+        self.sync_steps = set(sync_steps) if cuda else set()
+        self.host_syncs: list[int] = []  # synchronisations counted, one entry per counted step
+        self.sync_error: str | None = None
+        self._watch: Any = None
+        self._caught: list[warnings.WarningMessage] = []
         self._start = 0.0
 
+    def _synchronize(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
     def start(self) -> None:
+        self._synchronize()
         self._start = time.perf_counter()
+        self.starts.append(self._start)
         if self.first_step_at is None:
             self.first_step_at = self._start
+            self.first_step_wall = time.time()
+        if len(self.steps) in self.sync_steps and self.sync_error is None:
+            self._watch_syncs()
 
     def stop(self) -> None:
+        if self._watch is not None:
+            self._count_syncs()
+        self._synchronize()
         self.steps.append(time.perf_counter() - self._start)
+        self.last_step_end_wall = time.time()
+
+    def _watch_syncs(self) -> None:
+        import torch
+
+        try:
+            self._watch = warnings.catch_warnings(record=True)
+            self._caught = self._watch.__enter__()
+            warnings.simplefilter("always")  # every occurrence, not once per code location
+            torch.cuda.set_sync_debug_mode("warn")
+        except Exception as error:  # counting is optional: never fail a run for it
+            self.sync_error = repr(error)
+            self._close_watch()
+
+    def _count_syncs(self) -> None:
+        import torch
+
+        try:
+            torch.cuda.set_sync_debug_mode("default")
+        except Exception as error:
+            self.sync_error = repr(error)
+        caught = self._caught
+        self._close_watch()
+        if self.sync_error is None:
+            self.host_syncs.append(sum(SYNC_WARNING in str(w.message) for w in caught))
+
+    def _close_watch(self) -> None:
+        watch, self._watch, self._caught = self._watch, None, []
+        if watch is not None:
+            watch.__exit__(None, None, None)
 
     def count(self, batch: dict[str, Any], prefixes: tuple[str, ...]) -> None:
-        real = padded = 0
+        """Count a batch's tokens; `prefixes[0]` names its own rows. The sums stay where the
+        masks are until `totals`: read on the host inside a step, they would synchronise it."""
+        sums, padded = [], 0
         for prefix in prefixes:
             mask = batch.get(f"{prefix}attention_mask")
             if mask is not None:
-                real += int(mask.sum())
+                sums.append(mask.sum())
                 padded += mask.numel()
-        self.tokens.append(real)
+        self._sums.append(sums)
         self.padded.append(padded)
+
+    def totals(self) -> None:
+        """Fill `tokens` and `row_tokens` from the sums `count` kept (after the run)."""
+        self.tokens = [sum(int(x) for x in sums) for sums in self._sums]
+        self.row_tokens = [int(sums[0]) if sums else 0 for sums in self._sums]
+
+
+def matmul_params(model: Any) -> int:
+    """Weights of every nn.Linear of `model`, the LM head included, embeddings not: the N of the
+    6N FLOPs per token of a forward and backward pass."""
+    from torch import nn
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def first_param_dtype(model: Any) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _result(clock: _Clock, t0: float, **extra: Any) -> dict[str, Any]:
     import torch
 
-    return {
+    clock.totals()
+    result = {
         "step_s": clock.steps,
         "tokens": clock.tokens,
         "padded": clock.padded,
         "setup_s": (clock.first_step_at or time.perf_counter()) - t0,
         "threads": torch.get_num_threads(),
         "peak_rss_mib": peak_rss_mib(),
+        "row_tokens": clock.row_tokens,
+        "step_start_s": [s - t0 for s in clock.starts],
+        "first_step_wall": clock.first_step_wall,
+        "last_step_end_wall": clock.last_step_end_wall,
+        "host_syncs": clock.host_syncs,
+        "sync_error": clock.sync_error,
         **extra,
     }
+    if clock.cuda:
+        result.update(
+            cuda_peak_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
+            cuda_peak_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
+            device_name=torch.cuda.get_device_name(),
+            device_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+            cuda_version=torch.version.cuda,
+        )
+    return result
 
 
 # ------------------------------------------------------------------------------ kto_lightning
@@ -116,7 +251,7 @@ def ours_overrides(spec: ChildSpec, workdir: Path) -> list[str]:
         "data=local",
         f"data.source.path={spec.rows}",
         f"data.source.val_path={spec.val_rows}",
-        f"data.batching.batch_size={BATCH_SIZE}",
+        f"data.batching.batch_size={spec.batch_size}",
         f"data.lengths.max_length={spec.max_length}",
         f"data.lengths.max_prompt_length={spec.max_prompt_length}",
         "data.batching.num_workers=0",
@@ -127,8 +262,8 @@ def ours_overrides(spec: ChildSpec, workdir: Path) -> list[str]:
         # TRL's default schedule: linear decay, no warmup.
         "scheduler=warmup_linear",
         "scheduler.warmup_ratio=0.0",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
+        f"trainer.accelerator={spec.accelerator}",
+        f"trainer.precision={spec.precision}",
         f"trainer.max_steps={spec.steps}",
         "trainer.max_epochs=-1",
         "trainer.limit_val_batches=0",
@@ -158,10 +293,12 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
 
     from kto_lightning import train as kto_train
 
-    clock = _Clock()
+    clock = _Clock(spec.cuda, tuple(spec.sync_steps))
+    dtypes: dict[str, str] = {}
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            dtypes.setdefault("param_dtype", first_param_dtype(pl_module.policy))
             clock.count(batch, ("", "kl_"))
             clock.start()
 
@@ -185,6 +322,8 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         build_s=build_s,
         precompute_s=fill_s["seconds"] if fill_s["calls"] else None,
         global_step=run.trainer.global_step,
+        matmul_params=matmul_params(run.module.policy),
+        **dtypes,
     )
 
 
@@ -216,8 +355,9 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import KTOConfig, KTOTrainer
 
-    clock = _Clock()
+    clock = _Clock(spec.cuda, tuple(spec.sync_steps))
     precompute = {"seconds": 0.0}
+    dtypes: dict[str, str] = {}
 
     class TimedKTOTrainer(KTOTrainer):
         def _precompute_ref_logps(self, *args, **kwargs):
@@ -232,7 +372,9 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
             return super().training_step(model, inputs, *args, **kwargs)
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                dtypes.setdefault("param_dtype", first_param_dtype(model))
             clock.start()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -245,13 +387,14 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
     if live:  # a separate frozen copy, loaded from the same folder
         reference = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
         reference.eval().requires_grad_(False)
+    n_params = matmul_params(policy)  # before KTOTrainer patches the LM head
     rows = read_jsonl(Path(spec.rows))
     train_dataset = datasets.Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in rows]
     )
     args = KTOConfig(
         output_dir=str(workdir / "trl"),
-        per_device_train_batch_size=BATCH_SIZE,
+        per_device_train_batch_size=spec.batch_size,
         max_length=spec.max_length,  # TRL 1.16 has no max_prompt_length (see fixture.py)
         max_steps=spec.steps,
         learning_rate=LEARNING_RATE,
@@ -262,8 +405,8 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         beta=BETA,
         loss_type="kto",
         precompute_ref_log_probs=not live,
-        use_cpu=True,
-        bf16=False,  # KTOConfig turns bf16 on unless told otherwise
+        use_cpu=not spec.cuda,
+        bf16=spec.precision.startswith("bf16"),  # KTOConfig turns bf16 on unless told otherwise
         fp16=False,
         gradient_checkpointing=spec.gradient_checkpointing,  # KTOConfig's default is True
         report_to="none",
@@ -290,6 +433,8 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         precompute_s=precompute["seconds"] if not live else None,
         global_step=trainer.state.global_step,
         optim=getattr(args.optim, "value", str(args.optim)),
+        matmul_params=n_params,
+        **dtypes,
     )
 
 
