@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from kto_lightning.compiling import eager
 from kto_lightning.models import CausalLM
 
 log = logging.getLogger(__name__)
@@ -38,29 +39,33 @@ class GenerationsTable(L.Callback):
         was_training = policy.training
         policy.eval()
         rows = []
+        # Eager under compile.enabled: generating with a KV cache would compile every layer anew
+        # and fill the layers' shared compile cache (see kto_lightning.compiling.eager).
         try:
-            for index in range(min(self.num_prompts, len(dataset))):
-                prompt = torch.tensor([dataset[index].prompt_ids], device=pl_module.device)
-                output = policy.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                rows.append(
-                    {
-                        "step": trainer.global_step,
-                        "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
-                        "generation": tokenizer.decode(
-                            output[0, prompt.shape[1] :], skip_special_tokens=True
-                        ),
-                    }
-                )
+            with eager():
+                for index in range(min(self.num_prompts, len(dataset))):
+                    rows.append(self._row(trainer, pl_module, tokenizer, dataset[index]))
         finally:
             policy.train(was_training)
         return rows
+
+    def _row(self, trainer: L.Trainer, pl_module: L.LightningModule, tokenizer, example) -> dict:
+        """One prompt's greedy completion, as a table row."""
+        prompt = torch.tensor([example.prompt_ids], device=pl_module.device)
+        policy: CausalLM = pl_module.policy
+        output = policy.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return {
+            "step": trainer.global_step,
+            "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
+            "generation": tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True),
+        }
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.num_prompts < 1:

@@ -68,7 +68,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     sharded = [torch.isfinite(t).all() for t in tensors if isinstance(t, DTensor)]
     flags = [torch.stack(plain).all()] if plain else []
     if sharded:
-        flags.append(torch.stack(sharded).all().full_tensor())
+        flag = torch.stack(sharded).all()
+        assert isinstance(flag, DTensor)
+        flags.append(flag.full_tensor())
     return not flags or bool(torch.stack(flags).all())
 
 

@@ -121,9 +121,9 @@ class PolicyModule(L.LightningModule):
         trainer = self.trainer
         if trainer.global_step == self._step_at_batch_start or self._step_sums is None:
             return  # in the middle of gradient accumulation
-        every = trainer.log_every_n_steps
+        every = int(getattr(trainer, "log_every_n_steps", 0))  # set by its logger connector
         written = bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
-        if not (written or trainer.fast_dev_run):
+        if not (written or getattr(trainer, "fast_dev_run", False)):
             return
         values = self.step_metrics()
         for name, value in values.items():

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning import distributed
+from kto_lightning.compiling import eager
 from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
@@ -144,17 +145,6 @@ def cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def _eager() -> contextlib.AbstractContextManager:
-    """Run a policy compiled by `compile.enabled` eagerly (torch >= 2.6; older torch compiles).
-
-    The fill is one pass, in eval mode, over batches of every length: compiling for it costs more
-    than it saves, and eagerly it scores what it scored before the policy was compiled.
-    """
-    if hasattr(torch.compiler, "set_stance"):
-        return torch.compiler.set_stance("force_eager")
-    return contextlib.nullcontext()
-
-
 def _shard(loader: DataLoader, split: str) -> DataLoader:
     """This rank's batches of `loader`: batches r, r + N, r + 2N, ... for rank r of N.
 
@@ -257,7 +247,7 @@ def fill_cache(
     home = next(policy.parameters()).device
     device = torch.device("cuda") if torch.cuda.is_available() else home
     policy.to(device)
-    with eval_mode(policy), _as_trained(policy, precision, device), _eager():
+    with eval_mode(policy), _as_trained(policy, precision, device), eager():
         for split, loader in loaders.items():
             index, main, kl = _score(
                 policy, _shard(loader, split), device, chunk_size, needs_kl_rows, dtype, split

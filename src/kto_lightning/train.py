@@ -33,6 +33,7 @@ from kto_lightning.checkpointing import (
     AtomicCheckpointIO,
     remove_partial_checkpoints,
 )
+from kto_lightning.compiling import compile_decoder_layers
 from kto_lightning.csv_logger import ContinuingCSVLogger
 from kto_lightning.data import KTODataModule
 from kto_lightning.data.datamodule import DROPPED_UNDESIRABLE
@@ -94,15 +95,12 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 def compile_backbones(
     policy: CausalLM, reference: ReferenceProvider | None, options: DictConfig
 ) -> None:
-    """torch.compile the decoder stacks in place (state-dict keys are unchanged).
-
-    Only the backbones are compiled: the chunked LM head is a custom autograd function that runs
-    its own loop, and the rest of a step is small.
-    """
+    """torch.compile each decoder layer of the policy and of a `copy` reference, in place
+    (state-dict keys are unchanged; see kto_lightning.compiling)."""
     kwargs = {"backend": options.backend, "mode": options.mode, "dynamic": options.dynamic}
-    policy.get_decoder().compile(**kwargs)
+    compile_decoder_layers(policy, **kwargs)
     if isinstance(reference, CopyReference):
-        reference.model.get_decoder().compile(**kwargs)
+        compile_decoder_layers(reference.model, **kwargs)
 
 
 @dataclass
