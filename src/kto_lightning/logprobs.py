@@ -360,10 +360,12 @@ def _right_padded_states(
     mask = _causal_mask(model, length, input_ids.device)
     out = _backbone(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
-    predicting = hidden[:, :-1].flatten(0, 1)  # (B * (L-1), H): the state at t-1 predicts t
-    hidden_sel = predicting[completion_index]  # (N, H)
-    targets = input_ids[:, 1:].flatten()[completion_index]  # (N,)
-    row = torch.div(completion_index, input_ids.shape[1] - 1, rounding_mode="floor")  # (N,)
+    # The flat position row * (L - 1) + t - 1 as (row, t - 1): the N states are gathered
+    # straight from `hidden`, without a copy of all B * (L - 1) of them.
+    row = torch.div(completion_index, length - 1, rounding_mode="floor")  # (N,)
+    position = completion_index - row * (length - 1)  # (N,) t - 1
+    hidden_sel = hidden[row, position]  # (N, H): the state at t - 1 predicts token t
+    targets = input_ids[row, position + 1]  # (N,)
     return hidden_sel, targets, row
 
 

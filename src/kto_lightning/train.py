@@ -122,7 +122,7 @@ def on_gpu(cfg: DictConfig) -> bool:
 
 def _sharded(cfg: DictConfig) -> bool:
     """Whether the strategy shards the models' weights (FSDP, DeepSpeed)."""
-    target = str(cfg.strategy.get("_target_", "")) if isinstance(cfg.strategy, DictConfig) else ""
+    target = str(cfg.strategy.get("_target_", ""))
     return "FSDP" in target or "DeepSpeed" in target
 
 
@@ -182,8 +182,12 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     strategy = instantiate(cfg.strategy)
     # What every run does around its fit, whatever the callbacks group holds.
     interrupt = SaveOnInterrupt(Path(cfg.paths.output_dir) / "checkpoints")
-    around_fit: list[L.Callback] = [interrupt, ReleaseHostMemory(), ValidateAtLastStep()]
-    around_fit.append(TrainingCurves())
+    around_fit: list[L.Callback] = [
+        interrupt,
+        ReleaseHostMemory(),
+        ValidateAtLastStep(),
+        TrainingCurves(),
+    ]
     if cfg.export.enabled:
         around_fit.append(HuggingFaceExport(tokenizer, merge_lora=cfg.export.merge_lora))
     # Last: the summary reports what the callbacks before it did at the end of the run.
@@ -375,9 +379,6 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with finishing_wandb_run():  # else the next job of a sweep logs into this job's run
             value = train(cfg)
-        # The run's models and optimizer stay on the device at its end (keep_state_on_device);
-        # they are freed here, before a sweep's next job, once nothing refers to them.
-        release_device_memory()
     except RunInterrupted as stopped:
         _record_job(cfg, None, "interrupted", str(stopped))
         log.error("%s", stopped)
@@ -405,6 +406,10 @@ def main(cfg: DictConfig) -> float | None:
         if _record_job(cfg, None, status, str(problem or repr(error))):
             return None  # the sweeper goes on with the next job
         raise SystemExit(1) from None
+    finally:
+        # A run's models and optimizer stay on the device at its end, finished or failed
+        # (keep_state_on_device); they are freed here, before a sweep's next job.
+        release_device_memory()
     _record_job(cfg, value, "completed")
     return value
 
