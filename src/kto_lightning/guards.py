@@ -6,7 +6,9 @@ Each guard is one Lightning callback (listed in conf/callbacks/default.yaml) or 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import logging
 import os
 import sys
@@ -29,8 +31,10 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from kto_lightning.checkpointing import LastCheckpoint
-from kto_lightning.errors import TrainingDiverged, causes
+from kto_lightning.errors import TrainingDiverged, causes, user_error
 from kto_lightning.schemas import accepted_keys
+from kto_lightning.security import redact_text
+from kto_lightning.sweeps import explain_failed_sweep
 
 log = logging.getLogger("kto_lightning")
 
@@ -260,7 +264,10 @@ def run_explained(main: Callable[[], object]) -> None:
     user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        main()
+        if _prints_config(sys.argv[1:]):
+            _run_redacted(main)
+        else:
+            main()
     except CompactHydraException as error:
         problem = explain_unknown_key(error)
         if problem is not None:
@@ -272,3 +279,32 @@ def run_explained(main: Callable[[], object]) -> None:
             if isinstance(error.__cause__, OmegaConfBaseException):
                 print(error.__cause__, file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as error:
+        # Raised outside the task function: Hydra making the run directory (a read-only or
+        # full disk), or a sweeper at the end of a sweep (Optuna with no completed trial).
+        found = user_error(error)
+        problem = str(found) if found is not None else explain_failed_sweep(error)
+        if problem is None or user_wants_tracebacks:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# Hydra's flags that print the config (or the run's information) instead of running.
+_PRINTING_FLAGS = ("--cfg", "-c", "--info", "-i")
+
+
+def _prints_config(argv: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] in _PRINTING_FLAGS for arg in argv)
+
+
+def _run_redacted(main: Callable[[], object]) -> None:
+    """Run `main` with what it prints to stdout (Hydra's `--cfg`/`--info`) held back, then print
+    it with the values of secret-named keys as ***."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            main()
+    finally:
+        sys.stdout.write(redact_text(printed.getvalue()))
+        sys.stdout.flush()

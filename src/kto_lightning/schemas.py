@@ -25,9 +25,11 @@ import copy
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -41,6 +43,7 @@ from kto_lightning.losses import KTOLossConfig
 from kto_lightning.models import FromRun, Pretrained, TinyLlama
 from kto_lightning.optim import warmup_schedule
 from kto_lightning.reference import ReferenceSpec
+from kto_lightning.security import is_secret_key
 from kto_lightning.sft import SFTLoss
 
 # Keys Hydra's `instantiate` reads itself; no target takes them as arguments.
@@ -221,13 +224,53 @@ def _nodes(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig
             yield from _nodes(node[key], f"{prefix}{key}.")
 
 
-def check(cfg: DictConfig) -> None:
-    """Raise when a node with a `_target_` or a schema holds a key that it does not take.
+def root_keys(config_file: Path) -> set[str]:
+    """The top-level keys a root config file (conf/train.yaml) composes: its own keys and its
+    defaults list's groups, and `hydra`."""
+    text = OmegaConf.load(config_file)
+    assert isinstance(text, DictConfig)
+    keys = {str(key) for key in text if key != "defaults"} | {"hydra"}
+    for entry in text.get("defaults", []):
+        if isinstance(entry, DictConfig):  # `- group: option`, `- override group: option`
+            for name in entry:
+                keys.add(str(name).removeprefix("override ").lstrip("/").split("@")[0])
+    return keys
+
+
+def _interpolated_names(cfg: DictConfig) -> set[str]:
+    """The top-level names that interpolations anywhere in `cfg` refer to (`${lr_base}`)."""
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    return set(re.findall(r"\$\{\s*\.?([A-Za-z_]\w*)", text))
+
+
+def _refuse(node: DictConfig, prefix: str, key: str, target: str, why: str) -> typing.NoReturn:
+    """Raise for `key` of `node` as Hydra does for a key it refuses while composing."""
+    full_key = f"{prefix}{key}"
+    error = ConfigKeyError(f"Key '{key}' not in '{target}'\n    full_key: {full_key}")
+    error.key, error.full_key, error.parent_node = key, full_key, node
+    raise ConfigCompositionException(f"Could not add '{full_key}': {why}") from error
+
+
+def check_root(cfg: DictConfig, known: set[str]) -> None:
+    """Refuse a top-level key that the root file does not compose (`+seeed=1`: Hydra adds it,
+    and the seed stays 42), unless an interpolation reads it (`+lr_base=1e-4
+    optimizer.lr=${lr_base}`) or it is a secret-named credential for one (`+hf_token=...`)."""
+    allowed = known | _interpolated_names(cfg)
+    for key in map(str, cfg):
+        if key not in allowed and not is_secret_key(key):
+            _refuse(cfg, "", key, "the root config", "no part of the run reads such a key")
+
+
+def check(cfg: DictConfig, root: Path | None = None) -> None:
+    """Raise when a node with a `_target_` or a schema holds a key that it does not take, and
+    (given `root`, the root config file) when the config has a top-level key `root` lacks.
 
     Raises:
         ConfigCompositionException: from an OmegaConf ConfigKeyError whose `key`, `full_key` and
             `parent_node` name the key, as Hydra raises for a key it refuses itself.
     """
+    if root is not None:
+        check_root(cfg, root_keys(root))
     for prefix, node in _nodes(cfg):
         if "_target_" not in node and not dataclasses.is_dataclass(OmegaConf.get_type(node)):
             continue
@@ -235,9 +278,4 @@ def check(cfg: DictConfig) -> None:
         unknown = [k for k in map(str, node) if valid is not None and k not in (*valid, *RESERVED)]
         if not unknown:
             continue
-        key, full_key = unknown[0], f"{prefix}{unknown[0]}"
-        error = ConfigKeyError(f"Key '{key}' not in '{target}'\n    full_key: {full_key}")
-        error.key, error.full_key, error.parent_node = key, full_key, node
-        raise ConfigCompositionException(
-            f"Could not add '{full_key}': {target} takes no such argument"
-        ) from error
+        _refuse(node, prefix, unknown[0], str(target), f"{target} takes no such argument")

@@ -12,12 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-# Matched anywhere in a key's name, case-insensitively: `hf_token`, `WANDB_API_KEY`, `db_passwd`.
-SECRET_KEY = re.compile(r"api_?key|token|secret|password|passwd|wandb_key", re.IGNORECASE)
+# A key's name that says its value is a credential, case-insensitively: one ending in "key"
+# (`openai_key`, `access_key`, `apikey`), or one holding "api_key", "token", "secret", "pass"
+# (`password`, `db_passwd`, `passphrase`), "credential" or "auth" (`auth_header`).
+SECRET_KEY = re.compile(r"key$|api_?key|token|secret|pass|credential|auth", re.IGNORECASE)
 REDACTED = "***"
-# Keys that contain "token" but name a count, an id or the tokenizer, not a credential.
+# Names that match the above but hold no credential: token counts, limits and ids, the
+# tokenizer, special tokens, a model card's author, and the logging filter that redacts.
 NOT_SECRET = re.compile(
-    r"tokenizer|tokens$|token_ids?$|^(bos|eos|pad|unk|sep|cls|mask)_token", re.IGNORECASE
+    r"tokenizer|tokens$|tokens_per_|^(max|min|num)_|token_ids?$|^(bos|eos|pad|unk|sep|cls|mask)_token"
+    r"|author|^redact",
+    re.IGNORECASE,
 )
 
 
@@ -107,6 +112,60 @@ def redact_assignments(text: str) -> str:
         return f"{key}={REDACTED}" if is_secret_key(key.lstrip("+~")) else match.group(0)
 
     return ASSIGNMENT.sub(_shown, text)
+
+
+# A YAML mapping line (`  key: value`, `- key: value`); its value may be empty (a block below).
+_YAML_ENTRY = re.compile(r"^(?P<indent>[ -]*)(?P<key>[^\s:#'\"][^:#]*?):(?:[ ]+(?P<value>.*))?$")
+
+
+def _yaml_secrets(text: str) -> set[str]:
+    """The values YAML `text` holds under secret-named keys: scalars on the key's line, and the
+    items and values of a block indented below one."""
+    found: set[str] = set()
+    secret_indent: int | None = None  # inside the block of a secret-named key
+    for line in text.splitlines():
+        body = line.lstrip(" -")
+        indent = len(line) - len(body)
+        if secret_indent is not None and body and indent > secret_indent:
+            entry = _YAML_ENTRY.match(line)
+            value = entry.group("value") if entry else body
+            if value:
+                found.add(value.strip().strip("'\""))
+            continue
+        secret_indent = None
+        entry = _YAML_ENTRY.match(line)
+        if entry is None or not is_secret_key(entry.group("key").strip()):
+            continue
+        value = (entry.group("value") or "").strip()
+        if value in ("", "|", ">", "|-", ">-"):
+            secret_indent = indent
+        elif value not in ("null", "~", "''", '""', "[]", "{}"):
+            found.add(value.strip("'\""))
+    return found
+
+
+def _assignment_secrets(text: str) -> set[str]:
+    """The values of secret-named `key=value` overrides written in `text`."""
+    return {
+        match.group("value").strip("'\"")
+        for match in ASSIGNMENT.finditer(text)
+        if is_secret_key(match.group("key").lstrip("+~"))
+    }
+
+
+def redact_text(text: str) -> str:
+    """`text` (Hydra's `--cfg`/`--info` output: YAML and override lists) with every value held
+    by a secret-named key, or given to one as `key=value`, replaced by *** wherever it appears
+    (so an interpolation resolved into another key shows *** too)."""
+    secrets = {s for s in _yaml_secrets(text) | _assignment_secrets(text) if s and s != REDACTED}
+    if not secrets:
+        return text
+    pattern = re.compile(
+        "|".join(
+            rf"(?<![\w.]){re.escape(s)}(?![\w.])" for s in sorted(secrets, key=len, reverse=True)
+        )
+    )
+    return pattern.sub(REDACTED, text)
 
 
 class RedactingFilter(logging.Filter):

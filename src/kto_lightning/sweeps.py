@@ -126,15 +126,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kto.job_dirname", lambda task: job_dirname(list(task)))
 
 
+def _statuses(path: Path) -> Counter[str]:
+    with path.open(newline="") as file:
+        return Counter(row["status"] for row in csv.DictReader(file))
+
+
 class SweepSummary(Callback):
     """A Hydra callback: at the end of a sweep, count its jobs by status from the table."""
+
+    sweep_dir: Path | None = None  # the sweep under way, for `explain_failed_sweep`
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.sweep_dir = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = Path(config.hydra.sweep.dir) / RESULTS_FILE
         if not path.is_file():
             return
-        with path.open(newline="") as file:
-            statuses = Counter(row["status"] for row in csv.DictReader(file))
+        statuses = _statuses(path)
         counts = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
         failed = sum(n for status, n in statuses.items() if status != "completed")
         report = log.warning if failed else log.info
@@ -144,3 +153,20 @@ class SweepSummary(Callback):
             counts,
             path,
         )
+
+
+def explain_failed_sweep(error: BaseException) -> str | None:
+    """One line for Optuna's "No trials are completed yet", raised at the end of a sweep in
+    which no trial returned an objective; None for any other error."""
+    if not (isinstance(error, ValueError) and str(error).startswith("No trials are completed")):
+        return None
+    if SweepSummary.sweep_dir is None:
+        return "no trial of the sweep returned an objective (each one failed or logged none)"
+    path = SweepSummary.sweep_dir / RESULTS_FILE
+    counts = ""
+    if path.is_file():
+        counts = " (" + ", ".join(f"{n} {s}" for s, n in sorted(_statuses(path).items())) + ")"
+    return (
+        f"no trial of the sweep returned an objective{counts}: each trial's status and error "
+        f"are in {path}"
+    )
