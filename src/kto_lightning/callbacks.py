@@ -9,11 +9,25 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kto_lightning.compiling import eager
+from kto_lightning.interrupts import stop_requested
 from kto_lightning.models import CausalLM
 
 log = logging.getLogger(__name__)
+
+
+class _UntilStopRequested(StoppingCriteria):
+    """Ends a generation when SIGTERM or Ctrl-C asked the run to stop: the run then saves the
+    state validation started from and exits, without waiting for the rest of the table."""
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        stop = GenerationsTable._cut_short(self.trainer)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class GenerationsTable(L.Callback):
@@ -32,7 +46,8 @@ class GenerationsTable(L.Callback):
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
-    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
+    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict] | None:
+        """The table's rows; None when a stop was asked for meanwhile (the table is not kept)."""
         datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit
         tokenizer, dataset = datamodule.tokenizer, datamodule.val_set
         policy: CausalLM = pl_module.policy
@@ -44,10 +59,18 @@ class GenerationsTable(L.Callback):
         try:
             with eager():
                 for index in range(min(self.num_prompts, len(dataset))):
+                    if self._cut_short(trainer):
+                        return None
                     rows.append(self._row(trainer, pl_module, tokenizer, dataset[index]))
         finally:
             policy.train(was_training)
-        return rows
+        return None if self._cut_short(trainer) else rows
+
+    @staticmethod
+    def _cut_short(trainer: L.Trainer) -> bool:
+        # One process only: the ranks of a sharded model generate together, and one stopping
+        # alone would leave the others waiting.
+        return trainer.world_size == 1 and stop_requested(trainer)
 
     def _row(self, trainer: L.Trainer, pl_module: L.LightningModule, tokenizer, example) -> dict:
         """One prompt's greedy completion, as a table row."""
@@ -60,6 +83,7 @@ class GenerationsTable(L.Callback):
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_UntilStopRequested(trainer)]),
         )
         return {
             "step": trainer.global_step,
@@ -72,7 +96,7 @@ class GenerationsTable(L.Callback):
             return
         # Every rank generates (a sharded model needs all ranks); rank 0 records.
         rows = self.generate(trainer, pl_module)
-        if not trainer.is_global_zero:
+        if rows is None or not trainer.is_global_zero:
             return
         folder = Path(trainer.default_root_dir) / "generations"
         folder.mkdir(parents=True, exist_ok=True)

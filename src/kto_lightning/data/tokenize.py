@@ -18,13 +18,19 @@ A row whose completion is empty after that is dropped and counted.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
+import os
+import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import datasets
+import multiprocess.util  # type: ignore[import-untyped]
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.config import check_lengths
@@ -155,6 +161,49 @@ def tokenize_rows(
     return examples, len(rows) - len(examples)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker just forked from `parent`: die when it dies, even by SIGKILL, and leave its
+    signals to it (Ctrl-C reaches every process of the terminal's group: only the parent
+    reports it; its pool sends SIGTERM to stop a worker)."""
+    if sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+class _WorkerGuard:
+    """Registered with multiprocess (the pools of datasets.map): each worker forked from this
+    process runs `_die_with_parent` as it starts."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __call__(self) -> None:
+        _die_with_parent(self.pid)
+
+
+_guards: dict[int, _WorkerGuard] = {}  # one per process; multiprocess keeps a weak reference
+
+
+def bind_workers_to_this_process() -> None:
+    """Make every multiprocess worker forked from now on (datasets.map with num_proc) die with
+    this process: otherwise a run killed while preparing data leaves its workers running,
+    hundreds of MB each, for as long as their shard takes, or for ever if they wait on it."""
+    pid = os.getpid()
+    if pid not in _guards:
+        _guards[pid] = guard = _WorkerGuard()
+        multiprocess.util.register_after_fork(guard, _WorkerGuard.__call__)
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything about the tokenizer that changes token ids."""
     digest = hashlib.sha256()
@@ -168,10 +217,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _cached(rows: datasets.Dataset, fingerprint: str) -> bool:
+    """Whether the whole tokenization is on disk: its one file, or every shard of a run with
+    num_proc (a run stopped mid-way leaves some; datasets then makes only the missing ones)."""
     if not rows.cache_files:
         return False
     folder = Path(rows.cache_files[0]["filename"]).parent
-    return any(folder.glob(f"cache-{fingerprint}*.arrow"))
+    if (folder / f"cache-{fingerprint}.arrow").is_file():
+        return True
+    shards = [p.name for p in folder.glob(f"cache-{fingerprint}_*_of_*.arrow")]
+    counts = {name.rsplit("_of_", 1)[1].removesuffix(".arrow") for name in shards}
+    return any(sum(n.endswith(f"_of_{c}.arrow") for n in shards) == int(c) for c in counts)
 
 
 def tokenize_dataset(
@@ -190,6 +245,7 @@ def tokenize_dataset(
     sweep over beta, say) reads it back instead of tokenizing again.
     """
     check_lengths(max_length, max_prompt_length)
+    bind_workers_to_this_process()
     key: tuple[Any, ...] = (rows._fingerprint, tokenizer_fingerprint(tokenizer), chat)
     key += (max_length, max_prompt_length, ENCODING_VERSION)
     fingerprint = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
