@@ -36,12 +36,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from kto_lightning import schemas
+from kto_lightning.data.config import Source, as_group
 from kto_lightning.data.datamodule import KTODataModule
 from kto_lightning.data.splits import read_evaluation_split
 from kto_lightning.data.summary import format_summary
 from kto_lightning.distributed import gather_cat
 from kto_lightning.errors import ConfigError, user_error
-from kto_lightning.evaluation_target import build_models, load_tokenizer, resolve_target
+from kto_lightning.evaluation_target import (
+    build_models,
+    load_tokenizer,
+    override_keys,
+    refuse_guessed_run,
+    resolve_target,
+)
 from kto_lightning.guards import explain_missing_value, run_explained
 from kto_lightning.lifecycle import scalar_metrics
 from kto_lightning.logprobs import resolve_chunk_size
@@ -271,6 +278,10 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     quiet_library_noise(interactive=sys.stdout.isatty())
     target = resolve_target(str(cfg.ckpt_path))
     run = target.run_config
+    source = as_group(Source, cfg.data.get("source"), "source")
+    refuse_guessed_run(
+        target, cfg.reference_model, cfg.model, source, int(cfg.seed), override_keys(overrides)
+    )
     loss_config = _scoring_loss(cfg, run, overrides)
     tokenizer = load_tokenizer(target)
     # Data first: a bad row stops the evaluation before a large model is loaded.
@@ -290,7 +301,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         target, tokenizer, int(cfg.seed), cfg.reference_model, cfg.model, chunk,
         loss.needs_kl_rows,
     )  # fmt: skip
-    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
+    assert datamodule.val_set is not None  # setup() above
+    longest = max(datamodule.val_set.lengths, default=0)  # a row's tokens, or its KL row's
+    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length", longest)
     module = ScoringModule(policy, reference, loss, chunk)
     trainer = _trainer(cfg)
     trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -7,14 +7,15 @@
   own rows), then the checkpoint's weights are loaded into the policy.
 - A Hugging Face folder (`<run dir>/hf_model`, or any `save_pretrained` folder): the policy is
   that model. The reference is the base model of the run whose directory holds the folder (the
-  config of its last.ckpt, else of its .hydra/config.yaml), else the `model` group's model.
+  config of its last.ckpt, else of its .hydra/config.yaml), else the `model` group's model; a
+  folder of no run must then name its reference and rows (`refuse_guessed_run`).
 - `reference_model` (a Hugging Face folder or hub id) replaces the reference in every case.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.data.config import Source
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.export import POLICY_PREFIX, load_policy_weights
 from kto_lightning.models import CausalLM, ModelSource, Pretrained
@@ -109,6 +111,55 @@ def resolve_target(ckpt_path: str) -> Target:
         f"ckpt_path={ckpt_path!r}: {what}; pass a checkpoint file (.ckpt), a run directory "
         "(with checkpoints/last.ckpt) or a Hugging Face model folder (with config.json)"
     )
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The top-level keys a command line sets (`model.lora.r=4` and `model=local`: `model`)."""
+    return {o.split("=", 1)[0].lstrip("+~").split(".")[0].split("@")[0] for o in overrides}
+
+
+def refuse_guessed_run(
+    target: Target,
+    reference_model: str | None,
+    model: Mapping[str, Any],
+    source: Source,
+    seed: int,
+    overridden: set[str],
+) -> None:
+    """ConfigError for a Hugging Face folder of no run when evaluation would guess the run.
+
+    Inside its run directory, a folder brings the run's base model and seed; copied out of it,
+    nothing says which model was the reference or which rows were held out for validation, and
+    the `model` group (a random init under seed 42 by default) and a hold-out under the default
+    seed would stand in for them without a word. Each must then be named on the command line:
+    the reference (`reference_model`, or `model` with `seed` for a random-init model), and the
+    rows (test or validation rows, or `seed` for the hold-out).
+    """
+    if target.kind != "hf_model" or target.run_config is not None:
+        return
+    random_init = not (model.get("name_or_path") or model.get("run_dir"))
+    guessed = []
+    named_model = "model" in overridden and (not random_init or "seed" in overridden)
+    if reference_model is None and not named_model:
+        under = f" under seed={seed}" if random_init else ""
+        guessed.append(
+            f"the reference would be model={model_name(model)}{under} (set "
+            "reference_model=<the base model's folder or hub id>, or model=... and seed=<the "
+            "run's seed>)"
+        )
+    if source.holds_out and not source.names_test and "seed" not in overridden:
+        guessed.append(
+            f"the rows would be held out of data.source.path={source.path!r} under seed={seed} "
+            "(set data.source.test_path=<file> or data.source.test_split=<split>, or seed=<the "
+            "run's seed> to hold out the run's validation rows)"
+        )
+    if guessed:
+        raise ConfigError(
+            f"ckpt_path={str(target.path)!r} is a Hugging Face folder outside its run directory "
+            f"(no checkpoints/last.ckpt or .hydra/config.yaml in {str(target.path.parent)!r}), "
+            f"so its run's reference and rows are unknown: {'; and '.join(guessed)}. Or evaluate "
+            "the run directory itself"
+        )
 
 
 def build_source(model_config: Mapping[str, Any], where: str) -> ModelSource:

@@ -145,7 +145,26 @@ def run_dir_of(ckpt_path: Path, config: dict[str, Any]) -> Path | None:
     return Path(named) if named and Path(named).is_dir() else None
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool = True) -> Path:
+def refuse_non_empty(out_dir: Path, overwrite: bool) -> None:
+    """ConfigError when `out_dir` holds files and `overwrite` is off: an export writes config.json,
+    weights and tokenizer files over those of the same names, so another model's folder (or an
+    earlier export) would be replaced without a word, or left half one model, half another."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"out_dir {str(out_dir)!r} is a file; name a folder to export into")
+    held = sorted(path.name for path in out_dir.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
+        raise ConfigError(
+            f"out_dir {str(out_dir)!r} is not empty (it holds {shown}); export into a new or "
+            "empty folder, or pass --overwrite to replace the files of the same names"
+        )
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, merge_lora: bool = True, overwrite: bool = False
+) -> Path:
     """Rebuild the policy of a kto_lightning checkpoint and export it with `export_policy`, with
     a model card (README.md) from its run config and its run directory's records.
 
@@ -158,8 +177,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, merge_lora: bo
         ckpt_path: a `.ckpt` file written by the trainer (not a sharded FSDP/DeepSpeed folder).
         out_dir: where the Hugging Face folder goes.
         merge_lora: see `export_policy`.
+        overwrite: export into a folder that holds files (refused otherwise, before anything is
+            read: `refuse_non_empty`).
     """
     ckpt_path = Path(ckpt_path)
+    refuse_non_empty(Path(out_dir), overwrite)
     checkpoint = _load_checkpoint(ckpt_path)
     config = checkpoint.get(RUN_CONFIG_KEY)
     if not isinstance(config, dict) or "model" not in config:
@@ -202,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file written by kto_lightning.train")
-    parser.add_argument("out_dir", type=Path, help="the folder to write (created if needed)")
+    parser.add_argument(
+        "out_dir", type=Path, help="the folder to write: new or empty (created if needed)"
+    )
     parser.add_argument(
         "--keep-adapter",
         action="store_true",
@@ -210,9 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_model.safetensors) instead of merged weights; load it with "
         "peft.PeftModel.from_pretrained(base_model, OUT_DIR)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into OUT_DIR although it holds files, replacing those of the same names "
+        "(config.json, weights, tokenizer files, README.md); without it, a folder that is not "
+        "empty is refused",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, merge_lora=not args.keep_adapter)
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out_dir,
+            merge_lora=not args.keep_adapter,
+            overwrite=args.overwrite,
+        )
     except KTOError as error:
         # A problem the user can fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)

@@ -103,12 +103,10 @@ class Target:
     Args:
         model: a Hugging Face folder or hub name.
         run_config: the run's config (at least `model` and `seed`), when there is one.
-        run_dir: the run directory, when MODEL_OR_RUN was one (the default output goes there).
     """
 
     model: str
     run_config: dict[str, Any] | None = None
-    run_dir: Path | None = None
 
 
 def _checkpoint_config(ckpt_path: Path) -> dict[str, Any] | None:
@@ -168,7 +166,7 @@ def resolve(name: str, stack: contextlib.ExitStack) -> Target:
                 "checkpoint it was exported from, or export it merged"
             )
         if (path / "hf_model").is_dir():
-            return Target(str(path / "hf_model"), run_config=run_config(path), run_dir=path)
+            return Target(str(path / "hf_model"), run_config=run_config(path))
         if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
             newest = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
             hint = "it has no checkpoint either"
@@ -307,8 +305,8 @@ def _complete(
     return generate(model, tokenizer, ids, sampling, args.batch_size)
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path | None]:
-    """Generate as the command line asks; returns the rows and the default output file."""
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Generate as the command line asks; returns the rows."""
     sampling = Sampling(
         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.num_samples, args.seed
     )
@@ -366,8 +364,32 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path | None]:
         for index, (prompt, prompt_tokens) in enumerate(zip(prompts, ids, strict=True))
         for sample in range(sampling.num_samples)
     ]
-    default_output = target.run_dir / "generations.jsonl" if target.run_dir else None
-    return rows, default_output
+    return rows
+
+
+def default_output(model_or_run: str) -> Path | None:
+    """Where rows go without --output: `<run dir>/generations.jsonl` for a run directory (a
+    folder with hf_model/ that is not itself a model folder, as `resolve` reads it), else None
+    (stdout)."""
+    path = Path(model_or_run).expanduser()
+    is_model = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    if path.is_dir() and not is_model and (path / "hf_model").is_dir():
+        return path / "generations.jsonl"
+    return None
+
+
+def output_file(args: argparse.Namespace) -> str:
+    """The file rows are written to ('-': stdout), refused before any model loads when it exists
+    and --overwrite is not given: an earlier run's generations are not replaced silently."""
+    default = default_output(args.model_or_run)
+    output = args.output or (str(default) if default else "-")
+    if output != "-" and Path(output).exists() and not args.overwrite:
+        flag = f"--output {output!r}" if args.output else f"the default output {output!r}"
+        raise ConfigError(
+            f"{flag} already exists; pass --overwrite to replace it, or name another file with "
+            "--output"
+        )
+    return output
 
 
 def parser() -> argparse.ArgumentParser:
@@ -397,7 +419,13 @@ def parser() -> argparse.ArgumentParser:
         "--output",
         metavar="FILE",
         help="the JSONL file to write; '-' for stdout. Default: <run dir>/generations.jsonl "
-        "for a run directory, else stdout",
+        "for a run directory, else stdout. An existing file is refused unless --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output file if it exists (without it, an existing file is refused "
+        "before any model loads)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=Sampling.max_new_tokens, help="default: %(default)s"
@@ -441,19 +469,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        rows, default_output = run(args)
+        output = output_file(args)
+        rows = run(args)
     except KTOError as error:
         # A problem the user can fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    output = args.output or (str(default_output) if default_output else "-")
     if output == "-":
         sys.stdout.write(lines)
         return 0
     try:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(lines, encoding="utf-8")
+        # "x": a file made while the models generated is not replaced either.
+        with Path(output).open("w" if args.overwrite else "x", encoding="utf-8") as handle:
+            handle.write(lines)
     except OSError as error:
         print(f"error: cannot write --output {output!r}: {error.strerror}", file=sys.stderr)
         return 1

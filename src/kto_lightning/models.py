@@ -13,6 +13,7 @@ tokenizer and a policy. The reference model starts as an exact frozen copy of th
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ from transformers import (
 from kto_lightning.byte_tokenizer import BYTE_VOCAB_SIZE, byte_level_tokenizer
 from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.hub import looks_local, unavailable_reason
+
+log = logging.getLogger(__name__)
 
 # A transformers causal LM, or a peft PeftModel wrapping one. Their methods reach the model through
 # nn.Module.__getattr__ and peft's own __getattr__, which a type checker cannot follow: Any.
@@ -169,6 +172,7 @@ class Pretrained:
         _check_reachable(
             source,
             "model.tokenizer_name_or_path" if self.tokenizer_name_or_path else "model.name_or_path",
+            needs="tokenizer",
         )
         try:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -261,15 +265,59 @@ def learned_positions(model: nn.Module) -> int | None:
     return min(sizes) if sizes else None
 
 
-def check_context_window(model: nn.Module, max_length: int, key: str) -> None:
-    """ConfigError naming `key` when rows of `max_length` tokens do not fit the model's learned
-    positions (they would fail with an IndexError at the first long batch)."""
+def rotary_positions(model: nn.Module) -> int | None:
+    """How many positions a model without a learned position table was trained for: its config's
+    `max_position_embeddings`, stretched by a rope scaling factor if it has one; None when the
+    config does not say."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return None
+    scaling = getattr(config, "rope_scaling", None) or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if scaling.get("rope_type", "default") != "default" and isinstance(factor, int | float):
+        original = scaling.get("original_max_position_embeddings") or limit
+        limit = max(limit, int(original * factor))
+    return limit
+
+
+def check_context_window(
+    model: nn.Module, max_length: int, key: str, longest: int | None = None
+) -> None:
+    """Refuse rows that do not fit the model's positions, naming `key` (data.lengths.max_length).
+
+    A model with learned positions (GPT-2) fails with an IndexError at the first batch longer
+    than its table: ConfigError when `max_length` exceeds it. A rotary model (Llama, Qwen, ...)
+    runs past its `max_position_embeddings` without an error, on positions it never learned (a
+    model=tiny of max_seq_len 256 given 512-token rows): ConfigError when the longest row the
+    data holds (`longest`, prompt and completion, or its KL row) exceeds them; without
+    `longest`, a warning when `max_length` admits such rows.
+    """
     limit = learned_positions(model)
     if limit is not None and max_length > limit:
         raise ConfigError(
             f"{key}={max_length} is longer than the model's context window: it has learned "
             f"positions for {limit} tokens. Set {key}={limit} or less"
         )
+    limit = rotary_positions(model) if limit is None else None
+    if limit is None:
+        return
+    where = (
+        f"the model's positions end at {limit} (max_position_embeddings in its config; "
+        "model.max_seq_len for a model built from sizes, model=tiny or model=scratch)"
+    )
+    if longest is not None and longest > limit:
+        raise ConfigError(
+            f"the longest row holds {longest} tokens ({key}={max_length}), but {where}: its "
+            f"tokens past {limit} would train on positions the model never learned. Set "
+            f"{key}={limit} (rows are then cut to fit) or use a model with a longer context"
+        )
+    if longest is None and max_length > limit:
+        log.warning(
+            "%s=%d admits rows longer than the model's context window: %s; tokens past %d "
+            "run on positions the model never learned. Set %s=%d or less",
+            key, max_length, where, limit, key, limit,
+        )  # fmt: skip
 
 
 def apply_lora(model: PreTrainedModel, lora: dict | None) -> CausalLM:
@@ -379,9 +427,60 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
-def _check_reachable(name_or_path: str, key: str) -> None:
-    """Fail at once, in one sentence, when a hub name is neither local, cached nor reachable."""
+# What a folder holds when `save_pretrained` wrote a tokenizer into it (any one suffices).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+
+
+def _check_folder(folder: Path, key: str, needs: str) -> None:
+    """ModelLoadError naming `key` when a local folder lacks what `needs` ("model" or
+    "tokenizer") is read from: transformers would guess at another cause (for a folder without
+    tokenizer files, a missing sentencepiece package)."""
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"{key}={str(folder)!r} is a file; point {key} at a folder written by "
+            "save_pretrained (config.json, weights, tokenizer files), or at a hub id"
+        )
+    has_model = (folder / "config.json").is_file()
+    # Lenient: any file a tokenizer may be read from (remote-code ones name theirs freely).
+    has_tokenizer = any(
+        path.is_file() for pattern in TOKENIZER_GLOBS for path in folder.glob(pattern)
+    )
+    if has_model if needs == "model" else has_tokenizer:
+        return
+    if not has_model and not has_tokenizer:
+        inner = folder / EXPORT_DIR
+        hint = (
+            f"; it looks like a run directory: use model=from_run model.run_dir={folder}, or "
+            f"{key}={inner}"
+            if (inner / "config.json").is_file()
+            else ""
+        )
+        raise ModelLoadError(
+            f"{key}={str(folder)!r} is not a model folder: it holds neither a config.json nor "
+            f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...). Point {key} at a folder "
+            f"written by save_pretrained, or at a hub id{hint}"
+        )
+    if needs == "tokenizer":
+        raise ModelLoadError(
+            f"{key}={str(folder)!r} holds a model (config.json) but no tokenizer files "
+            f"({', '.join(TOKENIZER_FILES[:2])}, ...); set model.tokenizer_name_or_path to the "
+            "folder or hub id of its tokenizer, or save the tokenizer into the folder"
+        )
+    raise ModelLoadError(
+        f"{key}={str(folder)!r} holds tokenizer files but no model (no config.json); point {key} "
+        "at the folder save_pretrained wrote the model into"
+    )
+
+
+def _check_reachable(name_or_path: str, key: str, needs: str = "model") -> None:
+    """Fail at once, in one sentence, when a hub name is neither local, cached nor reachable, or
+    a local folder lacks what `needs` ("model" or "tokenizer") is read from."""
     if Path(name_or_path).expanduser().exists():
+        _check_folder(Path(name_or_path).expanduser(), key, needs)
         return
     if looks_local(name_or_path):
         raise ModelLoadError(

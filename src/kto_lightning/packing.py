@@ -16,10 +16,15 @@ T^2 per pack (benchmarks/packing.py measures both paths; benchmarks/RESULTS.md h
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+# The budgets already reported as raised in this process (one warning each, not one per batch).
+_RAISED: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,35 @@ class Packing:
     """Score rows packed (`data.batching.packing=true`).
 
     Args:
-        max_tokens: tokens per packed sequence; None (or fewer than the longest row) packs up to
-            the batch's longest row, so a pack is never longer than the padded rows were and
-            attention never costs more per pack than per padded row.
+        max_tokens: tokens per packed sequence; None packs up to the batch's longest row, so a
+            pack is never longer than the padded rows were and attention never costs more per
+            pack than per padded row. Fewer than a batch's longest row: raised to it, with a
+            warning (`pack_budget`).
     """
 
     max_tokens: int | None = None
+
+
+def pack_budget(max_tokens: int | None, longest: int) -> int:
+    """Tokens per pack for rows of which the longest holds `longest` tokens.
+
+    `max_tokens` (data.batching.max_tokens_per_pack), or the longest row when it is unset or
+    smaller: a row is never split across packs. A set budget raised so is reported once per
+    process, naming the key, the row and the value used, since the packs then cost more memory
+    than the key asked for.
+    """
+    if max_tokens is None or max_tokens >= longest:
+        return longest if max_tokens is None else max_tokens
+    if max_tokens not in _RAISED:
+        _RAISED.add(max_tokens)
+        log.warning(
+            "data.batching.max_tokens_per_pack=%d is below a row of %d tokens: a row is never "
+            "split, so packs of such batches hold up to the longest row instead (%d here). Set "
+            "data.batching.max_tokens_per_pack to data.lengths.max_length (the longest a row can "
+            "be) or more, or to null to pack up to each batch's longest row",
+            max_tokens, longest, longest,
+        )  # fmt: skip
+    return longest
 
 
 @dataclass(frozen=True)
@@ -88,8 +116,7 @@ def pack_rows(
     mask = attention_mask.bool()
     # One device sync: the bin packing is a host-side loop over B row lengths.
     lengths = mask.sum(-1).tolist()
-    longest = max(max(lengths), 1)
-    budget = longest if budget is None else max(budget, longest)
+    budget = pack_budget(budget, max(max(lengths), 1))
     bins, offsets, fill = first_fit(lengths, budget)
     n_bins, width = len(fill), max(fill)
     device = input_ids.device

@@ -386,7 +386,7 @@ def test_pretrained_missing_local_path(tmp_path, monkeypatch, no_network, offlin
 
 
 def test_pretrained_folder_without_a_model(tmp_path, no_network):
-    with pytest.raises(ModelLoadError, match="could not load the model") as info:
+    with pytest.raises(ModelLoadError, match="is not a model folder: it holds neither") as info:
         Pretrained(name_or_path=str(tmp_path)).load_policy()
     assert str(tmp_path) in str(info.value)
 

@@ -2,10 +2,12 @@
 
 Shapes (`data.columns.format`, or `auto` to tell them from the columns):
 - `unpaired`: a prompt, a completion and a label (bool, 0/1, +1/-1, "true"/"false"); with
-  `data.columns.label: null`, no label column and every row desirable (SFT data);
+  `data.columns.label: null`, no label column and every row desirable (SFT data; a `label` column
+  that marks a row undesirable is then refused, not ignored);
 - `score`: a prompt, a completion and a number; label = score >= `data.columns.score_threshold`;
 - `paired`: `chosen` and `rejected` completions, with an explicit prompt column or an implicit
-  shared prefix; each pair becomes one desirable and one undesirable row.
+  shared prefix; each pair becomes one desirable and one undesirable row. A pair whose two
+  completions are the same is dropped, with a warning and a count (`dropped_rows`).
 Prompt and completion are either text or conversations (lists of `{role, content}` messages, to be
 rendered by the tokenizer's chat template); one file holds one kind.
 Every error names the source, the row (counted from 1) and the column.
@@ -13,16 +15,24 @@ Every error names the source, the row (counted from 1) and the column.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import datasets
+import numpy as np
 
 from kto_lightning.data.config import Columns
-from kto_lightning.data.rows import parse_label
+from kto_lightning.data.rows import arrow_column, parse_label
 from kto_lightning.errors import DataError
 
+log = logging.getLogger(__name__)
+
 ROLES = ("system", "user", "assistant", "tool")
+# The column `data.columns.label: null` must not find: labels the rows would be read without.
+LABEL_COLUMN = Columns().label
+# The summary's row for source rows dropped because both completions are the same.
+DROPPED_SAME_PAIR = "chosen == rejected"
 
 
 def resolve_format(columns: Columns, names: list[str], where: str) -> str:
@@ -133,12 +143,16 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | No
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _pair_rows(columns: Columns, row: dict, chat: bool, where: str) -> list[tuple[Any, Any]]:
-    """[(prompt, chosen completion), (prompt, rejected completion)] of one paired row."""
+def _pair_rows(columns: Columns, row: dict, chat: bool, where: str) -> list[tuple[Any, Any]] | None:
+    """[(prompt, chosen completion), (prompt, rejected completion)] of one paired row; None when
+    chosen and rejected are the same: one text cannot be both desirable and undesirable, and
+    kept, it would be trained both ways (the caller drops it and counts it)."""
     chosen_where = f"{where}, column {columns.chosen!r}"
     chosen = _text_or_chat(row[columns.chosen], chat, chosen_where)
     rejected_where = f"{where}, column {columns.rejected!r}"
     rejected = _text_or_chat(row[columns.rejected], chat, rejected_where)
+    if chosen == rejected:
+        return None
     explicit = row.get(columns.prompt) if columns.prompt else None
     if chat:
         shared = 0
@@ -187,7 +201,10 @@ def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callab
         for index, row in zip(indices, rows, strict=True):
             where = f"{name}, row {index + 1}"
             if fmt == "paired":
-                (prompt, good), (_, bad) = _pair_rows(columns, row, chat, where)
+                pair = _pair_rows(columns, row, chat, where)
+                if pair is None:  # chosen == rejected: dropped, counted by `dropped_rows`
+                    continue
+                (prompt, good), (_, bad) = pair
                 out["prompt"] += [prompt, prompt]
                 out["completion"] += [good, bad]
                 out["label"] += [True, False]
@@ -207,6 +224,7 @@ def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callab
             if fmt == "score":
                 out["label"].append(_score_label(columns, row, where))
             elif columns.label is None:  # no label column: every row is desirable
+                _refuse_unread_label(row, where)
                 out["label"].append(True)
             else:
                 label_where = f"{where}, column {columns.label!r}"
@@ -214,6 +232,29 @@ def _row_normaliser(columns: Columns, fmt: str, chat: bool, name: str) -> Callab
         return out
 
     return normalise
+
+
+def _refuse_unread_label(row: dict, where: str) -> None:
+    """DataError when `data.columns.label: null` would read an undesirable row as desirable.
+
+    A file with a `label` column read with `label: null` would train every row as desirable,
+    its undesirable ones included: refused at the first row the column marks otherwise (or
+    cannot be read as a label). A column of desirable labels only changes nothing.
+    """
+    if LABEL_COLUMN not in row:
+        return
+    value = row[LABEL_COLUMN]
+    try:
+        desirable = parse_label(value, where)
+    except DataError:
+        desirable = False
+    if not desirable:
+        raise DataError(
+            f"{where}, column {LABEL_COLUMN!r}: data.columns.label=null reads every row as "
+            f"desirable, but this row's {LABEL_COLUMN!r} is {value!r}, so it would be trained "
+            f"as desirable; set data.columns.label={LABEL_COLUMN} to read the labels, or remove "
+            f"the {LABEL_COLUMN!r} column from the file to train on every row as desirable"
+        )
 
 
 def _score_label(columns: Columns, row: dict, where: str) -> bool:
@@ -269,5 +310,19 @@ def normalise(
         desc=f"Reading {name}",
     )
     if fmt == "paired":
+        dropped = len(dataset) - len(rows) // 2
+        if dropped:
+            log.warning(
+                "%s: %d of %d pair(s) dropped: their %r and %r completions are the same, so "
+                "neither is better (a pair needs two different completions)",
+                name, dropped, len(dataset), columns.chosen, columns.rejected,
+            )  # fmt: skip
         rows = rows.shuffle(seed=seed).flatten_indices()
     return rows, fmt, chat
+
+
+def dropped_rows(rows: datasets.Dataset, n_source: int) -> np.ndarray:
+    """Indices of the source rows that `normalise` dropped (pairs with chosen == rejected)."""
+    present = np.zeros(n_source, dtype=bool)
+    present[arrow_column(rows, "row").to_numpy()] = True
+    return np.flatnonzero(~present)

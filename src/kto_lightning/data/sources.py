@@ -29,8 +29,32 @@ def _is_local(source: str) -> bool:
     return Path(source).suffix.lower() in BUILDERS or looks_local(source) or Path(source).exists()
 
 
+# The first bytes of files that are not text at all: a message about UTF-8 would point the user
+# at the wrong fix (saving as UTF-8), so such a file is named for what it is.
+MAGIC = {
+    b"\x1f\x8b": ("gzip-compressed file", "decompress it (gunzip -c {path} > {plain})"),
+    b"PK\x03\x04": ("zip archive", "unzip it and name the data file in it"),
+    b"BZh": ("bzip2-compressed file", "decompress it (bunzip2 -c {path} > {plain})"),
+    b"\xfd7zXZ\x00": ("xz-compressed file", "decompress it (xz -dc {path} > {plain})"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed file", "decompress it (zstd -dc {path} -o {plain})"),
+    b"PAR1": ("Parquet file", "rename it to {parquet}"),
+}
+
+
+def _check_not_binary(path: Path) -> None:
+    """DataError when a .jsonl/.json/.csv file is compressed or Parquet, saying how to fix it."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    for magic, (what, fix) in MAGIC.items():
+        if head.startswith(magic):
+            plain = path.with_name(f"{path.stem}.plain{path.suffix}")
+            todo = fix.format(path=path, plain=plain, parquet=path.with_suffix(".parquet"))
+            raise DataError(f"{path}: a {what}, not {path.suffix} text; {todo}")
+
+
 def _check_text_file(path: Path) -> None:
     """Raise naming the line of the first byte that is not UTF-8, or an empty file."""
+    _check_not_binary(path)
     decoder = codecs.getincrementaldecoder("utf-8")()
     line, seen_text = 1, False
     with path.open("rb") as handle:

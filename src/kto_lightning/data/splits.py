@@ -7,18 +7,22 @@ seeded `data.source.val_fraction` of the source rows is held out of the training
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import datasets
 import numpy as np
 
 from kto_lightning.data.config import TOY, Columns, Source
-from kto_lightning.data.formats import normalise
+from kto_lightning.data.formats import DROPPED_SAME_PAIR, dropped_rows, normalise
 from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.toy import CONSISTENCY, consistency_rows, toy_rows
-from kto_lightning.errors import DataError
+from kto_lightning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class ReadSplit:
     split: str  # "train" or "validation"
     name: str  # where the rows came from, as messages name it
     rows_read: int  # source rows it holds (a pair is one)
+    # Source rows read but dropped, by reason (formats.DROPPED_SAME_PAIR): for the data summary.
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def without_rows(self) -> ReadSplit:
         """This split's description with no rows: its rows, once tokenized, can be let go."""
@@ -41,10 +47,38 @@ def _name(path: str, split: str) -> str:
     return path if path == TOY or split == "train" else f"{path}[{split}]"
 
 
+def _same_data(path: str, other: str) -> bool:
+    """Whether two `data.source` paths name the same data: the same file, or the same name."""
+    if path == other:
+        return True
+    first, second = Path(path).expanduser(), Path(other).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def _refuse_training_rows_as_validation(source: Source) -> None:
+    """ConfigError when the named validation data is the training data itself: validation would
+    score the rows it trains on, and its metrics would say nothing of unseen rows."""
+    if source.holds_out or source.val_split not in (None, source.split):
+        return
+    if source.val_path is None or _same_data(source.val_path, source.path):
+        keys = (
+            f"data.source.val_path={source.val_path!r} is data.source.path={source.path!r}"
+            if source.val_path is not None
+            else f"data.source.val_split={source.val_split!r} is data.source.split"
+        )
+        raise ConfigError(
+            f"{keys} (split {source.split!r}): validation would score the very rows training "
+            "learns from. Name other rows (another file, or data.source.val_split), or remove "
+            f"data.source.val_path and data.source.val_split to hold out "
+            f"data.source.val_fraction={source.val_fraction} of the rows"
+        )
+
+
 def _read(
     source: Source, columns: Columns, path: str, split: str, seed: int
-) -> tuple[datasets.Dataset, str, bool, int]:
-    """Load and normalise one source; returns (rows, format, conversational, rows read)."""
+) -> tuple[datasets.Dataset, str, bool, int, np.ndarray]:
+    """Load and normalise one source; returns (rows, format, conversational, rows read, the
+    indices of the source rows dropped)."""
     if path == TOY:
         raw = datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed))
     elif path == CONSISTENCY:  # its validation split: an eighth as many rows, unseen objects
@@ -54,13 +88,17 @@ def _read(
         raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
     num_proc = source.processes_for(len(raw))
     rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, num_proc)
-    return rows, fmt, chat, len(raw)
+    return rows, fmt, chat, len(raw), dropped_rows(rows, len(raw))
+
+
+def _dropped(count: int) -> dict[str, int]:
+    return {DROPPED_SAME_PAIR: count} if count else {}
 
 
 def _hold_out(
     rows: datasets.Dataset, n_source: int, fraction: float, seed: int, name: str
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Training and validation row indices, and the number of source rows held out.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training and validation row indices, and which source rows are held out (a mask).
 
     A seeded share of the *source* rows is held out.
 
@@ -81,26 +119,31 @@ def _hold_out(
     held_out[order[:n_val]] = True
     in_val = held_out[arrow_column(rows, "row").to_numpy()]
     # Arrays, not lists: `select` fingerprints its indices, and hashes an array's bytes at once.
-    return np.flatnonzero(~in_val), np.flatnonzero(in_val), n_val
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val), held_out
 
 
 def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit, ReadSplit]:
     """(training, validation) rows of `source`, read with `columns`; `seed` seeds the hold-out."""
+    _refuse_training_rows_as_validation(source)
     train_name = _name(source.path, source.split)
-    rows, fmt, chat, n_read = _read(source, columns, source.path, source.split, seed)
+    rows, fmt, chat, n_read, dropped = _read(source, columns, source.path, source.split, seed)
     if not source.holds_out:
         val_path, val_split = source.val_path or source.path, source.val_split or source.split
-        val_rows, val_fmt, val_chat, n_val_read = _read(source, columns, val_path, val_split, seed)
+        val_rows, val_fmt, val_chat, n_val_read, val_dropped = _read(
+            source, columns, val_path, val_split, seed
+        )
         return (
-            ReadSplit(rows, fmt, chat, "train", train_name, n_read),
+            ReadSplit(rows, fmt, chat, "train", train_name, n_read, _dropped(len(dropped))),
             ReadSplit(val_rows, val_fmt, val_chat, "validation", _name(val_path, val_split),
-                      n_val_read),
+                      n_val_read, _dropped(len(val_dropped))),
         )  # fmt: skip
-    train_idx, val_idx, n_val_read = _hold_out(rows, n_read, source.val_fraction, seed, train_name)
+    train_idx, val_idx, held_out = _hold_out(rows, n_read, source.val_fraction, seed, train_name)
+    n_val_read, n_val_dropped = int(held_out.sum()), int(held_out[dropped].sum())
     return (
-        ReadSplit(rows.select(train_idx), fmt, chat, "train", train_name, n_read - n_val_read),
+        ReadSplit(rows.select(train_idx), fmt, chat, "train", train_name, n_read - n_val_read,
+                  _dropped(len(dropped) - n_val_dropped)),
         ReadSplit(rows.select(val_idx), fmt, chat, "validation", f"{train_name} (held out)",
-                  n_val_read),
+                  n_val_read, _dropped(n_val_dropped)),
     )  # fmt: skip
 
 
@@ -119,5 +162,5 @@ def read_evaluation_split(source: Source, columns: Columns, seed: int) -> ReadSp
         path, split = source.val_path or source.path, source.val_split or source.split
     else:
         return read_splits(source, columns, seed)[1]
-    rows, fmt, chat, n_read = _read(source, columns, path, split, seed)
-    return ReadSplit(rows, fmt, chat, role, _name(path, split), n_read)
+    rows, fmt, chat, n_read, dropped = _read(source, columns, path, split, seed)
+    return ReadSplit(rows, fmt, chat, role, _name(path, split), n_read, _dropped(len(dropped)))
