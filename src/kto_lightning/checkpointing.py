@@ -70,28 +70,61 @@ def _as_tuple(value: Any) -> Any:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, then rename: a process killed mid-write leaves no torn file."""
+    """Write beside the destination, then rename: a process killed mid-write leaves no torn file,
+    and nothing is staged anywhere else.
+
+    Lightning's own writer stages the file in $TMPDIR (fsspec's transaction) from a second copy
+    held in memory: a small /tmp ends the run at its first checkpoint with ENOSPC, and a kill
+    mid-write leaves a fragment there that names no run. The partial file here names its host
+    and process, so the next start removes it once that process is gone
+    (`remove_partial_checkpoints`).
+    """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        if storage_options is not None or "://" in str(path):  # a remote store: Lightning's way
+            super().save_checkpoint(checkpoint, str(path), storage_options)
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
+        try:
+            torch.save(checkpoint, partial)
+            _sync(partial)  # the bytes on disk before the name points at them
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk keeps no fragment either
+            raise
+        _sync(path.parent)  # the rename itself
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a file system that cannot sync a folder is left as it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if path.is_file():
+            raise
+    finally:
+        os.close(fd)
 
 
 def _writer_is_gone(partial: Path) -> bool:
     """Whether the process that was writing `partial` (.<name>.<host>.<pid>.partial) has ended.
 
-    Only a writer on this host can be checked; a file from another host is left alone.
+    Only a writer on this host can be checked; a file from another host is left alone. A host
+    name may hold dots (node1.cluster): the name is matched from its end.
     """
-    parts = partial.name.rsplit(".", 3)
-    if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+    rest, _, pid = partial.name.removesuffix(".partial").rpartition(".")
+    if not pid.isdigit() or not rest.endswith(f".ckpt.{socket.gethostname()}"):
         return False
     try:
-        os.kill(int(parts[2]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, owned by another user
