@@ -6,6 +6,10 @@ settings, trainer precision), so that no change to any of them reuses a stale ta
 is scored the way the trainer will run the policy (`trainer.precision`), so that at step 0 the
 policy's log-probs equal it exactly. Under DDP each rank scores a shard of the rows and the ranks
 gather the shards into the one file, which rank 0 writes.
+
+A file carries a checksum of its tensors (`table_checksum`, in the safetensors header), checked
+on every read: a file edited, truncated or written by another version is reported, in one log
+line naming it, and filled again; a table that is not the one scored is never trained against.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Bump when what a cache file holds, or how it is computed, changes.
 CACHE_VERSION = 2
+# The safetensors header entry that holds a file's `table_checksum`.
+CHECKSUM = "kto_lightning.blake2b"
 
 # How Lightning runs a step under each `trainer.precision` (single device and DDP): autocast for
 # `*-mixed` (MixedPrecision); the whole module cast to a dtype for `*-true` (HalfPrecision,
@@ -258,6 +265,48 @@ def fill_cache(
     return table
 
 
+def table_checksum(table: dict[str, Tensor]) -> str:
+    """A hash of a table's tensors: names, dtypes, shapes and bytes (any edit changes it).
+
+    The table is two floats a row (16 MB for a million rows): hashing it costs milliseconds.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name, values in sorted(table.items()):
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)}".encode())
+        digest.update(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_table(path: Path) -> tuple[dict[str, Tensor] | None, str | None]:
+    """The table in the cache file `path`, checked against its checksum: (table, None); (None,
+    None) when there is no file; (None, what is wrong) when it cannot be trusted."""
+    if not path.is_file():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(CHECKSUM)
+            names = handle.keys()  # a safe_open handle is not iterable
+            # Copies, not views of the mapped file: the values checked are the values used,
+            # whatever later happens to the file.
+            table = {name: handle.get_tensor(name).clone() for name in names}
+    except (SafetensorError, OSError) as error:
+        return None, f"it cannot be read ({error})"
+    if recorded is None:
+        return None, "it holds no checksum (written by an older kto_lightning)"
+    if table_checksum(table) != recorded:
+        return None, "its contents do not match their checksum (the file was changed)"
+    return table, None
+
+
+def write_table(table: dict[str, Tensor], path: Path) -> None:
+    """Write `table` to `path` with its checksum, atomically: a crash or a concurrent run never
+    leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(table, str(partial), metadata={CHECKSUM: table_checksum(table)})
+    os.replace(partial, path)
+
+
 def load_or_fill_cache(
     cache_dir: str | Path,
     key: str,
@@ -269,14 +318,19 @@ def load_or_fill_cache(
 ) -> tuple[dict[str, Tensor], bool]:
     """The cached table for `key`, computed and written first on a miss; returns (table, hit).
 
+    A file that fails its check (`read_table`) is a miss: logged, filled again and replaced.
     `precision` (the trainer's) must be the one `key` was computed with. Under DDP every rank
     calls it: a miss on any rank has them all fill the table together, and rank 0 writes it.
     """
     path = Path(cache_dir) / f"{key}.safetensors"
     rank, world = distributed.rank(), distributed.world_size()
+    table, problem = read_table(path)
     # The ranks must agree on the key (shards of other tables make no table) and on filling or
-    # not (a rank that reads while the others fill leaves them waiting in the merge for ever).
-    keys, found = zip(*distributed.gather_objects((key, path.is_file())), strict=True)
+    # not (a rank that reads while the others fill leaves them waiting in the merge for ever):
+    # every rank checks the file it sees, and one whose check fails has them all fill it.
+    keys, found, problems = zip(
+        *distributed.gather_objects((key, table is not None, problem)), strict=True
+    )
     if len(set(keys)) > 1:
         raise RuntimeError(
             f"the ranks computed different reference cache keys {list(keys)}: their initial "
@@ -285,18 +339,18 @@ def load_or_fill_cache(
     if all(found):
         if rank == 0:
             log.info("reference log-probs: read from the cache %s", path)
-        return load_file(path), True
-    if rank == 0:
+        return cast(dict[str, Tensor], table), True
+    reported = next((p for p in problems if p is not None), None)
+    if rank == 0 and reported is not None:
+        log.warning("reference cache %s is not used: %s; scoring it again", path, reported)
+    elif rank == 0:
         shards = f" ({world} ranks, each scoring a shard)" if world > 1 else ""
         log.info(
             "reference log-probs: not cached yet; scoring every row once%s -> %s", shards, path
         )
     table = fill_cache(policy, loaders, chunk_size, needs_kl_rows, precision)
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(table, str(partial))
-        os.replace(partial, path)  # atomic: a crash or a concurrent run never leaves half a file
+        write_table(table, path)
     distributed.barrier()  # on return the file is there, on every rank
     return table, False
 

@@ -3,13 +3,18 @@
 - `resume=<path>`: that checkpoint (a file, or a sharded folder). It must be readable, be of the
   same model (`SHAPE`), and must not change the learning rate or the schedule: a resumed run
   restores the optimizer's and the scheduler's state, so such a change would be silently ignored.
+  Nor may a data file at the same path hold other bytes than the checkpoint's run read (the run
+  records a hash of each local data file): the resumed epoch would go on over other rows.
 
 A resumed run continues in the run directory of its checkpoint (`<run dir>/checkpoints/...`):
 its checkpoints, metrics.csv, curves, export and objective stay in one place.
 - `resume=auto`: the newest checkpoint, among this task's runs, whose saved config matches this
   one on everything that defines the run (`DEFINING`). Runs on other data or with another beta are
-  not this run; when only such runs exist, the log says which keys differ and the run starts
-  fresh. In a sweep each job finds its own earlier job this way.
+  not this run, nor is a run whose data file, at the same path, held other bytes; when only such
+  runs exist, the log says which keys or files differ and the run starts fresh. In a sweep each
+  job finds its own earlier job this way.
+
+A checkpoint saved before data files were recorded is resumed unchecked, with a note saying so.
 
 A run that already finished (its last epoch or step reached) is not trained again: `train` says
 so and returns the objective it recorded.
@@ -25,7 +30,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.data.config import Source, as_group
+from kto_lightning.data.datamodule import DATA_FILES_KEY, data_files
 from kto_lightning.errors import ConfigError
+from kto_lightning.model_card import DATA_COUNTS_KEY
 from kto_lightning.security import REDACTED, is_secret_key
 
 log = logging.getLogger("kto_lightning")
@@ -50,6 +58,7 @@ NOT_DEFINING = (
     "data.batching.num_workers",
     "data.source.num_proc",
     "data.source.cache_dir",
+    "data.source.lock_timeout",
     "data.source.test_path",  # read by kto_lightning.evaluate only
     "data.source.test_split",
     "reference.cache_dir",
@@ -157,6 +166,64 @@ def current_config(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def current_data_files(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """What the local data files `cfg` names hold now (`data_files`), read before the data is."""
+    return data_files(as_group(Source, OmegaConf.select(cfg, "data.source"), "source"))
+
+
+def _rows(saved: dict[str, Any]) -> str:
+    """How many rows a run config says its run trained on, for a message; "" if it does not."""
+    counts = (saved.get(DATA_COUNTS_KEY) or {}).get("train")
+    if not isinstance(counts, dict):
+        return ""
+    return f"; it trained on {sum(int(n) for n in counts.values())} rows"
+
+
+def data_changes(
+    current: dict[str, Any], files: dict[str, dict[str, Any]], saved: dict[str, Any]
+) -> list[str] | None:
+    """The data files that hold other bytes than when `saved` (a run config) was trained, as
+    `key=value: its contents changed (blake2b old, N bytes -> new, M bytes)`; None when `saved`
+    records no files (a checkpoint of an older kto_lightning).
+
+    Only where the key's value is the same: a changed `data.source.path` is a changed key, which
+    `differences` reports.
+    """
+    recorded = saved.get(DATA_FILES_KEY)
+    if not isinstance(recorded, dict):
+        return None
+    changed = []
+    for key in sorted(set(recorded) | set(files)):
+        if _value(current, key) != _value(saved, key):
+            continue
+        then, now = recorded.get(key) or {}, files.get(key) or {}
+        if then.get("blake2b") == now.get("blake2b"):
+            continue
+        where = now.get("file") or then.get("file") or _value(current, key)
+        rows = _rows(saved) if key == "data.source.path" else ""  # the training rows' count
+        changed.append(
+            f"{key}={_value(current, key)!r} ({where}): its contents changed since the "
+            f"checkpoint (blake2b {_short(then)} -> {_short(now)}{rows})"
+        )
+    return changed
+
+
+def _short(entry: dict[str, Any]) -> str:
+    if not entry:
+        return "none: no such file"
+    return f"{str(entry.get('blake2b'))[:12]}, {int(entry.get('bytes', 0)):,} bytes"
+
+
+def _note_unrecorded(saved: Saved, files: dict[str, dict[str, Any]]) -> None:
+    if files:
+        log.info(
+            "resume: %s records no hash of its data files (saved by an older kto_lightning), so "
+            "%s cannot be checked against it; resuming as if unchanged",
+            saved.path,
+            " and ".join(files),
+        )
+
+
 def _task_folder(output_dir: Path) -> Path:
     """The folder that holds this task's runs: the parent of `runs/` or `multiruns/` above the
     run directory, else the run directory's parent."""
@@ -176,30 +243,52 @@ def find_resume(cfg: DictConfig) -> Saved | None:
     resume = cfg.get("resume")
     if resume in (None, ""):
         return None
-    current = current_config(cfg)
-    output_dir = Path(cfg.paths.output_dir).resolve()
     if resume != "auto":
-        path = Path(resume)
-        if not (path.is_file() or (path / ".metadata").is_file()):
-            raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
-        saved = read_checkpoint(path)
-        other_model = differences(current, saved.config, SHAPE)
-        if other_model:
-            raise ConfigError(
-                f"resume={resume!r} was saved from another model, so its weights do not fit this "
-                f"one: {'; '.join(other_model)}. Resume with the model it was saved from, or "
-                "start a new run (resume=null)"
-            )
-        changed = differences(current, saved.config, SCHEDULE)
-        if changed:
-            raise ConfigError(
-                f"resume={resume!r} restores the optimizer and learning-rate schedule saved in the "
-                f"checkpoint, so these changes would be ignored: {'; '.join(changed)}. Resume "
-                "without them, or start a new run (resume=null)"
-            )
-        return saved
+        return _named(cfg, str(resume))
+    return _auto(cfg)
+
+
+def _named(cfg: DictConfig, resume: str) -> Saved:
+    """The checkpoint of `resume=<path>`; ConfigError where it cannot go on as this run."""
+    path = Path(resume)
+    if not (path.is_file() or (path / ".metadata").is_file()):
+        raise ConfigError(f"resume={resume!r}: no such checkpoint file or sharded folder")
+    saved, current = read_checkpoint(path), current_config(cfg)
+    other_model = differences(current, saved.config, SHAPE)
+    if other_model:
+        raise ConfigError(
+            f"resume={resume!r} was saved from another model, so its weights do not fit this "
+            f"one: {'; '.join(other_model)}. Resume with the model it was saved from, or "
+            "start a new run (resume=null)"
+        )
+    changed = differences(current, saved.config, SCHEDULE)
+    if changed:
+        raise ConfigError(
+            f"resume={resume!r} restores the optimizer and learning-rate schedule saved in the "
+            f"checkpoint, so these changes would be ignored: {'; '.join(changed)}. Resume "
+            "without them, or start a new run (resume=null)"
+        )
+    files = current_data_files(cfg)
+    other_data = data_changes(current, files, saved.config)
+    if other_data:
+        raise ConfigError(
+            f"resume={resume!r} was trained on other data: {'; '.join(other_data)}. The "
+            "resumed epoch would go on over other rows. Put the file back as it was and "
+            "resume, or start a new run on it (resume=null); to go on training this "
+            "checkpoint on the new rows on purpose, give the file another name and point "
+            "data.source.path at it"
+        )
+    if other_data is None:
+        _note_unrecorded(saved, files)
+    return saved
+
+
+def _auto(cfg: DictConfig) -> Saved | None:
+    """The newest checkpoint of this run under this task's folder (`resume=auto`), or None."""
+    current, output_dir = current_config(cfg), Path(cfg.paths.output_dir).resolve()
     task = _task_folder(output_dir)
     closest: tuple[int, Path, list[str]] | None = None
+    files: dict[str, dict[str, Any]] | None = None  # hashed once, for the first candidate
     for path in _candidates(task, output_dir):
         try:
             saved = read_checkpoint(path)
@@ -207,7 +296,14 @@ def find_resume(cfg: DictConfig) -> Saved | None:
             log.warning("resume=auto: skipping %s: %s", path, error)
             continue
         changed = differences(current, saved.config, DEFINING)
+        other_data: list[str] | None = []
+        if not changed:  # the same settings: the same data files too?
+            files = current_data_files(cfg) if files is None else files
+            other_data = data_changes(current, files, saved.config)
+            changed = other_data or []
         if not changed:
+            if other_data is None:
+                _note_unrecorded(saved, files or {})
             log.info("resume=auto: resuming %s (step %d)", path, saved.global_step)
             return saved
         if closest is None or len(changed) < closest[0]:

@@ -24,6 +24,11 @@ FORMATS = ("auto", "unpaired", "paired", "score")
 AUTO_NUM_PROC_ROWS = 20_000
 # An unset data.batching.pad_to_multiple_of on a GPU: 16 lengths up to 1024 tokens.
 GPU_PAD_MULTIPLE = 64
+# data.source.lock_timeout's default, in seconds: two hours. The lock's holder reads, tokenizes
+# and pairs the rows (a download of a hub dataset too) while the others wait: 200k rows take
+# ~30 s on 2 CPUs, so even tens of millions of rows stay well inside it, while a holder that is
+# stopped or hung is reported within a working session, not never.
+LOCK_TIMEOUT = 7200.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class Source:
         cache_dir: the datasets cache folder; None is HF_DATASETS_CACHE.
         num_proc: processes for reading and tokenizing (datasets.map); None: one per CPU (at
             most 8) for 20,000 rows or more, one below (`processes_for`).
+        lock_timeout: seconds to wait for another process preparing the same rows (a DDP rank,
+            a sweep job) before giving up with the lock file and its holder's process id; None
+            waits for ever, 0 gives up at once.
     """
 
     path: str = TOY
@@ -62,11 +70,17 @@ class Source:
     toy_rows: int = 1200
     cache_dir: str | None = None
     num_proc: int | None = None
+    lock_timeout: float | None = LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.holds_out and not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(
                 f"data.source.val_fraction must be in (0, 1), got {self.val_fraction}"
+            )
+        if self.lock_timeout is not None and not self.lock_timeout >= 0:  # NaN fails too
+            raise ConfigError(
+                "data.source.lock_timeout must be >= 0 seconds, or null to wait for ever, got "
+                f"{self.lock_timeout}"
             )
 
     def processes_for(self, rows: int) -> int | None:

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import os
+import socket
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -73,10 +77,95 @@ def _cache_folder(rows: datasets.Dataset) -> Path | None:
     return Path(rows.cache_files[0]["filename"]).parent if rows.cache_files else None
 
 
+# The run config's entry (and so a checkpoint's) that records what the local data files held.
+DATA_FILES_KEY = "data_files"
+# Local files hashed by this process: {(path, size, mtime_ns): blake2b}; a resume check and the
+# run it starts read each file once.
+_hashed: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    """blake2b of a file's bytes (about 1 GB/s on one CPU), once per version of the file."""
+    stat = path.stat()
+    known = (str(path), stat.st_size, stat.st_mtime_ns)
+    if known not in _hashed:
+        digest = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        _hashed[known] = digest.hexdigest()
+    return _hashed[known]
+
+
+def data_files(source: Source) -> dict[str, dict[str, Any]]:
+    """{key: {file, bytes, blake2b}} of each local file `source` trains or validates on
+    (`data.source.path`, `data.source.val_path`).
+
+    What the config cannot say: whether a file at the same path still holds the same rows. A
+    resume compares it (kto_lightning.resume). Hub datasets and the bundled tasks have no entry:
+    their name and revision, in the config, say which rows they are.
+    """
+    record: dict[str, dict[str, Any]] = {}
+    for key, value in (("path", source.path), ("val_path", source.val_path)):
+        bundled = key == "path" and value in (TOY, CONSISTENCY)
+        path = Path(value).expanduser() if value and not bundled else None
+        if path is not None and path.is_file():
+            resolved = path.resolve()
+            record[f"data.source.{key}"] = {
+                "file": str(resolved),
+                "bytes": resolved.stat().st_size,
+                "blake2b": _file_hash(resolved),
+            }
+    return record
+
+
+def _holder_file(lock: Path) -> Path:
+    """The file beside `lock` in which its holder writes who it is (a lock file holds nothing)."""
+    return lock.with_name(lock.name + ".holder")
+
+
+def _write_holder(lock: Path) -> None:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    _holder_file(lock).write_text(json.dumps(record) + "\n")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds `lock`, for a message: "process 1234 on host h (holding it since ...)", and
+    whether it is stopped, as its holder wrote it; "a process that did not say which" else."""
+    try:
+        record = json.loads(_holder_file(lock).read_text())
+        pid, host, since = int(record["pid"]), str(record["host"]), float(record["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that did not say which (no readable holder file)"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    text = f"process {pid} on host {host} (holding it since {started})"
+    if host == socket.gethostname() and _stopped(pid):
+        text += f" (it is stopped, as by kill -STOP: `kill -CONT {pid}` lets it go on)"
+    return text
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` of this host is stopped (Linux's /proc; False where unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["T"], ["t"])  # the state follows the name
+
+
 @contextlib.contextmanager
 def preparing(source: Source) -> Iterator[None]:
     """Hold the lock on preparing `source`'s rows in its cache folder (nothing for a bundled
-    task, which is made in memory); logs when another process holds it first."""
+    task, which is made in memory).
+
+    The holder writes its process id beside the lock. Another process waits for it up to
+    `source.lock_timeout` seconds, saying whom it waits for, then gives up naming the lock file
+    and the holder: a holder stopped (`kill -STOP`) or hung would otherwise keep every other run
+    of the same data waiting for ever.
+
+    Raises:
+        DataError: when the lock is still held after `source.lock_timeout` seconds.
+    """
     if source.path in (TOY, CONSISTENCY) and source.val_path is None:
         yield
         return
@@ -84,15 +173,32 @@ def preparing(source: Source) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     named = (source.path, source.subset, source.split, source.revision, source.val_path)
     digest = hashlib.sha256(repr((*named, source.val_split)).encode()).hexdigest()[:16]
-    lock = FileLock(folder / f"kto_lightning-prepare-{digest}.lock")
+    path = folder / f"kto_lightning-prepare-{digest}.lock"
+    lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("data: another process is preparing %s; waiting for its cache", source.path)
-        lock.acquire()
+        timeout = source.lock_timeout
+        limit = "for ever" if timeout is None else f"up to {timeout:g} s"
+        log.info(
+            "data: another process is preparing %s: %s (lock %s); waiting %s for its cache "
+            "(data.source.lock_timeout)",
+            source.path, _holder(path), path, limit,
+        )  # fmt: skip
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise DataError(
+                f"data: gave up after waiting {timeout:g} s (data.source.lock_timeout) for the "
+                f"lock {path} on preparing {source.path}, held by {_holder(path)}. If that "
+                "process is stopped or hung, end it (or let it go on); if it is still working, "
+                "raise data.source.lock_timeout (null waits for ever)"
+            ) from None
     try:
+        _write_holder(path)
         yield
     finally:
+        _holder_file(path).unlink(missing_ok=True)  # before the release: the next holder's stays
         lock.release()
 
 
