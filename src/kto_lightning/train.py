@@ -34,12 +34,18 @@ from kto_lightning.checkpointing import (
     remove_partial_checkpoints,
 )
 from kto_lightning.compiling import compile_decoder_layers
+from kto_lightning.config_values import check_objective, check_values
 from kto_lightning.csv_logger import ContinuingCSVLogger
 from kto_lightning.data import KTODataModule
-from kto_lightning.data.datamodule import DROPPED_UNDESIRABLE
-from kto_lightning.errors import ConfigError, TrainingDiverged, user_error
+from kto_lightning.data.datamodule import DATA_FILES_KEY, DROPPED_UNDESIRABLE, data_files
+from kto_lightning.errors import ConfigError, TrainingDiverged, causes, user_error
 from kto_lightning.guards import explain_missing_value, explain_unknown_key, run_explained
-from kto_lightning.interrupts import RunInterrupted, SaveOnInterrupt
+from kto_lightning.interrupts import (
+    BeforeTraining,
+    RunInterrupted,
+    SaveOnInterrupt,
+    StoppedAtOnce,
+)
 from kto_lightning.lifecycle import (
     HuggingFaceExport,
     ReleaseHostMemory,
@@ -56,6 +62,7 @@ from kto_lightning.module import KTOModule, PolicyModule
 from kto_lightning.progress import console_callbacks, log_config, quiet_library_noise
 from kto_lightning.reference import CopyReference, ReferenceProvider, build_provider
 from kto_lightning.resume import find_resume
+from kto_lightning.run_dir import claim_run_dir, output_dir_key
 from kto_lightning.run_records import OBJECTIVE_FILE, read_objective
 from kto_lightning.security import redact_secrets, scrub_hydra_record
 from kto_lightning.sft import SFTLoss, SFTModule
@@ -126,21 +133,14 @@ def _sharded(cfg: DictConfig) -> bool:
     return "FSDP" in target or "DeepSpeed" in target
 
 
-def _check_integer(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
 def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     """Seed, then build model, data, module and trainer from `cfg`; `resumed_step`: the step of
     the checkpoint this run resumes from, whose metrics file it continues."""
-    schemas.check(cfg)  # '+group.key' additions: Hydra adds them even to structured configs
+    # '+key' additions: Hydra adds them even to structured configs, and to the root.
+    schemas.check(cfg, root=config_dir() / "train.yaml")
     # Keys no schema types: the root file's and the trainer's (Lightning's own check is a
     # traceback, raised only once data and model are loaded).
-    _check_integer("seed", cfg.seed, 0)
-    _check_integer(
-        "trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1), 1
-    )
+    check_values(cfg)
     # The reference model is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     quiet_library_noise(interactive=sys.stdout.isatty())
@@ -151,6 +151,7 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     source: ModelSource = instantiate(cfg.model)
     # As YAML says (a KTO weight may be "auto"); SFTLoss with loss=sft.
     loss_config: KTOLossConfig | SFTLoss = instantiate(cfg.loss)
+    check_objective(cfg.get("objective"), sft_stage=isinstance(loss_config, SFTLoss))
     tokenizer = source.load_tokenizer()
     datamodule = instantiate(
         cfg.data,
@@ -161,9 +162,14 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
     datamodule.setup("fit")
+    # Here, once the config's values and the data are checked: an error in either is the first
+    # thing a run prints, not a line after the whole config.
+    log_config(cfg)
     loss = _trained_loss(loss_config, datamodule)
     policy = source.load_policy()
-    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length")
+    assert datamodule.train_set is not None and datamodule.val_set is not None
+    longest = max(max(s.lengths, default=0) for s in (datamodule.train_set, datamodule.val_set))
+    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length", longest)
     vocab_size = getattr(policy.config, "vocab_size", None) or len(tokenizer)
     cfg.logprob_chunk_size = resolve_chunk_size(cfg.logprob_chunk_size, on_gpu(cfg), vocab_size)
     if cfg.gradient_checkpointing:
@@ -210,6 +216,8 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     hparams = redact_secrets(composed)
     hparams["resolved_loss"] = asdict(loss)
     hparams[DATA_COUNTS_KEY] = data_counts(datamodule)  # the rows trained on, for the model card
+    # What each local data file held: a resume checks that the rows at that path are the same.
+    hparams[DATA_FILES_KEY] = data_files(datamodule.source)
     for logger in loggers:
         logger.log_hyperparams(hparams)
     module.run_config = hparams
@@ -299,6 +307,7 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
     """Build from `cfg` (unless given `run`), fit; returns `cfg.objective` for the sweeper."""
     remove_partial_checkpoints(Path(cfg.paths.output_dir).resolve().parent)
     saved = find_resume(cfg)  # before data and model: a bad checkpoint stops the run here
+    key = output_dir_key(cfg)
     if saved is not None and saved.run_dir is not None:
         # The run goes on where it was: checkpoints, metrics, curves, export and objective.
         if saved.run_dir != Path(cfg.paths.output_dir).resolve():
@@ -307,7 +316,12 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
                 saved.run_dir,
                 cfg.paths.output_dir,
             )
+            remove_partial_checkpoints(saved.run_dir.parent)
         cfg.paths.output_dir = str(saved.run_dir)
+        key = "resume"
+    # One run per folder: refused while another live run writes there, or when it holds another
+    # run's checkpoints and this run does not resume them.
+    claim_run_dir(Path(cfg.paths.output_dir), key, resumed=key == "resume")
     if saved is not None and saved.finished:
         log.info(
             "resume: the run of %s already finished (step %d, epoch %d); nothing to train",
@@ -317,7 +331,6 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
         )
         recorded = read_objective(cfg.paths.output_dir)  # what the finished run wrote, if any
         return recorded[1] if recorded is not None else None
-    log_config(cfg)
     run = run or build(cfg, resumed_step=saved.global_step if saved is not None else None)
     if cfg.validate_before_training and saved is None:
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
@@ -330,6 +343,10 @@ def train(cfg: DictConfig, run: Run | None = None) -> float | None:
         if run.interrupt.stopped is None:
             raise
         raise run.interrupt.stopped from None
+    if saved is not None and saved.interrupted and saved.at_last_step:
+        # A signal stopped it after its last step, before that step's validation: Lightning's
+        # loop, already at max_steps, ends at once, so the validation is run here.
+        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     return objective(cfg.get("objective"), run.trainer)
 
 
@@ -376,8 +393,11 @@ def resume_command(checkpoint: Path | str) -> str:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     scrub_hydra_record(cfg)
+    # SIGTERM and Ctrl-C outside the training loop: at once before it (data preparation, model
+    # loading), after the end of the run's work once it is past its last step.
+    signals = BeforeTraining()
     try:
-        with finishing_wandb_run():  # else the next job of a sweep logs into this job's run
+        with finishing_wandb_run(), signals:  # else a sweep's next job logs into this job's run
             value = train(cfg)
     except RunInterrupted as stopped:
         _record_job(cfg, None, "interrupted", str(stopped))
@@ -393,7 +413,14 @@ def main(cfg: DictConfig) -> float | None:
         where = f"resume with:\n  {resume_command(saved[-1])}" if saved else "no checkpoint yet"
         print(f"stopped by SIGTERM between optimizer steps; {where}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
-    except Exception as error:
+    except (StoppedAtOnce, Exception) as error:
+        # Also behind another error: a library's cleanup may raise one of its own on the way out.
+        at_once = next((e for e in causes(error) if isinstance(e, StoppedAtOnce)), None)
+        if at_once is not None:
+            _record_job(cfg, None, "interrupted", str(at_once))
+            log.error("%s", at_once)
+            print(at_once, file=sys.stderr)
+            raise SystemExit(at_once.exit_code) from None
         problem = user_error(error) or explain_unknown_key(error) or explain_missing_value(error)
         if problem is None:
             # A bug: its traceback, through the log rather than Hydra's report (which echoes the
@@ -411,6 +438,12 @@ def main(cfg: DictConfig) -> float | None:
         # (keep_state_on_device); they are freed here, before a sweep's next job.
         release_device_memory()
     _record_job(cfg, value, "completed")
+    if signals.late is not None:  # the end of the run was finished first; a sweep stops here
+        name = signal.Signals(signals.late).name
+        message = f"stopped by {name} after the last training step; the run finished first"
+        log.warning("%s", message)
+        print(f"{message}: nothing to resume", file=sys.stderr)
+        raise SystemExit(128 + signals.late)
     return value
 
 

@@ -21,7 +21,7 @@ from kto_lightning.errors import ConfigError, StorageError, user_error
 from kto_lightning.guards import explain_unknown_key
 from kto_lightning.schemas import check
 from kto_lightning.security import is_secret_key, redact_text
-from kto_lightning.train import build, config_dir
+from kto_lightning.train import build, config_dir, train
 
 # One value under each kind of secret-looking name the issue lists: *_key, *key, *token*,
 # *secret*, *pass*, *credential*, *auth*.
@@ -183,3 +183,14 @@ def test_a_sweep_whose_every_trial_fails_ends_in_one_line(tmp_path: Path) -> Non
         f"error are in {tmp_path}/sweep/sweep_results.csv"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_data_file_is_the_first_thing_said_not_a_line_after_the_config(
+    make_config, tmp_path: Path, caplog
+) -> None:
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"prompt": "p", "completion": "c", "label": true}\n{"prompt": "p"}\n')
+    with caplog.at_level("INFO", logger="kto_lightning"), pytest.raises(Exception) as caught:
+        train(make_config("data=local", f"data.source.path={bad}"))
+    assert str(bad) in str(caught.value)
+    assert "config:" not in caplog.text, "the config was printed before the data's error"

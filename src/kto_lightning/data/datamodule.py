@@ -59,6 +59,7 @@ from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import tokenize_dataset
 from kto_lightning.data.toy import CONSISTENCY
 from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.packing import pack_budget
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ class KTODataModule(L.LightningDataModule):
             completion_lengths=percentiles(completion_tokens.tolist()),
             tokenization=note,
         )
+        summary.dropped.update(read.dropped)  # dropped while read (chosen == rejected)
         if empty:
             summary.dropped[DROPPED_EMPTY] = empty
         if self.drop_undesirable and undesirable:
@@ -363,6 +365,11 @@ class KTODataModule(L.LightningDataModule):
             ),
         )
         self._check(train_summary, val_summary)
+        if self.batching.packing:  # a pack budget below the longest row: said before step 1
+            pack_budget(
+                self.batching.max_tokens_per_pack,
+                max(max(s.lengths, default=1) for s in (train_set, val_set)),
+            )
         # Only now, after every check passed: a failed setup leaves nothing half-built behind.
         self.train_set, self.val_set = train_set, val_set
         self.summaries = {"train": train_summary, "validation": val_summary}
