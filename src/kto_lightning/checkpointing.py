@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Where a checkpoint keeps the resolved run config, so that it alone says how to rebuild its
 # model and tokenizer (kto_lightning.export reads it).
 RUN_CONFIG_KEY = "kto_lightning_config"
+# Set in a checkpoint saved because a signal stopped the run: the work after its step (the
+# step's validation, the end of the run) is still to do, even at the run's last step.
+INTERRUPTED_KEY = "kto_lightning_interrupted"
 
 
 def keep_trainable_weights(checkpoint: dict[str, Any], module: nn.Module) -> None:
@@ -123,13 +126,18 @@ def _writer_is_gone(partial: Path) -> bool:
     rest, _, pid = partial.name.removesuffix(".partial").rpartition(".")
     if not pid.isdigit() or not rest.endswith(f".ckpt.{socket.gethostname()}"):
         return False
+    return not process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the process `pid` of this host runs (a zombie counts until its parent reaps it)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by another user
         return False
-    return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def remove_partial_checkpoints(runs: Path) -> list[Path]:

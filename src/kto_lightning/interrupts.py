@@ -36,7 +36,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from kto_lightning.checkpointing import AfterOptimizerStep, restore_rng_states, save_rng_states
+from kto_lightning.checkpointing import (
+    INTERRUPTED_KEY,
+    AfterOptimizerStep,
+    restore_rng_states,
+    save_rng_states,
+)
 from kto_lightning.data.tokenize import bind_workers_to_this_process
 from kto_lightning.errors import KTOError
 
@@ -194,6 +199,7 @@ class SaveOnInterrupt(AfterOptimizerStep):
         self._previous_handler: Any = None
         self._before_validation: dict[str, Any] | None = None  # loops and RNG states
         self._loops_override: dict[str, Any] | None = None
+        self.saving = False  # while this callback's own save runs
         self.stopped: RunInterrupted | None = None  # set once the stopped step is saved
 
     # ------------------------------------------------------------------ Ctrl-C
@@ -257,7 +263,11 @@ class SaveOnInterrupt(AfterOptimizerStep):
         # stops first, with SIGTERMException, which `train` turns into `self.stopped`.
 
     def _save(self, trainer: L.Trainer, during: str) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
+        self.saving = True
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: resumable
+        finally:
+            self.saving = False
         signal_number = signal.SIGINT if self._ctrl_c else signal.SIGTERM
         self.stopped = RunInterrupted(signal_number, self.path, trainer.global_step, during)
 
@@ -310,6 +320,8 @@ class SaveOnInterrupt(AfterOptimizerStep):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if self.saving:
+            checkpoint[INTERRUPTED_KEY] = True
         if self._loops_override is not None:
             checkpoint["loops"] = self._loops_override
 

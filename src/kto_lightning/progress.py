@@ -161,7 +161,7 @@ class PlainProgress(AfterOptimizerStep):
             return
         when = (
             "before training"
-            if trainer.state.fn == TrainerFn.VALIDATING
+            if trainer.state.fn == TrainerFn.VALIDATING and trainer.global_step == 0
             else f"at step {trainer.global_step}"
         )
         log.info("validation %s: %s", when, " | ".join(fields))

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.checkpointing import INTERRUPTED_KEY, RUN_CONFIG_KEY, load_run_checkpoint
 from kto_lightning.data.config import Source, as_group
 from kto_lightning.data.datamodule import DATA_FILES_KEY, data_files
 from kto_lightning.errors import ConfigError
@@ -86,6 +86,7 @@ class Saved:
     config: dict[str, Any]
     global_step: int
     epoch: int
+    interrupted: bool = False  # saved by a signal: its step's validation and the run's end remain
 
     @property
     def run_dir(self) -> Path | None:
@@ -96,8 +97,17 @@ class Saved:
         return self.path.parent.parent.resolve()
 
     @property
+    def at_last_step(self) -> bool:
+        """Whether it was saved at its run's `trainer.max_steps`."""
+        max_steps = _value(self.config, "trainer.max_steps") or -1
+        return 0 < max_steps <= self.global_step
+
+    @property
     def finished(self) -> bool:
-        """Whether its run had reached its last epoch or step when it was saved."""
+        """Whether its run had reached its last epoch or step when it was saved, and done the
+        work after it (a signal at the last step leaves its validation and export to do)."""
+        if self.interrupted:
+            return False
         max_steps = _value(self.config, "trainer.max_steps") or -1
         max_epochs = _value(self.config, "trainer.max_epochs")
         return (0 < max_steps <= self.global_step) or (
@@ -115,7 +125,13 @@ def read_checkpoint(path: Path) -> Saved:
     advice = "pick another file in its checkpoints folder, or resume=null"
     checkpoint = load_run_checkpoint(file, "resume", advice)
     config = checkpoint[RUN_CONFIG_KEY]
-    return Saved(path, config, int(checkpoint["global_step"]), int(checkpoint.get("epoch", 0)))
+    return Saved(
+        path,
+        config,
+        int(checkpoint["global_step"]),
+        int(checkpoint.get("epoch", 0)),
+        bool(checkpoint.get(INTERRUPTED_KEY, False)),
+    )
 
 
 def _value(config: dict[str, Any], key: str) -> Any:

@@ -32,6 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from kto_lightning.checkpointing import process_alive
 from kto_lightning.errors import ConfigError
 
 try:
@@ -101,13 +102,7 @@ def _pid_alive(file: Path) -> bool:
         return False
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+    return process_alive(int(pid))
 
 
 def _lock(fd: int, file: Path) -> bool:

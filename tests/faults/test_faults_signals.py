@@ -133,6 +133,8 @@ def test_a_signal_in_validation_saves_the_last_step_and_resumes_exactly(
     assert not (stopped / "generations" / "step_6.jsonl").exists(), "a table cut short is not kept"
     assert not list((stopped / "checkpoints").glob("best-*.ckpt")), "validation did not finish"
 
+    if moment != "validation":
+        return  # resuming from a stop in validation is tested once, below
     resumed = _train(tmp_path, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resumed run validates step 6 again, then goes on: every metric of the uninterrupted
@@ -151,6 +153,26 @@ def test_a_signal_in_validation_saves_the_last_step_and_resumes_exactly(
     assert json.loads((whole / "generations" / "step_6.jsonl").read_text().splitlines()[0]) == (
         json.loads((stopped / "generations" / "step_6.jsonl").read_text().splitlines()[0])
     )
+
+
+def test_a_signal_in_the_last_steps_validation_is_not_taken_for_a_finished_run(
+    tmp_path: Path,
+) -> None:
+    """With trainer.max_steps reached at the saved step, the resumed run still validates that
+    step and exports: the old rule called such a checkpoint finished and did neither."""
+    run = tmp_path / "run"
+    stopped = _train(tmp_path, "trainer.max_steps=6", "export.enabled=true", f"hydra.run.dir={run}",
+                     *_signal_at("validation", 6))  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = _train(tmp_path, "trainer.max_steps=6", "export.enabled=true",
+                     f"resume={run}/checkpoints/last.ckpt",
+                     f"hydra.run.dir={tmp_path}/resumed")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already finished" not in resumed.stderr + resumed.stdout
+    recorded = json.loads((run / "objective.json").read_text())
+    assert recorded["objective"] == "val/rewards/auroc" and recorded["value"] is not None
+    assert (run / "hf_model" / "config.json").is_file()
+    assert (run / "generations" / "step_6.jsonl").is_file()
 
 
 def _children(pid: int) -> set[int]:
@@ -191,7 +213,7 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_in_data_preparation_ends_its_workers_and_says_so(
     tmp_path: Path, big_file: Path, name: str
 ) -> None:
@@ -218,10 +240,58 @@ def test_a_signal_in_data_preparation_ends_its_workers_and_says_so(
     while _alive(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(workers), f"workers {_alive(workers)} outlived the run"
-    if name == "SIGKILL":
-        assert process.returncode == -signal.SIGKILL
-        return
     assert process.returncode == 128 + getattr(signal, name), stderr[-3000:]
     assert f"stopped by {name} during data preparation" in stderr, stderr[-3000:]
     assert "nothing to save or resume" in stderr
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+# A datasets.map whose workers are busy for a minute, in a process the test then SIGKILLs: with
+# `bind` the preparation's guard is entered first, as the entry point does.
+BUSY_MAP = """
+import sys, time
+import datasets
+from kto_lightning.interrupts import BeforeTraining
+
+def slow(row):
+    time.sleep(60)
+    return row
+
+guard = BeforeTraining()
+if sys.argv[1] == "bind":
+    guard.__enter__()
+datasets.Dataset.from_dict({"x": list(range(4))}).map(slow, num_proc=2)
+"""
+
+
+def _busy_workers(tmp_path: Path, mode: str) -> set[int]:
+    """Start BUSY_MAP, wait for its two workers, SIGKILL it: the workers that are still alive
+    two seconds later."""
+    script = tmp_path / "busy_map.py"
+    script.write_text(BUSY_MAP)
+    env = {**_env(tmp_path), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, str(script), mode], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while len(workers) < 2:  # two map workers, and datasets' queue manager
+        assert process.poll() is None, "the script ended before its workers started"
+        assert time.monotonic() < deadline, "no worker started"
+        workers = _children(process.pid)
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside `slow`
+    process.kill()
+    process.wait()
+    time.sleep(2.0)
+    return _alive(workers)
+
+
+def test_a_sigkill_in_data_preparation_takes_the_busy_workers_with_it(tmp_path: Path) -> None:
+    """A worker busy in its shard outlives a SIGKILLed parent unless bound to it: the control
+    shows that the orphans this test looks for do arise; the entry point's guard ends them."""
+    orphans = _busy_workers(tmp_path, "control")
+    try:
+        assert orphans, "without the guard the busy workers outlive their parent"
+    finally:
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+    assert not _busy_workers(tmp_path, "bind"), "a worker outlived the SIGKILLed run"
