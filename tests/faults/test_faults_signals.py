@@ -37,6 +37,15 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.number)
 
     def setup(self, trainer, pl_module, stage):
+        if self.moment == "export":  # as the Hugging Face export starts, after the last step
+            [export] = [c for c in trainer.callbacks if type(c).__name__ == "HuggingFaceExport"]
+            on_train_end = export.on_train_end
+
+            def _on_train_end(trainer, *args):
+                self._send(trainer, "export")
+                return on_train_end(trainer, *args)
+
+            export.on_train_end = _on_train_end
         if self.moment != "generations":
             return
         # Inside the generations table: as its first prompt starts.
@@ -173,6 +182,22 @@ def test_a_signal_in_the_last_steps_validation_is_not_taken_for_a_finished_run(
     assert recorded["objective"] == "val/rewards/auroc" and recorded["value"] is not None
     assert (run / "hf_model" / "config.json").is_file()
     assert (run / "generations" / "step_6.jsonl").is_file()
+
+
+def test_a_signal_in_the_export_lets_the_run_finish_then_exits_143(tmp_path: Path) -> None:
+    """After the last step, last.ckpt already holds the run: the export is finished, not cut."""
+    run = tmp_path / "run"
+    result = _train(tmp_path, "export.enabled=true", f"hydra.run.dir={run}",
+                    *_signal_at("export", 12))  # fmt: skip
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "stopped by SIGTERM after the last training step; the run finished first" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 12
+    assert (run / "hf_model" / "config.json").is_file()
+    assert (run / "hf_model" / "model.safetensors").is_file()
 
 
 def _children(pid: int) -> set[int]:
