@@ -9,10 +9,11 @@ mapping Hydra gives (`as_group` converts it).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
+import datasets
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.errors import ConfigError
@@ -30,6 +31,21 @@ GPU_PAD_MULTIPLE = 64
 # stopped or hung is reported within a working session, not never.
 LOCK_TIMEOUT = 7200.0
 
+# Rows given in memory in place of a file (the Python API): a `datasets.Dataset`, or a list of
+# dicts of any shape a file may hold (kto_lightning.data.formats). A config file cannot hold them.
+InMemoryRows: TypeAlias = datasets.Dataset | Sequence[Mapping[str, Any]]
+
+
+def _check_path(key: str, value: object, optional: bool) -> None:
+    """ConfigError unless `value` is a name (a string), rows in memory, or None where allowed."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str | datasets.Dataset | list | tuple):
+        raise ConfigError(
+            f"data.source.{key} must be a file path, a hub dataset name, a bundled task's name, "
+            f"or rows in memory (a datasets.Dataset or a list of dicts), got {value!r}"
+        )
+
 
 @dataclass(frozen=True)
 class Source:
@@ -37,15 +53,16 @@ class Source:
 
     Args:
         path: "toy" or "toy_consistency" (bundled tasks, see data/toy.py), a local
-            .jsonl/.json/.parquet/.csv file, or a hub dataset name.
+            .jsonl/.json/.parquet/.csv file, a hub dataset name, or, from Python, the rows in
+            memory: a `datasets.Dataset` or a list of dicts, read as a file of the same rows.
         subset: the hub dataset's configuration (subset) name.
         split: the split of `path` to train on.
         revision: the hub dataset's branch, tag or commit.
-        val_path: a file or hub dataset for validation; None uses `path`.
+        val_path: a file, hub dataset or rows in memory for validation; None uses `path`.
         val_split: the split for validation; None (with no `val_path`) holds out `val_fraction`
             of the training rows, seeded.
         val_fraction: share of rows held out for validation when no validation data is named.
-        test_path: a file or hub dataset for `kto_lightning.evaluate`; None uses `path`.
+        test_path: a file, hub dataset or rows in memory for evaluation; None uses `path`.
         test_split: the split `kto_lightning.evaluate` scores; with neither test key set, it
             scores the validation rows. Training never reads the test rows.
         toy_rows: how many rows a bundled task generates for training (toy_consistency's
@@ -58,14 +75,14 @@ class Source:
             waits for ever, 0 gives up at once.
     """
 
-    path: str = TOY
+    path: str | InMemoryRows = TOY
     subset: str | None = None
     split: str = "train"
     revision: str | None = None
-    val_path: str | None = None
+    val_path: str | InMemoryRows | None = None
     val_split: str | None = None
     val_fraction: float = 0.1
-    test_path: str | None = None
+    test_path: str | InMemoryRows | None = None
     test_split: str | None = None
     toy_rows: int = 1200
     cache_dir: str | None = None
@@ -73,6 +90,9 @@ class Source:
     lock_timeout: float | None = LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
+        _check_path("path", self.path, optional=False)
+        _check_path("val_path", self.val_path, optional=True)
+        _check_path("test_path", self.test_path, optional=True)
         if self.holds_out and not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(
                 f"data.source.val_fraction must be in (0, 1), got {self.val_fraction}"

@@ -54,6 +54,7 @@ from kto_lightning.data.sampler import (
     LengthGroupedSampler,
 )
 from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
+from kto_lightning.data.sources import is_in_memory
 from kto_lightning.data.splits import ReadSplit, read_splits
 from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import tokenize_dataset
@@ -104,10 +105,12 @@ def data_files(source: Source) -> dict[str, dict[str, Any]]:
 
     What the config cannot say: whether a file at the same path still holds the same rows. A
     resume compares it (kto_lightning.resume). Hub datasets and the bundled tasks have no entry:
-    their name and revision, in the config, say which rows they are.
+    their name and revision, in the config, say which rows they are; rows in memory have none.
     """
     record: dict[str, dict[str, Any]] = {}
     for key, value in (("path", source.path), ("val_path", source.val_path)):
+        if not isinstance(value, str):  # rows in memory, or no val_path
+            continue
         bundled = key == "path" and value in (TOY, CONSISTENCY)
         path = Path(value).expanduser() if value and not bundled else None
         if path is not None and path.is_file():
@@ -167,12 +170,17 @@ def preparing(source: Source) -> Iterator[None]:
     Raises:
         DataError: when the lock is still held after `source.lock_timeout` seconds.
     """
-    if source.path in (TOY, CONSISTENCY) and source.val_path is None:
+    made_here = is_in_memory(source.path) or source.path in (TOY, CONSISTENCY)
+    if made_here and (source.val_path is None or is_in_memory(source.val_path)):
         yield
         return
     folder = Path(source.cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    named = (source.path, source.subset, source.split, source.revision, source.val_path)
+    # Rows in memory by what they are, not their repr (which may be megabytes).
+    name, val_name = (
+        "<in memory>" if is_in_memory(value) else value for value in (source.path, source.val_path)
+    )
+    named = (name, source.subset, source.split, source.revision, val_name)
     digest = hashlib.sha256(repr((*named, source.val_split)).encode()).hexdigest()[:16]
     path = folder / f"kto_lightning-prepare-{digest}.lock"
     lock = FileLock(path)
@@ -184,14 +192,14 @@ def preparing(source: Source) -> Iterator[None]:
         log.info(
             "data: another process is preparing %s: %s (lock %s); waiting %s for its cache "
             "(data.source.lock_timeout)",
-            source.path, _holder(path), path, limit,
+            name, _holder(path), path, limit,
         )  # fmt: skip
         try:
             lock.acquire(timeout=-1 if timeout is None else timeout)
         except Timeout:
             raise DataError(
                 f"data: gave up after waiting {timeout:g} s (data.source.lock_timeout) for the "
-                f"lock {path} on preparing {source.path}, held by {_holder(path)}. If that "
+                f"lock {path} on preparing {name}, held by {_holder(path)}. If that "
                 "process is stopped or hung, end it (or let it go on); if it is still working, "
                 "raise data.source.lock_timeout (null waits for ever)"
             ) from None

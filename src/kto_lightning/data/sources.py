@@ -1,4 +1,5 @@
-"""Loading raw rows: local files (jsonl, json, parquet, csv) or a hub dataset, through `datasets`.
+"""Loading raw rows: local files (jsonl, json, parquet, csv), a hub dataset, or rows in memory (a
+`datasets.Dataset` or a list of dicts, from the Python API), through `datasets`.
 
 `datasets` reads files fast but reports bad ones vaguely (a malformed JSON line is blamed on the
 wrong row, bytes that are not UTF-8 pass silently, an empty file raises StopIteration). So text
@@ -11,7 +12,9 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
@@ -150,6 +153,72 @@ def load_local(path: str | Path, cache_dir: str | None = None) -> datasets.Datas
     if len(dataset) == 0:
         raise DataError(f"{path}: the file holds no rows")
     return dataset
+
+
+def is_in_memory(value: object) -> bool:
+    """Whether a `data.source` path is rows in memory (a `datasets.Dataset`, or a list or tuple
+    of dicts) rather than a file, a hub dataset or a bundled task's name."""
+    return isinstance(value, datasets.Dataset | list | tuple)
+
+
+def _first_of_another_type(values: list[Any]) -> int | None:
+    """The index of the first value whose type is not the first value's (None, and int beside
+    float, mix freely, as in Arrow), or None."""
+    first: type | None = None
+    for index, value in enumerate(values):
+        if value is None:
+            continue
+        kind = float if type(value) is int else type(value)
+        if first is None:
+            first = kind
+        elif kind is not first:
+            return index
+    return None
+
+
+def load_memory(
+    rows: datasets.Dataset | Sequence[Mapping[str, Any]], name: str
+) -> datasets.Dataset:
+    """Rows given in memory, as the `datasets.Dataset` a file of the same rows reads as.
+
+    A list of dicts is read as a JSON-lines file of them would be: its columns are every key of
+    any row (in order of first appearance), a key a row lacks is null in it. (`Dataset.from_list`
+    would take the first row's keys alone and drop the others' without a word.)
+
+    Raises:
+        DataError: naming `name` and the item, when there are no rows or an item is not a dict,
+            or a column's values do not share one type.
+    """
+    if isinstance(rows, datasets.Dataset):
+        if len(rows) == 0:
+            raise DataError(f"{name}: the dataset holds no rows")
+        return rows
+    if len(rows) == 0:
+        raise DataError(f"{name}: the list holds no rows")
+    keys: dict[str, None] = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise DataError(
+                f"{name}, item {number}: expected a dict (one row), got {type(row).__name__} "
+                f"{str(row)[:60]}"
+            )
+        keys.update(dict.fromkeys(row))
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except Exception as error:  # pyarrow: values of one column of different types
+        for key, values in columns.items():
+            odd = _first_of_another_type(values)
+            if odd is not None:
+                first = next(type(value) for value in values if value is not None)
+                raise DataError(
+                    f"{name}, row {odd + 1}: column {key!r} holds {type(values[odd]).__name__} "
+                    f"{str(values[odd])[:60]!r} where the rows before hold {first.__name__}; "
+                    "give the column one type in every row"
+                ) from None
+        raise DataError(
+            f"{name}: cannot be read as rows ({type(error).__name__}: {error})"
+        ) from None
 
 
 def load_hub(

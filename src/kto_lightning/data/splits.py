@@ -3,6 +3,8 @@
 Validation rows come from `data.source.val_path` or `data.source.val_split`; with neither, a
 seeded `data.source.val_fraction` of the source rows is held out of the training rows. Test rows
 (`data.source.test_path`, `data.source.test_split`) are read by `kto_lightning.evaluate` alone.
+Each of the three paths may also be rows in memory (the Python API): they then take the same
+road as a file's rows from `normalise` on, and messages name them by their key.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import logging
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeAlias
 
 import datasets
 import numpy as np
 
-from kto_lightning.data.config import TOY, Columns, Source
+from kto_lightning.data.config import TOY, Columns, InMemoryRows, Source
 from kto_lightning.data.formats import DROPPED_SAME_PAIR, dropped_rows, normalise
 from kto_lightning.data.rows import arrow_column
-from kto_lightning.data.sources import load_source
+from kto_lightning.data.sources import is_in_memory, load_memory, load_source
 from kto_lightning.data.toy import CONSISTENCY, consistency_rows, toy_rows
 from kto_lightning.errors import ConfigError, DataError
 
@@ -43,16 +46,37 @@ class ReadSplit:
         return replace(self, rows=datasets.Dataset.from_dict({}))
 
 
-def _name(path: str, split: str) -> str:
+# What a data.source path key holds: a name (a file, a hub dataset, a bundled task) or rows.
+DataPath: TypeAlias = str | InMemoryRows
+
+
+def _name(path: DataPath, split: str, key: str = "path") -> str:
+    if is_in_memory(path):  # no name of its own: the key it was given as
+        return f"rows in memory (data.source.{key})"
+    assert isinstance(path, str)
     return path if path == TOY or split == "train" else f"{path}[{split}]"
 
 
-def _same_data(path: str, other: str) -> bool:
-    """Whether two `data.source` paths name the same data: the same file, or the same name."""
+def _or_path(value: DataPath | None, path: DataPath) -> DataPath:
+    """`value`, or `path` when it is None (not `or`: an empty list or dataset is not None)."""
+    return path if value is None else value
+
+
+def _same_data(path: DataPath, other: DataPath) -> bool:
+    """Whether two `data.source` paths name the same data: the same file, the same name, or the
+    same rows in memory (the same object)."""
+    if is_in_memory(path) or is_in_memory(other):
+        return path is other
+    assert isinstance(path, str) and isinstance(other, str)
     if path == other:
         return True
     first, second = Path(path).expanduser(), Path(other).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def _shown(path: DataPath) -> str:
+    """A path for a message: its repr, or what rows in memory are (their repr could be huge)."""
+    return f"<{len(path)} rows in memory>" if is_in_memory(path) else repr(path)
 
 
 def _refuse_training_rows_as_validation(source: Source) -> None:
@@ -62,7 +86,8 @@ def _refuse_training_rows_as_validation(source: Source) -> None:
         return
     if source.val_path is None or _same_data(source.val_path, source.path):
         keys = (
-            f"data.source.val_path={source.val_path!r} is data.source.path={source.path!r}"
+            f"data.source.val_path={_shown(source.val_path)} is "
+            f"data.source.path={_shown(source.path)}"
             if source.val_path is not None
             else f"data.source.val_split={source.val_split!r} is data.source.split"
         )
@@ -75,19 +100,22 @@ def _refuse_training_rows_as_validation(source: Source) -> None:
 
 
 def _read(
-    source: Source, columns: Columns, path: str, split: str, seed: int
+    source: Source, columns: Columns, path: DataPath, split: str, seed: int, key: str = "path"
 ) -> tuple[datasets.Dataset, str, bool, int, np.ndarray]:
-    """Load and normalise one source; returns (rows, format, conversational, rows read, the
-    indices of the source rows dropped)."""
-    if path == TOY:
+    """Load and normalise one source (`key`: the data.source key that names it); returns (rows,
+    format, conversational, rows read, the indices of the source rows dropped)."""
+    if is_in_memory(path):
+        raw = load_memory(path, _name(path, split, key))  # type: ignore[arg-type]
+    elif path == TOY:
         raw = datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed))
     elif path == CONSISTENCY:  # its validation split: an eighth as many rows, unseen objects
         n_rows = source.toy_rows if split == source.split else max(16, source.toy_rows // 8)
         raw = datasets.Dataset.from_list(consistency_rows(n_rows, split, seed=seed))
     else:
+        assert isinstance(path, str)
         raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
     num_proc = source.processes_for(len(raw))
-    rows, fmt, chat = normalise(raw, columns, _name(path, split), seed, num_proc)
+    rows, fmt, chat = normalise(raw, columns, _name(path, split, key), seed, num_proc)
     return rows, fmt, chat, len(raw), dropped_rows(rows, len(raw))
 
 
@@ -128,14 +156,17 @@ def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit,
     train_name = _name(source.path, source.split)
     rows, fmt, chat, n_read, dropped = _read(source, columns, source.path, source.split, seed)
     if not source.holds_out:
-        val_path, val_split = source.val_path or source.path, source.val_split or source.split
+        val_key = "path" if source.val_path is None else "val_path"
+        val_path = _or_path(source.val_path, source.path)
+        val_split = source.val_split or source.split
         val_rows, val_fmt, val_chat, n_val_read, val_dropped = _read(
-            source, columns, val_path, val_split, seed
+            source, columns, val_path, val_split, seed, val_key
         )
         return (
             ReadSplit(rows, fmt, chat, "train", train_name, n_read, _dropped(len(dropped))),
-            ReadSplit(val_rows, val_fmt, val_chat, "validation", _name(val_path, val_split),
-                      n_val_read, _dropped(len(val_dropped))),
+            ReadSplit(val_rows, val_fmt, val_chat, "validation",
+                      _name(val_path, val_split, val_key), n_val_read,
+                      _dropped(len(val_dropped))),
         )  # fmt: skip
     train_idx, val_idx, held_out = _hold_out(rows, n_read, source.val_fraction, seed, train_name)
     n_val_read, n_val_dropped = int(held_out.sum()), int(held_out[dropped].sum())
@@ -155,12 +186,13 @@ def read_evaluation_split(source: Source, columns: Columns, seed: int) -> ReadSp
     read too, to hold out the same seeded share.
     """
     if source.names_test:
-        role = "test"
-        path, split = source.test_path or source.path, source.test_split or source.split
+        role, key = "test", "path" if source.test_path is None else "test_path"
+        path, split = _or_path(source.test_path, source.path), source.test_split or source.split
     elif not source.holds_out:
-        role = "validation"
-        path, split = source.val_path or source.path, source.val_split or source.split
+        role, key = "validation", "path" if source.val_path is None else "val_path"
+        path, split = _or_path(source.val_path, source.path), source.val_split or source.split
     else:
         return read_splits(source, columns, seed)[1]
-    rows, fmt, chat, n_read, dropped = _read(source, columns, path, split, seed)
-    return ReadSplit(rows, fmt, chat, role, _name(path, split), n_read, _dropped(len(dropped)))
+    rows, fmt, chat, n_read, dropped = _read(source, columns, path, split, seed, key)
+    name = _name(path, split, key)
+    return ReadSplit(rows, fmt, chat, role, name, n_read, _dropped(len(dropped)))
