@@ -4,12 +4,14 @@ python -m kto_lightning.evaluate ckpt_path=outputs/kto/runs/<time>              
 python -m kto_lightning.evaluate ckpt_path=RUN/checkpoints/best-step120.ckpt     # one checkpoint
 python -m kto_lightning.evaluate ckpt_path=RUN/hf_model data.source.test_split=test
 
-`ckpt_path` names a checkpoint, a run directory or a Hugging Face folder; what each gives as the
-policy and its reference is in kto_lightning.evaluation_target. A checkpoint's run config decides
-the model, the loss (class weights as trained) and the seed; the command line decides the rest.
+`ckpt_path` names a checkpoint, a run (or sweep job) directory or a Hugging Face folder, read by
+kto_lightning.run_record; what each gives as the policy and its reference is in
+kto_lightning.evaluation_target. A checkpoint's run config decides the model, the loss (class
+weights as trained), the seed and the data; the command line decides the rest.
 
-The rows: `data.source.test_path` / `test_split` when set, else the validation rows, held out as
-the run held them out (its seed). `trainer.validate` runs KTOModule's validation step: no
+The rows: the run's own data config (`scored_data`), with any `data.<key>=` of the command line
+on top: `data.source.test_path` / `test_split` when set, else the validation rows, held out as
+the run held them out (its file, hold-out and seed). `trainer.validate` runs KTOModule's validation step: no
 optimizer, no checkpoint, no logger. This evaluation's run directory (outputs/eval/runs/<time>)
 receives eval.json (the validation metrics renamed val/* -> eval/*, and what was scored: data,
 model, loss) and reward_distributions.png (the implied rewards of each label).
@@ -17,6 +19,7 @@ model, loss) and reward_distributions.png (the implied rewards of each label).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -32,7 +35,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from kto_lightning import schemas
@@ -57,7 +60,6 @@ from kto_lightning.models import CausalLM, check_context_window
 from kto_lightning.module import KTOModule
 from kto_lightning.progress import quiet_library_noise
 from kto_lightning.reference import ReferenceProvider
-from kto_lightning.resume import differences
 from kto_lightning.security import scrub_hydra_record
 from kto_lightning.step import StepLogps
 from kto_lightning.strategies import keep_state_on_device
@@ -190,6 +192,65 @@ def _run_loss(run: dict[str, Any]) -> KTOLoss | KTOLossConfig | None:
     return KTOLoss(**resolved) if isinstance(resolved, dict) else trained
 
 
+_UNSET = object()  # `~data.<key>` on the command line: the key removed
+
+
+def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The leaves of a nested config as dotted keys (`data.source.path`)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        out |= _flat(value, name) if isinstance(value, Mapping) else {name: value}
+    return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set (or, for `_UNSET`, remove) `dotted` in the nested dict `tree`."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    if value is _UNSET:
+        tree.pop(leaf, None)
+    else:
+        tree[leaf] = value
+
+
+def scored_data(
+    data: DictConfig, run: Mapping[str, Any] | None, overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[str] | None]:
+    """The data config to score and how it differs from the run's (None: no run config).
+
+    The run's data config, as it trained (its file, columns, lengths, hold-out and seed, so the
+    validation rows are the rows it validated on), is the base: evaluate.yaml's `data` group
+    stands in only for a Hugging Face folder of no run. A `data.<key>=` on the command line is
+    applied on top of the run's; choosing another group (`data=<name>`) replaces it whole.
+    """
+    container = OmegaConf.to_container(data, resolve=True, throw_on_missing=True)
+    assert isinstance(container, dict)
+    composed = {str(key): value for key, value in container.items()}
+    if run is None or not isinstance(run.get("data"), Mapping):
+        return composed, None
+    keys = [o.split("=", 1)[0].lstrip("+~").split("@")[0] for o in overrides]
+    if "data" in keys:
+        scored = composed
+    else:
+        scored = copy.deepcopy(dict(run["data"]))
+        for key in keys:
+            if key.startswith("data."):
+                sub = key.removeprefix("data.")
+                value = OmegaConf.select(data, sub, default=_UNSET)
+                if isinstance(value, DictConfig | ListConfig):
+                    value = OmegaConf.to_container(value, resolve=True)
+                _set(scored, sub, value)
+    then, now = _flat(run["data"], "data"), _flat(scored, "data")
+    differs = [
+        f"{key}: {then.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(then.keys() | now.keys())
+        if then.get(key) != now.get(key)
+    ]
+    return scored, differs
+
+
 def _adopt_run_config(
     cfg: DictConfig, run: dict[str, Any], decided: tuple[str, ...], overrides: Sequence[str]
 ) -> None:
@@ -285,8 +346,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     loss_config = _scoring_loss(cfg, run, overrides)
     tokenizer = load_tokenizer(target)
     # Data first: a bad row stops the evaluation before a large model is loaded.
-    data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
-    assert isinstance(data, dict)
+    data, differs = scored_data(cfg.data, run, overrides)
+    if differs is not None:
+        log.info("data: the run's%s", f", except {'; '.join(differs)}" if differs else " own")
     settings = {str(key): value for key, value in data.items() if key != "_target_"}
     datamodule = EvaluationData(tokenizer, needs_kl_rows=loss_config.needs_kl_rows, **settings)
     datamodule.setup("validate")
@@ -323,10 +385,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             "rows_read": summary.rows_read,
             "rows": summary.kept,
             "config": data,
-            # [] when these are the run's own data (its validation rows, with no test keys).
-            "differs_from_run": (
-                differences({"data": data}, run, ("data",)) if run and "data" in run else None
-            ),
+            # `key: run's value -> this value` for each data key the command line changed; []
+            # for the run's own data, None for a Hugging Face folder of no run.
+            "differs_from_run": differs,
         },
         "model": {"ckpt_path": str(cfg.ckpt_path), **identity},
         "loss": dataclasses.asdict(loss),

@@ -21,16 +21,14 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
 from kto_lightning.data.config import Source
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.export import POLICY_PREFIX, load_policy_weights
 from kto_lightning.models import CausalLM, ModelSource, Pretrained
 from kto_lightning.reference import CopyReference, ReferenceProvider, ReferenceSpec, build_provider
+from kto_lightning.run_record import RunRecord, resolve_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,74 +41,21 @@ class Target:
         run_config: the training run's resolved config (the checkpoint's, or, for a Hugging Face
             folder inside a run directory, that run's); None for a folder of no run.
         checkpoint: the checkpoint's contents (kind "checkpoint"), its tensors memory-mapped.
+        record: the run `ckpt_path` belongs to, as kto_lightning.run_record read it.
     """
 
     kind: str
     path: Path
     run_config: dict[str, Any] | None
     checkpoint: dict[str, Any] | None = None
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint's contents; ConfigError naming `ckpt_path` unless it is one."""
-    advice = (
-        "pass a checkpoint written by kto_lightning.train, a run directory, or a Hugging Face "
-        "folder"
-    )
-    checkpoint = load_run_checkpoint(path, "ckpt_path", advice)
-    if "model" not in checkpoint[RUN_CONFIG_KEY]:
-        raise ConfigError(f"ckpt_path={str(path)!r}: its run config names no model; {advice}")
-    return checkpoint
-
-
-def _run_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config of the run in `run_dir`: its last.ckpt's, else the keys evaluation needs from
-    its .hydra/config.yaml (composed, not resolved: only these keys are resolved); None: no run."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return _load_checkpoint(last)[RUN_CONFIG_KEY]
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        composed = OmegaConf.load(path)
-        nodes = {key: OmegaConf.select(composed, key) for key in ("seed", "model", "loss")}
-        return {
-            key: OmegaConf.to_container(node, resolve=True)
-            if isinstance(node, DictConfig)
-            else node
-            for key, node in nodes.items()
-        }
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"could not read the run config {str(path)!r}: {error}") from None
+    record: RunRecord | None = None
 
 
 def resolve_target(ckpt_path: str) -> Target:
-    """The checkpoint or Hugging Face folder that `ckpt_path` names (see the module docstring)."""
-    path = Path(ckpt_path).expanduser()
-    if path.is_file():
-        checkpoint = _load_checkpoint(path)
-        return Target("checkpoint", path, checkpoint[RUN_CONFIG_KEY], checkpoint)
-    if (path / "config.json").is_file():
-        return Target("hf_model", path, _run_config(path.parent))
-    if (path / "adapter_config.json").is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r} holds a LoRA adapter alone (export --keep-adapter); pass "
-            "the checkpoint it was exported from, or export it merged"
-        )
-    last = path / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return resolve_target(str(last))
-    if (path / ".metadata").is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r} is a sharded checkpoint folder; evaluate its run's hf_model "
-            "folder, or a full checkpoint (strategy.save_distributed_checkpoint=false)"
-        )
-    what = "a folder" if path.is_dir() else "no such file or folder"
-    raise ConfigError(
-        f"ckpt_path={ckpt_path!r}: {what}; pass a checkpoint file (.ckpt), a run directory "
-        "(with checkpoints/last.ckpt) or a Hugging Face model folder (with config.json)"
-    )
+    """The checkpoint or Hugging Face folder that `ckpt_path` names (see the module docstring),
+    read by kto_lightning.run_record, the one reader of what a run directory holds."""
+    record = resolve_run(ckpt_path, "ckpt_path")
+    return Target(record.kind, record.named, record.config, record.checkpoint, record)
 
 
 def override_keys(overrides: Sequence[str]) -> set[str]:

@@ -20,9 +20,9 @@ from kto_lightning.errors import ConfigError
 from kto_lightning.evaluate import evaluate
 from kto_lightning.train import config_dir
 
-# FAST's data settings: with them, evaluation scores the run's own validation rows (16 of the
-# 160 toy rows, held out) in the batches its final validation used.
-RUN_DATA = ["data.source.toy_rows=160", "data.batching.batch_size=8", "trainer.limit_val_batches=2"]
+# No data argument: evaluation scores the run's own validation rows (16 of the 160 toy rows,
+# held out); FAST's limit, a trainer setting, makes them the batches its final validation used.
+RUN_DATA = ["trainer.limit_val_batches=2"]
 TEST_ROWS = [
     {"prompt": "What is 2 + 2?", "completion": "2 + 2 is 4.", "label": True},
     {"prompt": "What is 2 + 2?", "completion": "Look it up yourself.", "label": False},
