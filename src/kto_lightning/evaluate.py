@@ -11,10 +11,11 @@ weights as trained), the seed and the data; the command line decides the rest.
 
 The rows: the run's own data config (`scored_data`), with any `data.<key>=` of the command line
 on top: `data.source.test_path` / `test_split` when set, else the validation rows, held out as
-the run held them out (its file, hold-out and seed). `trainer.validate` runs KTOModule's validation step: no
-optimizer, no checkpoint, no logger. This evaluation's run directory (outputs/eval/runs/<time>)
-receives eval.json (the validation metrics renamed val/* -> eval/*, and what was scored: data,
-model, loss) and reward_distributions.png (the implied rewards of each label).
+the run held them out (its file, hold-out and seed). `trainer.validate` runs KTOModule's
+validation step: no optimizer, no checkpoint, no logger. This evaluation's run directory
+(outputs/eval/runs/<time>) receives eval.json (the validation metrics renamed val/* -> eval/*,
+and what was scored: data, model, loss) and reward_distributions.png (the implied rewards of each
+label).
 """
 
 from __future__ import annotations
