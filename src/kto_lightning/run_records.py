@@ -1,7 +1,8 @@
 """What a run directory records, read back: the plots, the sweep table and the model card use it.
 
 <run dir>/csv/metrics.csv        every logged metric, one row per logging call (every logger
-                                 config writes it)
+                                 config writes it); a row's `step` is the optimizer step it
+                                 belongs to, a validation's the steps done (csv_logger.logged_step)
 <run dir>/objective.json         the sweep objective after the fit (train.objective)
 <run dir>/.hydra/overrides.yaml  the command-line overrides Hydra launched the run with
                                  (secret values already shown as ***, see train.py)
@@ -85,18 +86,18 @@ def validation_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def last_validation(
-    rows: list[MetricRow], before_step: int | None = None
+    rows: list[MetricRow], at_step: int | None = None
 ) -> tuple[int, dict[str, float]] | None:
     """The step and the metrics of the last validation in `rows`; None when no row has any.
 
     Args:
         rows: from `read_metric_rows`.
-        before_step: only validations logged before this optimizer step count (the rule of
-            csv_logger.ContinuingCSVLogger: the row of step s comes after s + 1 steps), so a
-            checkpoint of step N gets the validation it was saved after, not a later one.
+        at_step: only validations after at most this many optimizer steps count (a row's step
+            is the steps done when it ran: csv_logger.logged_step), so a checkpoint of step N
+            gets the validation of its own weights, not a later one.
     """
     for row in reversed(rows):
-        if before_step is not None and row.step >= before_step:
+        if at_step is not None and row.step > at_step:
             continue
         metrics = validation_metrics(row.values)
         if metrics:
@@ -137,11 +138,11 @@ def recorded_overrides(run_dir: str | Path) -> list[str] | None:
 
 
 def final_metrics(run_dir: Path, step: int | None) -> dict[str, float]:
-    """The validation metrics of the run's last validation before optimizer step `step` (a
-    checkpoint's own), from csv/metrics.csv; without that file, the objective alone, from
+    """The validation metrics of the run's last validation after at most `step` optimizer steps
+    (a checkpoint's own step), from csv/metrics.csv; without that file, the objective alone, from
     objective.json; else {} (not recorded)."""
     if (run_dir / METRICS_FILE).is_file():
-        last = last_validation(read_metric_rows(run_dir), before_step=step)
+        last = last_validation(read_metric_rows(run_dir), at_step=step)
         # Not objective.json then: it holds the end of the run, maybe later than this checkpoint.
         return last[1] if last is not None else {}
     objective = read_objective(run_dir)

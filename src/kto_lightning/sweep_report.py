@@ -51,7 +51,7 @@ class Job:
     message: str = ""  # why it failed, from sweep_results.csv
     objective: str = ""
     objective_value: float | None = None
-    step: int | None = None  # the metrics.csv step (the figures' x) of the last validation
+    step: int | None = None  # optimizer steps done at the last validation (metrics.csv)
     final: dict[str, float] = field(default_factory=dict)  # its val/ metrics
     note: str = ""  # why it has no curves; "" when it has
 

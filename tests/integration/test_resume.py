@@ -92,10 +92,11 @@ def _assert_resumed_equals(whole: Path, resumed: Path, resumed_at: int) -> None:
     # The resumed run goes on in the same run directory: one metrics.csv holds every step once,
     # those logged before the interruption and after it, equal to the uninterrupted run's.
     expected, got = _train_rows(whole), _train_rows(resumed)
-    assert sorted(got) == list(range(2 * STEPS_PER_EPOCH)), "each optimizer step, no gap"
+    steps = list(range(1, 2 * STEPS_PER_EPOCH + 1))  # a row's step: the optimizer step it made
+    assert sorted(got) == steps, "each optimizer step, no gap"
     with open(resumed / "csv" / "metrics.csv") as handle:
         loss_rows = [int(row["step"]) for row in csv.DictReader(handle) if row["train/loss"]]
-    assert sorted(loss_rows) == list(range(2 * STEPS_PER_EPOCH)), "and each step once"
+    assert sorted(loss_rows) == steps, "and each step once"
     for step, values in got.items():
         for name, value in values.items():
             assert abs(value - expected[step][name]) <= 1e-6 or (value != value), (step, name)
@@ -112,7 +113,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, wh
     # a batch's metrics to the loggers after the hook that saves): kill once step 5's row is there.
     _wait_for_a_checkpoint(process, killed)
     deadline = time.monotonic() + 120
-    while 4 not in _train_rows_if_any(killed):
+    while 5 not in _train_rows_if_any(killed):
         assert process.poll() is None and time.monotonic() < deadline, "no row of step 5"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
