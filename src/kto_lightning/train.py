@@ -35,7 +35,7 @@ from kto_lightning.checkpointing import (
 )
 from kto_lightning.compiling import compile_decoder_layers
 from kto_lightning.config_values import check_objective, check_values
-from kto_lightning.csv_logger import ContinuingCSVLogger
+from kto_lightning.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers
 from kto_lightning.data import KTODataModule
 from kto_lightning.data.datamodule import DATA_FILES_KEY, DROPPED_UNDESIRABLE, data_files
 from kto_lightning.errors import ConfigError, TrainingDiverged, causes, user_error
@@ -191,6 +191,7 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     around_fit: list[L.Callback] = [
         interrupt,
         ReleaseHostMemory(),
+        OptimizerStepNumbers(),  # every logger writes the optimizer steps done (1-based)
         ValidateAtLastStep(),
         TrainingCurves(),
     ]

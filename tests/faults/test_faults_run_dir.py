@@ -93,7 +93,7 @@ def test_two_runs_started_in_the_same_second_each_keep_their_own_directory(tmp_p
         seeds.append(saved[RUN_CONFIG_KEY]["seed"])
         assert f"seed={seeds[-1]}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert (run / "hf_model" / "config.json").is_file()
-        assert _steps(run) == ["0", "1"], "one run's metrics, not two interleaved"
+        assert _steps(run) == ["1", "2"], "one run's metrics, not two interleaved"
     assert sorted(seeds) == [1, 2]
 
 

@@ -140,10 +140,10 @@ def test_strategy_config_trains_on_two_cpu_processes(
         cwd=tmp_path,
     )  # fmt: skip
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    # It goes on in its run directory: metrics.csv keeps steps 0-3 and gets 4-7 again.
+    # It goes on in its run directory: metrics.csv keeps steps 1-4 and gets 5-8 again.
     assert not (tmp_path / "resumed" / "checkpoints").exists()
     got = _final_validation(tmp_path / "run")
-    assert got["step"] == expected["step"] == "7"
+    assert got["step"] == expected["step"] == "8"
     for key in ("val/loss", "val/rewards/margins", "val/kl", "val/rewards/auroc"):
         assert float(got[key]) == pytest.approx(float(expected[key]), abs=1e-6), key
 
