@@ -1,6 +1,12 @@
 """The data module's settings, in four groups: `data.source`, `data.columns`, `data.lengths`,
 `data.batching` (conf/data/local.yaml documents every key).
 
+The defaults here and conf/data/local.yaml's values are one set, kept equal by
+tests/unit/test_config_defaults.py: the YAML is what command-line users read and override, these
+are what `KTODataModule(tokenizer)` takes from Python. The one difference is deliberate:
+`source.path` is `toy` here (the bundled task, so a data module builds with no file) and `???` in
+local.yaml (a local run must name its file).
+
 Each group is a frozen dataclass that checks itself on construction and names the full key of a
 bad value (`data.lengths.max_length`). KTODataModule takes each group as the dataclass or as the
 mapping Hydra gives (`as_group` converts it).
@@ -81,7 +87,7 @@ class Source:
     revision: str | None = None
     val_path: str | InMemoryRows | None = None
     val_split: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.05
     test_path: str | InMemoryRows | None = None
     test_split: str | None = None
     toy_rows: int = 1200
@@ -190,8 +196,8 @@ class Lengths:
         max_prompt_length: the prompt's share, in tokens (truncated from the left).
     """
 
-    max_length: int = 256
-    max_prompt_length: int = 128
+    max_length: int = 512
+    max_prompt_length: int = 256
 
     def __post_init__(self) -> None:
         check_lengths(self.max_length, self.max_prompt_length)
@@ -220,7 +226,7 @@ class Batching:
             attention kernels plan anew, and 1 on a CPU, where padding is only cost.
     """
 
-    batch_size: int = 16
+    batch_size: int = 8
     eval_batch_size: int | None = None
     balanced_batches: bool = False
     group_by_length: bool = False
