@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import pickle
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from kto_lightning.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
 from kto_lightning.model_card import write_model_card
 from kto_lightning.models import CausalLM, ModelSource
+from kto_lightning.run_record import RunRecord, resolve_run
 from kto_lightning.run_records import final_metrics
 
 POLICY_PREFIX = "policy."
@@ -82,15 +80,21 @@ def export_policy(
     return out
 
 
-def _load_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+def read_checkpoint(ckpt_path: Path) -> RunRecord:
+    """The run record of a training checkpoint, read by kto_lightning.run_record (the one reader
+    of checkpoints and run directories); ModelLoadError naming the file when it cannot be read."""
     if not ckpt_path.is_file():
         raise ModelLoadError(f"no checkpoint file at {str(ckpt_path)!r}")
+    key = "checkpoint"
     try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ModelLoadError(
-            f"could not read the checkpoint {str(ckpt_path)!r}: {str(error).splitlines()[0]}"
-        ) from None
+        return resolve_run(ckpt_path, key)
+    except ConfigError as error:
+        # The reader names the file as `checkpoint='<path>': ...`; say it as export always has.
+        reason = str(error).removeprefix(f"{key}={str(ckpt_path)!r}: ")
+        # Unreadable bytes: a load error; a readable file that is no training checkpoint (no run
+        # config to rebuild its model from): a config error, as before the one reader.
+        kind = ModelLoadError if reason.startswith("not a readable") else ConfigError
+        raise kind(f"could not read the checkpoint {str(ckpt_path)!r}: {reason}") from None
 
 
 def _build_source(model_config: dict, ckpt_path: Path) -> ModelSource:
@@ -136,12 +140,15 @@ def load_policy_weights(policy: nn.Module, state: dict[str, torch.Tensor], sourc
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
 
 
-def run_dir_of(ckpt_path: Path, config: dict[str, Any]) -> Path | None:
-    """The run directory a checkpoint belongs to: `<run dir>/checkpoints/<file>.ckpt`, else the
-    one its config names (paths.output_dir), if that still exists; None otherwise."""
-    if ckpt_path.resolve().parent.name == "checkpoints":
-        return ckpt_path.resolve().parent.parent
-    named = (config.get("paths") or {}).get("output_dir")
+def run_dir_of(record: RunRecord) -> Path | None:
+    """The run directory a checkpoint belongs to: the one its record found around it
+    (`<run dir>/checkpoints/<file>.ckpt`), else the one its config names (paths.output_dir), if
+    that still exists; None otherwise."""
+    if record.run_dir is not None:
+        return record.run_dir
+    if record.named.resolve().parent.name == "checkpoints":
+        return record.named.resolve().parent.parent
+    named = ((record.config or {}).get("paths") or {}).get("output_dir")
     return Path(named) if named and Path(named).is_dir() else None
 
 
@@ -182,14 +189,14 @@ def export_checkpoint(
     """
     ckpt_path = Path(ckpt_path)
     refuse_non_empty(Path(out_dir), overwrite)
-    checkpoint = _load_checkpoint(ckpt_path)
-    config = checkpoint.get(RUN_CONFIG_KEY)
-    if not isinstance(config, dict) or "model" not in config:
-        raise ConfigError(
-            f"the checkpoint {str(ckpt_path)!r} has no '{RUN_CONFIG_KEY}' entry, so it does not "
-            "say how to rebuild its model; export it from a checkpoint written by "
-            "kto_lightning.train"
-        )
+    return export_record(read_checkpoint(ckpt_path), out_dir, merge_lora=merge_lora)
+
+
+def export_record(record: RunRecord, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """`export_checkpoint` of a checkpoint already read (`read_checkpoint`, or
+    run_record.resolve_run of a .ckpt): its policy, tokenizer and model card into `out_dir`."""
+    checkpoint, config, ckpt_path = record.checkpoint, record.config, record.named
+    assert checkpoint is not None and config is not None, "a checkpoint's record"
     source = _build_source(config["model"], ckpt_path)
     tokenizer = source.load_tokenizer()
     # The seed only matters for weights the checkpoint does not hold (a TinyLlama's frozen base
@@ -207,7 +214,7 @@ def export_checkpoint(
     policy.eval()
     out = export_policy(policy, tokenizer, out_dir, merge_lora=merge_lora)
     step = checkpoint.get("global_step")
-    run_dir = run_dir_of(ckpt_path, config)
+    run_dir = run_dir_of(record)
     metrics = final_metrics(run_dir, step) if run_dir is not None else {}
     write_model_card(out, config, run_dir, step, metrics, merge_lora=merge_lora)
     return out

@@ -13,8 +13,9 @@ conversation through the tokenizer's chat template; a text prompt as one user tu
 tokenizer has one (`--no-chat-template`: BOS + text, as training encodes text rows).
 
 `--compare` generates with the reference model too: the base the run started from, rebuilt from
-the run's config (`.hydra/config.yaml`, or the run config a checkpoint stores) as `train.build`
-built it, or `--reference MODEL`.
+the run's config as `train.build` built it, or `--reference MODEL`. The run config is read by
+`kto_lightning.run_record`, with evaluate's precedence: the named checkpoint's, else the run's
+checkpoints/last.ckpt's, else its .hydra/config.yaml.
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
 from kto_lightning.hub import looks_local
 from kto_lightning.models import CausalLM, Pretrained, learned_positions
 from kto_lightning.prompts import gather_prompts, prompt_ids
+
+if TYPE_CHECKING:
+    from kto_lightning.run_record import RunRecord
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -109,64 +112,46 @@ class Target:
     run_config: dict[str, Any] | None = None
 
 
-def _checkpoint_config(ckpt_path: Path) -> dict[str, Any] | None:
-    """The run config a kto_lightning checkpoint stores (None when it stores none)."""
-    # Imported here: Lightning is slow to import and only checkpoints need this module.
-    from kto_lightning.checkpointing import RUN_CONFIG_KEY
-
-    try:
-        # mmap: the weights stay on disk; only the small config is read.
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ModelLoadError(
-            f"could not read the checkpoint {str(ckpt_path)!r}: {str(error).splitlines()[0]}"
-        ) from None
-    config = checkpoint.get(RUN_CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    return config if isinstance(config, dict) and "model" in config else None
-
-
-def run_config(run_dir: Path) -> dict[str, Any] | None:
-    """`model` and `seed` of the run in `run_dir`: from the .hydra/config.yaml Hydra wrote, else
-    from checkpoints/last.ckpt (a run started from Python has no .hydra folder)."""
-    hydra_file = run_dir / ".hydra" / "config.yaml"
-    if hydra_file.is_file():
-        cfg = OmegaConf.load(hydra_file)
-        if not isinstance(cfg, DictConfig) or "model" not in cfg:
-            raise ConfigError(f"{hydra_file}: not a kto_lightning run config (no 'model' key)")
-        try:
-            model = OmegaConf.to_container(cfg.model, resolve=True)
-        except Exception as error:
-            raise ConfigError(f"{hydra_file}: the model config cannot be read: {error}") from None
-        return {"model": model, "seed": cfg.get("seed")}
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return _checkpoint_config(last) if last.is_file() else None
+def _run_config(record: RunRecord) -> dict[str, Any] | None:
+    """The run config a record holds, when it says how the model was built (a `model` key)."""
+    return record.config if record.config is not None and "model" in record.config else None
 
 
 def resolve(name: str, stack: contextlib.ExitStack) -> Target:
-    """What MODEL_OR_RUN names; a checkpoint is exported into a folder that `stack` removes."""
+    """What MODEL_OR_RUN names; a checkpoint is exported into a folder that `stack` removes.
+
+    The run config comes from kto_lightning.run_record, as evaluate reads it: the named
+    checkpoint's, else the run's checkpoints/last.ckpt's, else its .hydra/config.yaml.
+    """
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".ckpt":
-        from kto_lightning.export import export_checkpoint  # imports Lightning: checkpoints only
+        # Imported here: Lightning is slow to import, and a hub name needs neither module.
+        from kto_lightning.export import export_record
+        from kto_lightning.run_record import resolve_run
 
+        record = resolve_run(path, "MODEL_OR_RUN")
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kto_generate_")))
-        export_checkpoint(path, folder)
-        return Target(str(folder), run_config=_checkpoint_config(path))
+        export_record(record, folder)
+        return Target(str(folder), run_config=_run_config(record))
     if path.is_file():
         raise ConfigError(
             f"{name!r} is a file; give a model folder, a run directory or a .ckpt checkpoint"
         )
     if path.is_dir():
-        if (path / "config.json").is_file():
-            # A run's hf_model/: its run directory still says which base model it started from.
-            config = run_config(path.parent) if path.name == "hf_model" else None
-            return Target(str(path), run_config=config)
-        if (path / "adapter_config.json").is_file():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{name!r} holds a LoRA adapter alone (export --keep-adapter); pass the "
                 "checkpoint it was exported from, or export it merged"
             )
-        if (path / "hf_model").is_dir():
-            return Target(str(path / "hf_model"), run_config=run_config(path))
+        folder = path if (path / "config.json").is_file() else path / "hf_model"
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():  # Pretrained says what is missing
+                return Target(str(folder))
+            from kto_lightning.run_record import resolve_run
+
+            # A run's hf_model/: its run directory still says which base model it started from.
+            record = resolve_run(folder, "MODEL_OR_RUN")
+            return Target(str(folder), run_config=_run_config(record))
         if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
             newest = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
             hint = "it has no checkpoint either"

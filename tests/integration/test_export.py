@@ -131,7 +131,7 @@ def _fabricated_checkpoint(make_config, path: Path, drop: str | None = None, ext
     if extra:
         state["policy.not.a.weight"] = torch.zeros(1)
     config = OmegaConf.to_container(cfg, resolve=True)
-    torch.save({"state_dict": state, "kto_lightning_config": config}, path)
+    torch.save({"state_dict": state, "kto_lightning_config": config, "global_step": 0}, path)
     return path
 
 

@@ -151,7 +151,7 @@ def test_compare_puts_the_runs_step_zero_policy_beside_its_policy(
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
     state = {f"policy.{key}": value for key, value in policy.state_dict().items()}
-    torch.save({"state_dict": state, RUN_CONFIG_KEY: run.module.run_config}, ckpt)
+    torch.save({"state_dict": state, RUN_CONFIG_KEY: run.module.run_config, "global_step": 0}, ckpt)
 
     prompts = ["Can you tell me about bees?", "Please explain tides to me."]
     # The toy task's prompts are text: --no-chat-template renders them as training did.
