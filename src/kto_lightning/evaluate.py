@@ -40,6 +40,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from kto_lightning import schemas
+from kto_lightning.config_files import config_dir, on_gpu
 from kto_lightning.data.config import Source, as_group
 from kto_lightning.data.datamodule import KTODataModule
 from kto_lightning.data.splits import read_evaluation_split
@@ -64,7 +65,6 @@ from kto_lightning.reference import ReferenceProvider
 from kto_lightning.security import scrub_hydra_record
 from kto_lightning.step import StepLogps
 from kto_lightning.strategies import keep_state_on_device
-from kto_lightning.train import config_dir, on_gpu
 
 log = logging.getLogger("kto_lightning")
 RESULTS = "eval.json"

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
-from kto_lightning.models import CausalLM
+from kto_lightning.models import CausalLM, make_reference
 from kto_lightning.packing import Packing
 from kto_lightning.reference_cache import CachePlan, cache_plan, trainer_precision
 
@@ -168,8 +168,6 @@ def build_provider(
     weights are held in the autocast dtype (`models.hold_linear_weights_in`).
     """
     if spec.kind == "copy":
-        from kto_lightning.models import make_reference
-
         mixed = _AUTOCAST_DTYPES.get(str(precision))
         reference = make_reference(policy, None if sharded else mixed)
         return CopyReference(reference)

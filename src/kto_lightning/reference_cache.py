@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,8 +38,20 @@ from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import batch_logprobs, eval_mode
 
-if TYPE_CHECKING:
-    from kto_lightning.reference import ReferenceSpec
+
+class CacheSettings(Protocol):
+    """What a cache plan reads of the `reference` group (`reference.ReferenceSpec` is one).
+
+    A protocol rather than an import of `reference`, which imports this file: the cache sits
+    below the providers that use it.
+    """
+
+    @property
+    def cache_dir(self) -> str: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +393,7 @@ class CachePlan:
 
 
 def cache_plan(
-    spec: ReferenceSpec,
+    spec: CacheSettings,
     policy: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     datamodule,

@@ -19,7 +19,7 @@ import importlib.util
 import types
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -38,8 +38,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from kto_lightning.errors import ConfigError
 from kto_lightning.logprobs import SHARDED_ENTRY, unsharded_sequence_logprobs
 
-if TYPE_CHECKING:
-    from kto_lightning.module import PolicyModule
+
+class HoldsModels(Protocol):
+    """What sharding needs of a LightningModule (`module.PolicyModule` is one).
+
+    A protocol rather than an import of `module`: `module` imports this file (for
+    `FSDP2Strategy`), and strategies sit below the modules they shard.
+    """
+
+    @property
+    def policy(self) -> nn.Module: ...
 
 
 def decoder_layer_classes(model: nn.Module, layer_class: str | None = None) -> set[type[nn.Module]]:
@@ -81,7 +89,7 @@ def shard_model(
 
 
 def shard_models(
-    module: PolicyModule,
+    module: HoldsModels,
     mesh: DeviceMesh,
     layer_class: str | None = None,
     reshard_after_forward: bool = True,
@@ -159,7 +167,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Everything else (loops, callbacks, RNG states, the run config) is on rank 0's file.
         return torch.load(path / "meta.pt", weights_only=weights_only is not False)
 
-    def shard(self, module: PolicyModule) -> None:
+    def shard(self, module: HoldsModels) -> None:
         """Called by `PolicyModule.configure_model` once the process group and mesh exist."""
         shard_models(
             module, self.device_mesh["data_parallel"], self.layer_class, self.reshard_after_forward
