@@ -128,6 +128,7 @@ class BeforeTraining:
     def __init__(self) -> None:
         self.stage = "before"  # "before" -> "training" -> "finishing"
         self.late: int | None = None  # a signal that landed after the last step
+        self.pending: StoppedAtOnce | None = None  # a stop asked before training began
         self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
 
@@ -156,7 +157,11 @@ class BeforeTraining:
         if os.getpid() != self._pid:  # a forked worker, before it set its own handlers
             return
         if self.stage == "before":
-            raise StoppedAtOnce(signal_number, _phase(frame))
+            # Kept as well as raised: raised inside a finalizer or a __del__ (a worker pool's,
+            # while data preparation ends), Python prints the exception and goes on; the stop
+            # then happens at the next stage (`_enter_stage`), before any optimizer step.
+            self.pending = StoppedAtOnce(signal_number, _phase(frame))
+            raise self.pending
         if self.stage == "finishing":
             if self.late == signal.SIGINT and signal_number == signal.SIGINT:
                 raise StoppedAtOnce(
@@ -178,8 +183,11 @@ _active: BeforeTraining | None = None
 
 
 def _enter_stage(stage: str) -> None:
-    if _active is not None:
-        _active.stage = stage
+    if _active is None:
+        return
+    if _active.pending is not None:  # asked before training, and swallowed on its way out
+        raise _active.pending
+    _active.stage = stage
 
 
 class SaveOnInterrupt(AfterOptimizerStep):

@@ -304,6 +304,7 @@ def _busy_workers(tmp_path: Path, mode: str) -> set[int]:
         workers = _children(process.pid)
         time.sleep(0.05)
     time.sleep(1.0)  # inside `slow`
+    workers |= _children(process.pid)  # every child, the queue manager included
     process.kill()
     process.wait()
     time.sleep(2.0)
@@ -319,4 +320,24 @@ def test_a_sigkill_in_data_preparation_takes_the_busy_workers_with_it(tmp_path: 
     finally:
         for pid in orphans:
             os.kill(pid, signal.SIGKILL)
-    assert not _busy_workers(tmp_path, "bind"), "a worker outlived the SIGKILLed run"
+    orphans = _busy_workers(tmp_path, "bind")
+    for pid in orphans:  # none should be left; a failing run leaves none behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, "a worker outlived the SIGKILLed run"
+
+
+def test_a_stop_asked_before_training_but_swallowed_still_stops_before_the_first_step() -> None:
+    """A signal handled inside a finalizer (a worker pool's, as data preparation ends) raises
+    where Python ignores exceptions; the stop is kept and happens as training would begin."""
+    from kto_lightning.interrupts import BeforeTraining, StoppedAtOnce, _enter_stage
+
+    class SignalsWhileCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with BeforeTraining() as guard:
+        item = SignalsWhileCollected()
+        del item  # the handler's StoppedAtOnce is printed and ignored, as in any __del__
+        assert guard.pending is not None
+        with pytest.raises(StoppedAtOnce, match="stopped by SIGTERM"):
+            _enter_stage("training")
