@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,7 @@ from kto_lightning.checkpointing import (
     remove_partial_checkpoints,
 )
 from kto_lightning.compiling import compile_decoder_layers
+from kto_lightning.config_files import config_dir, on_gpu
 from kto_lightning.config_values import check_objective, check_values
 from kto_lightning.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers
 from kto_lightning.data import KTODataModule
@@ -71,7 +73,6 @@ from kto_lightning.sweeps import (
     in_sweep,
     job_result,
     record,
-    register_resolvers,
     shown_overrides,
 )
 from kto_lightning.wandb_logging import (
@@ -82,14 +83,8 @@ from kto_lightning.wandb_logging import (
 )
 
 log = logging.getLogger("kto_lightning")
-schemas.register()  # before any config is composed: the YAML files extend these
-register_resolvers()  # and conf/hydra names sweep jobs' folders with these
-
-
-def config_dir() -> Path:
-    """`conf/` of a source checkout, else the copy packed into the installed wheel."""
-    checkout = Path(__file__).resolve().parents[2] / "conf"
-    return checkout if (checkout / "train.yaml").is_file() else Path(__file__).parent / "conf"
+# `config_dir` and `on_gpu` come from config_files, whose import registers the schemas and the
+# resolvers that composing needs; `train.config_dir` stays importable for existing callers.
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -118,13 +113,6 @@ class Run:
     module: PolicyModule  # a KTOModule, or an SFTModule with loss=sft
     datamodule: L.LightningDataModule
     interrupt: SaveOnInterrupt  # among the trainer's callbacks: what a signal stopped and saved
-
-
-def on_gpu(cfg: DictConfig) -> bool:
-    """Whether the run's trainer will train on CUDA GPUs (`trainer.accelerator` gpu or cuda, or
-    auto with one present)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def _sharded(cfg: DictConfig) -> bool:
@@ -201,6 +189,10 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *around_fit, RunSummary()]
     # A progress bar on a terminal, plain log lines elsewhere (SLURM, nohup, a pipe).
     console, switches = console_callbacks(cfg.trainer, callbacks, cfg.progress.every_n_steps)
+    if "enable_checkpointing" not in cfg.trainer:
+        # Lightning adds a ModelCheckpoint of its own when none is given (callbacks=none): it
+        # would write checkpoints nobody asked for, under the logger's folder.
+        switches["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         strategy=strategy,

@@ -32,7 +32,9 @@ def _fill(cache_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     policy = TinyLlama(hidden_size=32, num_layers=1).load_policy()
     tokenizer = byte_level_tokenizer()
     datamodule = KTODataModule(
-        tokenizer, source={"path": "toy", "toy_rows": 60}, batching={"batch_size": 4}
+        tokenizer,
+        source={"path": "toy", "toy_rows": 60, "val_fraction": 0.1},
+        batching={"batch_size": 4},
     )
     datamodule.setup()
     scored: dict[str, torch.Tensor] = {}
