@@ -97,7 +97,7 @@ def test_validation_on_the_training_rows_is_refused_naming_both_keys(tmp_path, h
     assert (
         keys in message and "validation would score the very rows training learns from" in message
     )
-    assert "data.source.val_fraction=0.1" in message
+    assert f"data.source.val_fraction={source.val_fraction:g}" in message  # the share held out
     # Another file is fine.
     other = _jsonl(tmp_path / "val.jsonl", _unpaired(4))
     train, val = read_splits(Source(path=str(path), val_path=str(other)), Columns(), seed=0)
