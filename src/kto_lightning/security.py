@@ -80,17 +80,19 @@ def secret_values(config: Any) -> set[str]:
     return found
 
 
+def _whole_values(secrets: set[str]) -> re.Pattern[str]:
+    """A pattern of the secrets as whole values, longest first: a secret 1234 must not turn
+    max_steps: 12345 into ***5."""
+    alternatives = sorted(secrets, key=len, reverse=True)
+    return re.compile("|".join(rf"(?<![\w.]){re.escape(s)}(?![\w.])" for s in alternatives))
+
+
 def scrub_files(folder: str | Path, secrets: set[str]) -> None:
     """Replace every secret value by *** in the YAML files of `folder` (Hydra's .hydra/ record:
     config.yaml, hydra.yaml and overrides.yaml all repeat what was given on the command line)."""
     if not secrets:
         return
-    # Whole values only: a secret 1234 must not turn max_steps: 12345 into ***5.
-    pattern = re.compile(
-        "|".join(
-            rf"(?<![\w.]){re.escape(s)}(?![\w.])" for s in sorted(secrets, key=len, reverse=True)
-        )
-    )
+    pattern = _whole_values(secrets)
     for path in Path(folder).glob("*.yaml"):
         text = path.read_text()
         scrubbed = pattern.sub("***", text)
@@ -160,12 +162,7 @@ def redact_text(text: str) -> str:
     secrets = {s for s in _yaml_secrets(text) | _assignment_secrets(text) if s and s != REDACTED}
     if not secrets:
         return text
-    pattern = re.compile(
-        "|".join(
-            rf"(?<![\w.]){re.escape(s)}(?![\w.])" for s in sorted(secrets, key=len, reverse=True)
-        )
-    )
-    return pattern.sub(REDACTED, text)
+    return _whole_values(secrets).sub(REDACTED, text)
 
 
 class RedactingFilter(logging.Filter):

@@ -155,9 +155,9 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     log_config(cfg)
     loss = _trained_loss(loss_config, datamodule)
     policy = source.load_policy()
-    assert datamodule.train_set is not None and datamodule.val_set is not None
-    longest = max(max(s.lengths, default=0) for s in (datamodule.train_set, datamodule.val_set))
-    check_context_window(policy, datamodule.lengths.max_length, "data.lengths.max_length", longest)
+    check_context_window(
+        policy, datamodule.lengths.max_length, "data.lengths.max_length", datamodule.longest_row
+    )
     vocab_size = getattr(policy.config, "vocab_size", None) or len(tokenizer)
     cfg.logprob_chunk_size = resolve_chunk_size(cfg.logprob_chunk_size, on_gpu(cfg), vocab_size)
     if cfg.gradient_checkpointing:

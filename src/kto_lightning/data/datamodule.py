@@ -263,6 +263,7 @@ class KTODataModule(L.LightningDataModule):
         self.train_set: KTODataset | None = None
         self.val_set: KTODataset | None = None
         self.summaries: dict[str, SplitSummary] = {}
+        self.longest_row = 0  # of the training and validation rows, once set up
         self._train_loader: StatefulDataLoader | None = None
         self._train_shard: RankShard | None = None
         self._restored_position: dict[str, int] | None = None
@@ -373,13 +374,12 @@ class KTODataModule(L.LightningDataModule):
             ),
         )
         self._check(train_summary, val_summary)
+        longest = max(max(s.lengths, default=0) for s in (train_set, val_set))
         if self.batching.packing:  # a pack budget below the longest row: said before step 1
-            pack_budget(
-                self.batching.max_tokens_per_pack,
-                max(max(s.lengths, default=1) for s in (train_set, val_set)),
-            )
+            pack_budget(self.batching.max_tokens_per_pack, max(longest, 1))
         # Only now, after every check passed: a failed setup leaves nothing half-built behind.
         self.train_set, self.val_set = train_set, val_set
+        self.longest_row = longest  # tokens, as a batch pads it (its KL row's when longer)
         self.summaries = {"train": train_summary, "validation": val_summary}
 
     def _check(self, train: SplitSummary, val: SplitSummary) -> None:
