@@ -26,12 +26,12 @@ from functools import partial
 import torch
 from runners import run_measured
 
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.packing import Packing, pack_rows
 from kto_lightning.data import KTODataModule
-from kto_lightning.losses import KTOLoss
 from kto_lightning.models import TinyLlama, make_reference
-from kto_lightning.module import KTOModule
-from kto_lightning.packing import Packing, pack_rows
-from kto_lightning.reference import CopyReference
+from kto_lightning.models.reference import CopyReference
+from kto_lightning.training.module import KTOModule
 
 
 def slots(batch: dict[str, torch.Tensor], packing: Packing | None) -> tuple[int, int]:

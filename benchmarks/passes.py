@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
 
     from kto_lightning import train as kto_train
-    from kto_lightning.logprobs import sequence_logprobs
+    from kto_lightning.core.logprobs import sequence_logprobs
 
     folder = args.fixture_dir.resolve() / "full"
     model_dir = build_fixture(folder, FixtureSpec())

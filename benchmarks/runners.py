@@ -328,8 +328,8 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
 
 
 def _time_cache_fill() -> dict[str, float]:
-    """Time kto_lightning.reference_cache.fill_cache (the scoring of a cache miss), if any."""
-    from kto_lightning import reference_cache
+    """Time models.reference_cache.fill_cache (the scoring of a cache miss), if any."""
+    from kto_lightning.models import reference_cache
 
     timing = {"seconds": 0.0, "calls": 0}
     original = reference_cache.fill_cache

@@ -15,25 +15,25 @@ from kto_lightning.errors import ConfigError, DataError, KTOError, ModelLoadErro
 
 if TYPE_CHECKING:
     from kto_lightning.api import RunResult, run_training
+    from kto_lightning.core.losses import KTOLoss, KTOLossConfig
     from kto_lightning.data import Batching, Columns, KTODataModule, Lengths, Source
-    from kto_lightning.losses import KTOLoss, KTOLossConfig
     from kto_lightning.models import Pretrained, TinyLlama
-    from kto_lightning.module import KTOModule
-    from kto_lightning.reference import CopyReference
+    from kto_lightning.models.reference import CopyReference
+    from kto_lightning.training.module import KTOModule
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "KTOModule": "kto_lightning.module",
+    "KTOModule": "kto_lightning.training.module",
     "KTODataModule": "kto_lightning.data",
     "Source": "kto_lightning.data",
     "Columns": "kto_lightning.data",
     "Lengths": "kto_lightning.data",
     "Batching": "kto_lightning.data",
-    "KTOLoss": "kto_lightning.losses",
-    "KTOLossConfig": "kto_lightning.losses",
-    "CopyReference": "kto_lightning.reference",
+    "KTOLoss": "kto_lightning.core.losses",
+    "KTOLossConfig": "kto_lightning.core.losses",
+    "CopyReference": "kto_lightning.models.reference",
     "TinyLlama": "kto_lightning.models",
     "Pretrained": "kto_lightning.models",
     "run_training": "kto_lightning.api",

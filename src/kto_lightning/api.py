@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kto_lightning.run_dir import fresh_dir
-from kto_lightning.security import redact_secrets
-from kto_lightning.sweeps import shown_overrides
+from kto_lightning.common.security import redact_secrets
+from kto_lightning.runs.run_dir import fresh_dir
+from kto_lightning.runs.sweeps import shown_overrides
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ python -m kto_lightning.evaluate ckpt_path=RUN/checkpoints/best-step120.ckpt    
 python -m kto_lightning.evaluate ckpt_path=RUN/hf_model data.source.test_split=test
 
 `ckpt_path` names a checkpoint, a run (or sweep job) directory or a Hugging Face folder, read by
-kto_lightning.run_record; what each gives as the policy and its reference is in
-kto_lightning.evaluation_target. A checkpoint's run config decides the model, the loss (class
+kto_lightning.runs.run_record; what each gives as the policy and its reference is in
+kto_lightning.cli.evaluation_target. A checkpoint's run config decides the model, the loss (class
 weights as trained), the seed and the data; the command line decides the rest.
 
 The rows: the run's own data config (`scored_data`), with any `data.<key>=` of the command line
@@ -39,32 +39,32 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
-from kto_lightning import schemas
-from kto_lightning.config_files import config_dir, on_gpu
-from kto_lightning.data.config import Source, as_group
-from kto_lightning.data.datamodule import KTODataModule
-from kto_lightning.data.splits import read_evaluation_split
-from kto_lightning.data.summary import format_summary
-from kto_lightning.distributed import gather_cat
-from kto_lightning.errors import ConfigError, user_error
-from kto_lightning.evaluation_target import (
+from kto_lightning.cli import schemas
+from kto_lightning.cli.config_files import config_dir, on_gpu
+from kto_lightning.cli.evaluation_target import (
     build_models,
     load_tokenizer,
     override_keys,
     refuse_guessed_run,
     resolve_target,
 )
-from kto_lightning.guards import explain_missing_value, run_explained
-from kto_lightning.lifecycle import scalar_metrics
-from kto_lightning.logprobs import resolve_chunk_size
-from kto_lightning.losses import KTOLoss, KTOLossConfig
-from kto_lightning.models import CausalLM, check_context_window
-from kto_lightning.module import KTOModule
-from kto_lightning.progress import quiet_library_noise
-from kto_lightning.reference import ReferenceProvider
-from kto_lightning.security import scrub_hydra_record
-from kto_lightning.step import StepLogps
-from kto_lightning.strategies import keep_state_on_device
+from kto_lightning.cli.guards import explain_missing_value, run_explained
+from kto_lightning.cli.lifecycle import scalar_metrics
+from kto_lightning.common.distributed import gather_cat
+from kto_lightning.common.security import scrub_hydra_record
+from kto_lightning.core.logprobs import CausalLM, resolve_chunk_size
+from kto_lightning.core.losses import KTOLoss, KTOLossConfig
+from kto_lightning.core.step import StepLogps
+from kto_lightning.data.config import Source, as_group
+from kto_lightning.data.datamodule import KTODataModule
+from kto_lightning.data.splits import read_evaluation_split
+from kto_lightning.data.summary import format_summary
+from kto_lightning.errors import ConfigError, user_error
+from kto_lightning.models import check_context_window
+from kto_lightning.models.reference import ReferenceProvider
+from kto_lightning.reporting.progress import quiet_library_noise
+from kto_lightning.training.module import KTOModule
+from kto_lightning.training.strategies import keep_state_on_device
 
 log = logging.getLogger("kto_lightning")
 RESULTS = "eval.json"

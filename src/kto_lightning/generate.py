@@ -14,7 +14,7 @@ tokenizer has one (`--no-chat-template`: BOS + text, as training encodes text ro
 
 `--compare` generates with the reference model too: the base the run started from, rebuilt from
 the run's config as `train.build` built it, or `--reference MODEL`. The run config is read by
-`kto_lightning.run_record`, with evaluate's precedence: the named checkpoint's, else the run's
+`kto_lightning.runs.run_record`, with evaluate's precedence: the named checkpoint's, else the run's
 checkpoints/last.ckpt's, else its .hydra/config.yaml.
 """
 
@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from kto_lightning.common.hub import looks_local
+from kto_lightning.core.logprobs import CausalLM
+from kto_lightning.data.prompts import gather_prompts, prompt_ids
 from kto_lightning.errors import ConfigError, KTOError, ModelLoadError, user_error
-from kto_lightning.hub import looks_local
-from kto_lightning.models import CausalLM, Pretrained, learned_positions
-from kto_lightning.prompts import gather_prompts, prompt_ids
+from kto_lightning.models import Pretrained, learned_positions
 
 if TYPE_CHECKING:
-    from kto_lightning.run_record import RunRecord
+    from kto_lightning.runs.run_record import RunRecord
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -120,14 +121,14 @@ def _run_config(record: RunRecord) -> dict[str, Any] | None:
 def resolve(name: str, stack: contextlib.ExitStack) -> Target:
     """What MODEL_OR_RUN names; a checkpoint is exported into a folder that `stack` removes.
 
-    The run config comes from kto_lightning.run_record, as evaluate reads it: the named
+    The run config comes from kto_lightning.runs.run_record, as evaluate reads it: the named
     checkpoint's, else the run's checkpoints/last.ckpt's, else its .hydra/config.yaml.
     """
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".ckpt":
         # Imported here: Lightning is slow to import, and a hub name needs neither module.
-        from kto_lightning.export import export_record
-        from kto_lightning.run_record import resolve_run
+        from kto_lightning.cli.hf_export import export_record
+        from kto_lightning.runs.run_record import resolve_run
 
         record = resolve_run(path, "MODEL_OR_RUN")
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kto_generate_")))
@@ -147,7 +148,7 @@ def resolve(name: str, stack: contextlib.ExitStack) -> Target:
         if folder.is_dir():
             if not (folder / "config.json").is_file():  # Pretrained says what is missing
                 return Target(str(folder))
-            from kto_lightning.run_record import resolve_run
+            from kto_lightning.runs.run_record import resolve_run
 
             # A run's hf_model/: its run directory still says which base model it started from.
             record = resolve_run(folder, "MODEL_OR_RUN")

@@ -29,26 +29,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning import schemas
-from kto_lightning.checkpointing import (
-    AtomicCheckpointIO,
-    remove_partial_checkpoints,
-)
-from kto_lightning.compiling import compile_decoder_layers
-from kto_lightning.config_files import config_dir, on_gpu
-from kto_lightning.config_values import check_objective, check_values
-from kto_lightning.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers
-from kto_lightning.data import KTODataModule
-from kto_lightning.data.datamodule import DATA_FILES_KEY, DROPPED_UNDESIRABLE, data_files
-from kto_lightning.errors import ConfigError, TrainingDiverged, causes, user_error
-from kto_lightning.guards import explain_missing_value, explain_unknown_key, run_explained
-from kto_lightning.interrupts import (
-    BeforeTraining,
-    RunInterrupted,
-    SaveOnInterrupt,
-    StoppedAtOnce,
-)
-from kto_lightning.lifecycle import (
+from kto_lightning.cli import schemas
+from kto_lightning.cli.config_files import config_dir, on_gpu
+from kto_lightning.cli.config_values import check_objective, check_values
+from kto_lightning.cli.guards import explain_missing_value, explain_unknown_key, run_explained
+from kto_lightning.cli.lifecycle import (
     HuggingFaceExport,
     ReleaseHostMemory,
     RunSummary,
@@ -56,31 +41,46 @@ from kto_lightning.lifecycle import (
     ValidateAtLastStep,
     scalar_metrics,
 )
-from kto_lightning.logprobs import resolve_chunk_size
-from kto_lightning.losses import KTOLoss, KTOLossConfig
-from kto_lightning.model_card import DATA_COUNTS_KEY, data_counts
-from kto_lightning.models import CausalLM, ModelSource, check_context_window
-from kto_lightning.module import KTOModule, PolicyModule
-from kto_lightning.progress import console_callbacks, log_config, quiet_library_noise
-from kto_lightning.reference import CopyReference, ReferenceProvider, build_provider
-from kto_lightning.resume import find_resume
-from kto_lightning.run_dir import claim_run_dir, output_dir_key
-from kto_lightning.run_records import OBJECTIVE_FILE, read_objective
-from kto_lightning.security import redact_secrets, scrub_hydra_record
-from kto_lightning.sft import SFTLoss, SFTModule
-from kto_lightning.strategies import check_deepspeed, keep_state_on_device
-from kto_lightning.sweeps import (
-    in_sweep,
-    job_result,
-    record,
-    shown_overrides,
-)
-from kto_lightning.wandb_logging import (
+from kto_lightning.common.security import redact_secrets, scrub_hydra_record
+from kto_lightning.core.logprobs import CausalLM, resolve_chunk_size
+from kto_lightning.core.losses import KTOLoss, KTOLossConfig
+from kto_lightning.data import KTODataModule
+from kto_lightning.data.datamodule import DATA_FILES_KEY, DROPPED_UNDESIRABLE, data_files
+from kto_lightning.errors import ConfigError, TrainingDiverged, causes, user_error
+from kto_lightning.models import ModelSource, check_context_window
+from kto_lightning.models.reference import CopyReference, ReferenceProvider, build_provider
+from kto_lightning.reporting.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers
+from kto_lightning.reporting.model_card import data_counts
+from kto_lightning.reporting.progress import console_callbacks, log_config, quiet_library_noise
+from kto_lightning.reporting.wandb_logging import (
     check_wandb_login,
     finishing_wandb_run,
     is_wandb,
     wandb_logger,
 )
+from kto_lightning.runs.checkpointing import (
+    AtomicCheckpointIO,
+    remove_partial_checkpoints,
+)
+from kto_lightning.runs.interrupts import (
+    BeforeTraining,
+    RunInterrupted,
+    SaveOnInterrupt,
+    StoppedAtOnce,
+)
+from kto_lightning.runs.resume import find_resume
+from kto_lightning.runs.run_dir import claim_run_dir, output_dir_key
+from kto_lightning.runs.run_records import DATA_COUNTS_KEY, OBJECTIVE_FILE, read_objective
+from kto_lightning.runs.sweeps import (
+    in_sweep,
+    job_result,
+    record,
+    shown_overrides,
+)
+from kto_lightning.training.compiling import compile_decoder_layers
+from kto_lightning.training.module import KTOModule, PolicyModule
+from kto_lightning.training.sft import SFTLoss, SFTModule
+from kto_lightning.training.strategies import check_deepspeed, keep_state_on_device
 
 log = logging.getLogger("kto_lightning")
 # `config_dir` and `on_gpu` come from config_files, whose import registers the schemas and the
@@ -98,7 +98,7 @@ def compile_backbones(
     policy: CausalLM, reference: ReferenceProvider | None, options: DictConfig
 ) -> None:
     """torch.compile each decoder layer of the policy and of a `copy` reference, in place
-    (state-dict keys are unchanged; see kto_lightning.compiling)."""
+    (state-dict keys are unchanged; see kto_lightning.training.compiling)."""
     kwargs = {"backend": options.backend, "mode": options.mode, "dynamic": options.dynamic}
     compile_decoder_layers(policy, **kwargs)
     if isinstance(reference, CopyReference):

@@ -16,11 +16,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from cli import train_cli
-from kto_lightning import config_values
+from kto_lightning.cli import config_values
+from kto_lightning.cli.guards import explain_unknown_key
+from kto_lightning.cli.schemas import check
+from kto_lightning.common.security import is_secret_key, redact_text
 from kto_lightning.errors import ConfigError, StorageError, user_error
-from kto_lightning.guards import explain_unknown_key
-from kto_lightning.schemas import check
-from kto_lightning.security import is_secret_key, redact_text
 from kto_lightning.train import build, config_dir, train
 
 # One value under each kind of secret-looking name the issue lists: *_key, *key, *token*,

@@ -18,17 +18,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LlamaForCausalLM
 
-from kto_lightning import export, generate, packing
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning import export, generate
+from kto_lightning.cli.evaluation_target import refuse_guessed_run, resolve_target
+from kto_lightning.core import packing
+from kto_lightning.core.packing import pack_rows
 from kto_lightning.data.config import Columns, Source
 from kto_lightning.data.formats import DROPPED_SAME_PAIR
 from kto_lightning.data.sources import load_local
 from kto_lightning.data.splits import read_splits
 from kto_lightning.errors import ConfigError, DataError, ModelLoadError
 from kto_lightning.evaluate import evaluate
-from kto_lightning.evaluation_target import refuse_guessed_run, resolve_target
 from kto_lightning.models import Pretrained, TinyLlama, check_context_window
-from kto_lightning.packing import pack_rows
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.train import config_dir
 
 

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from cli import train_cli
 from conftest import FAST
 from kto_lightning import train as train_module
-from kto_lightning.checkpointing import RUN_CONFIG_KEY, remove_partial_checkpoints
 from kto_lightning.errors import ConfigError
-from kto_lightning.run_dir import RunDirClaim, release_all
+from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY, remove_partial_checkpoints
+from kto_lightning.runs.run_dir import RunDirClaim, release_all
 from kto_lightning.train import config_dir, train
 
 # Two optimizer steps, no validation, no sample generations: a run's files in a few seconds.
@@ -117,7 +117,7 @@ def test_a_run_pointed_at_a_live_run_is_refused(tmp_path, capsys) -> None:
     folder = tmp_path / "live"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from kto_lightning.run_dir import claim; claim(Path(sys.argv[1]), 'hydra.run.dir'); "
+         "from kto_lightning.runs.run_dir import claim; claim(Path(sys.argv[1]), 'hydra.run.dir'); "
          "print('claimed', flush=True); time.sleep(300)", str(folder)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -222,7 +222,7 @@ def test_a_checkpoint_writer_killed_mid_write_leaves_no_fragment_anywhere(tmp_pa
     tmpdir.mkdir()
     script = (
         "import resource, signal, sys, torch\n"
-        "from kto_lightning.checkpointing import AtomicCheckpointIO\n"
+        "from kto_lightning.runs.checkpointing import AtomicCheckpointIO\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: the kernel kills\n"
         "AtomicCheckpointIO().save_checkpoint({'w': torch.ones(1 << 20)}, sys.argv[1])\n"

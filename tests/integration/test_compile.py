@@ -1,4 +1,4 @@
-"""`compile.enabled`: each decoder layer compiled in place (kto_lightning.compiling).
+"""`compile.enabled`: each decoder layer compiled in place (kto_lightning.training.compiling).
 
 Which modules are found and compiled, that one compiled graph serves every layer of the policy and
 of the reference whatever the depth, that compiled layers compute what eager ones do (LoRA and
@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from kto_lightning.callbacks import GenerationsTable
-from kto_lightning.compiling import compile_decoder_layers, decoder_layers, eager
+from kto_lightning.common.compile_stance import eager
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama, make_reference
 from kto_lightning.train import build, train
+from kto_lightning.training.callbacks import GenerationsTable
+from kto_lightning.training.compiling import compile_decoder_layers, decoder_layers
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 

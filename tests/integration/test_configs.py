@@ -10,11 +10,11 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-from kto_lightning.losses import KTOLossConfig
+from kto_lightning.cli.schemas import BUILDS, check
+from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.models import FromRun, Pretrained, TinyLlama
-from kto_lightning.schemas import BUILDS, check
-from kto_lightning.sft import SFTLoss
 from kto_lightning.train import config_dir
+from kto_lightning.training.sft import SFTLoss
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir())
 # hydra/ configures Hydra itself and is part of every composition below, so it needs no case.
@@ -56,7 +56,7 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
     elif group == "data" and OmegaConf.is_missing(section.source, "path"):
         assert section._target_ == "kto_lightning.data.KTODataModule"
     elif group == "data":
-        from kto_lightning.byte_tokenizer import byte_level_tokenizer
+        from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 
         assert instantiate(section, tokenizer=byte_level_tokenizer()) is not None
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kto_lightning.logprobs import sequence_logprobs
+from kto_lightning.core.logprobs import sequence_logprobs
 from kto_lightning.models import TinyLlama
 
 pytest.importorskip("deepspeed")

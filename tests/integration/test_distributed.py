@@ -17,16 +17,16 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.common.distributed import all_reduce_sum, gather_cat
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.metrics import metrics_from_sums, reward_auroc
 from kto_lightning.data import KTOCollator
 from kto_lightning.data.tokenize import Example
-from kto_lightning.distributed import all_reduce_sum, gather_cat
-from kto_lightning.losses import KTOLoss
-from kto_lightning.metrics import metrics_from_sums, reward_auroc
 from kto_lightning.models import TinyLlama, make_reference
-from kto_lightning.module import KTOModule
-from kto_lightning.reference import CopyReference
-from kto_lightning.strategies import shard_models
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.reference import CopyReference
+from kto_lightning.training.module import KTOModule
+from kto_lightning.training.strategies import shard_models
 
 LABELS = [True, True, True, False, False, False, False, False]
 SPLIT = (slice(0, 5), slice(5, 8))  # rank 0: 3 desirable + 2 undesirable; rank 1: 3 undesirable

@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kto_lightning.cli.hf_export import export_checkpoint
+from kto_lightning.core.logprobs import sequence_logprobs
 from kto_lightning.errors import ConfigError
-from kto_lightning.export import export_checkpoint
-from kto_lightning.logprobs import sequence_logprobs
 from kto_lightning.train import build, train
 
 LORA = ["reference=adapter", "+model.lora={r: 4, lora_alpha: 8, target_modules: all-linear}"]

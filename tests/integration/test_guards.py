@@ -18,15 +18,15 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from cli import train_cli
-from kto_lightning.errors import KTOError
-from kto_lightning.guards import (
+from kto_lightning.cli.guards import (
     NonFiniteGuard,
     ZeroKLWarning,
     explain_missing_value,
     explain_unknown_key,
 )
-from kto_lightning.schemas import check
-from kto_lightning.security import redact_secrets, scrub_files, secret_values
+from kto_lightning.cli.schemas import check
+from kto_lightning.common.security import redact_secrets, scrub_files, secret_values
+from kto_lightning.errors import KTOError
 from kto_lightning.train import build, train
 
 POISONED_STEP = 4  # 1-based optimizer step whose batch is poisoned
@@ -187,7 +187,9 @@ def test_misspelt_loss_key_gets_a_suggestion(make_config) -> None:
         build(make_config("+loss.bta=0.1"))
     message = explain_unknown_key(caught.value)
     assert message is not None
-    assert message.startswith("loss.bta is not a setting of kto_lightning.losses.KTOLossConfig")
+    assert message.startswith(
+        "loss.bta is not a setting of kto_lightning.core.losses.KTOLossConfig"
+    )
     assert "(did you mean loss.beta?)" in message
 
 
@@ -213,12 +215,12 @@ def test_other_errors_are_not_explained() -> None:
 
 # (override, what the group builds, the suggestion): the key is the override's left side.
 SCHEMA_TYPOS = [
-    ("loss.betta=0.1", "kto_lightning.losses.KTOLossConfig", "loss.beta"),
+    ("loss.betta=0.1", "kto_lightning.core.losses.KTOLossConfig", "loss.beta"),
     ("model.hiden_size=3", "kto_lightning.models.TinyLlama", "model.hidden_size"),
-    ("reference.kinds=copy", "kto_lightning.reference.ReferenceSpec", "reference.kind"),
+    ("reference.kinds=copy", "kto_lightning.models.reference.ReferenceSpec", "reference.kind"),
     (
         "scheduler.warmup_ration=0.2",
-        "kto_lightning.optim.warmup_schedule",
+        "kto_lightning.training.optim.warmup_schedule",
         "scheduler.warmup_ratio",
     ),
     ("data.sed=3", "kto_lightning.data.datamodule.KTODataModule", "data.seed"),
@@ -271,12 +273,12 @@ def test_a_key_outside_the_schema_in_a_yaml_file_is_refused(make_config, tmp_pat
     (tmp_path / "extra" / "loss").mkdir(parents=True)
     (tmp_path / "extra" / "loss" / "typo.yaml").write_text(
         "defaults:\n  - /schema/loss/KTOLossConfig@_here_\n  - _self_\n"
-        "_target_: kto_lightning.losses.KTOLossConfig\nbetta: 0.2\n"
+        "_target_: kto_lightning.core.losses.KTOLossConfig\nbetta: 0.2\n"
     )
     with pytest.raises(ConfigCompositionException) as caught:
         make_config(f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "loss=typo", fast=False)
     assert explain_unknown_key(caught.value).startswith(
-        _explained("loss.betta", "kto_lightning.losses.KTOLossConfig", "loss.beta")
+        _explained("loss.betta", "kto_lightning.core.losses.KTOLossConfig", "loss.beta")
     )
 
 
@@ -317,7 +319,7 @@ def test_command_line_names_a_misspelt_key_in_one_line(tmp_path, override: str) 
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if "betta" in line]
     assert line.startswith(
-        "error: " + _explained("loss.betta", "kto_lightning.losses.KTOLossConfig", "loss.beta")
+        "error: " + _explained("loss.betta", "kto_lightning.core.losses.KTOLossConfig", "loss.beta")
     )
 
 
@@ -416,7 +418,7 @@ def test_rows_longer_than_learned_positions_are_refused_naming_max_length(
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kto_lightning.byte_tokenizer import byte_level_tokenizer
+    from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 
     model_dir = tmp_path / "gpt2_64_positions"
     config = GPT2Config(vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2)

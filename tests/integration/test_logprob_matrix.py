@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.metrics import metrics_from_sums
 from kto_lightning.data import KTODataModule
-from kto_lightning.losses import KTOLoss
-from kto_lightning.metrics import metrics_from_sums
 from kto_lightning.models import TinyLlama
-from kto_lightning.module import KTOModule
-from kto_lightning.reference import ReferenceSpec, build_provider
+from kto_lightning.models.reference import ReferenceSpec, build_provider
+from kto_lightning.training.module import KTOModule
 from naive_logprobs import compute_logprobs
 
 BATCH = 4

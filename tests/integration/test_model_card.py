@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from conftest import FAST
-from kto_lightning.export import export_checkpoint
+from kto_lightning.cli.hf_export import export_checkpoint
 from kto_lightning.export import main as export_main
-from kto_lightning.model_card import CARD_FILE, model_card
+from kto_lightning.reporting.model_card import CARD_FILE, model_card
 from kto_lightning.train import build, train
 
 SECRET = "abc123xyz"

@@ -1,5 +1,5 @@
 """One reader of a run directory: generate, export and evaluate take a run's config from the same
-place (kto_lightning.run_record: the named checkpoint's, else last.ckpt's, else .hydra's), so a
+place (kto_lightning.runs.run_record: the named checkpoint's, else last.ckpt's, else .hydra's), so a
 .hydra/config.yaml edited after the run cannot make one tool rebuild another model than the rest."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kto_lightning import export, generate
-from kto_lightning.checkpointing import RUN_CONFIG_KEY
-from kto_lightning.evaluation_target import resolve_target
+from kto_lightning import generate
+from kto_lightning.cli import hf_export
+from kto_lightning.cli.evaluation_target import resolve_target
+from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.train import build
 
 
@@ -29,7 +30,7 @@ def test_generate_export_and_evaluate_follow_the_checkpoint_not_an_edited_hydra_
     run = build(cfg)
     trained = run.module.run_config
     policy = run.module.policy
-    export.export_policy(policy, run.datamodule.tokenizer, tmp_path / "hf_model")
+    hf_export.export_policy(policy, run.datamodule.tokenizer, tmp_path / "hf_model")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
     state = {f"policy.{key}": value for key, value in policy.state_dict().items()}
@@ -56,8 +57,8 @@ def test_generate_export_and_evaluate_follow_the_checkpoint_not_an_edited_hydra_
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
     # export: the checkpoint's config, which rebuilds the checkpoint's model size.
-    assert export.read_checkpoint(ckpt).config == trained
-    out = export.export_checkpoint(ckpt, tmp_path / "exported")
+    assert hf_export.read_checkpoint(ckpt).config == trained
+    out = hf_export.export_checkpoint(ckpt, tmp_path / "exported")
     assert (out / "config.json").is_file()
 
     # evaluate: the same record.

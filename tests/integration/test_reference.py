@@ -13,23 +13,22 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kto_lightning import reference_cache
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.core.logprobs import batch_logprobs
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.metrics import FIELDS
 from kto_lightning.data import KTODataModule
 from kto_lightning.errors import ConfigError
-from kto_lightning.logprobs import batch_logprobs
-from kto_lightning.losses import KTOLoss
-from kto_lightning.metrics import FIELDS
-from kto_lightning.models import TinyLlama
-from kto_lightning.module import KTOModule
-from kto_lightning.reference import (
+from kto_lightning.models import TinyLlama, reference_cache
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.reference import (
     CachedReference,
     CopyReference,
     ReferenceSpec,
     build_provider,
 )
-from kto_lightning.reference_cache import cache_key
+from kto_lightning.models.reference_cache import cache_key
 from kto_lightning.train import Run, build, train
+from kto_lightning.training.module import KTOModule
 
 
 def _cache(tmp_path: Path) -> list[str]:

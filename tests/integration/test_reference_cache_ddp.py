@@ -16,11 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from kto_lightning import reference_cache
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import KTODataModule
-from kto_lightning.models import TinyLlama
-from kto_lightning.reference import ReferenceSpec
+from kto_lightning.models import TinyLlama, reference_cache
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.reference import ReferenceSpec
 
 SPLITS = ("train", "validation")
 NAMES = {f"{split}/{rows}" for split in SPLITS for rows in ("main", "kl")}

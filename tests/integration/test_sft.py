@@ -18,11 +18,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from conftest import FAST
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.cli.lifecycle import RunSummary
 from kto_lightning.errors import ConfigError, user_error
-from kto_lightning.lifecycle import RunSummary
-from kto_lightning.sft import SFTModule
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.train import Run, build, config_dir, train
+from kto_lightning.training.sft import SFTModule
 
 # 3 epochs of 6 batches: 18 steps, at a learning rate that moves a random tiny model fast;
 # validation on 2 batches of 8 rows.

@@ -10,8 +10,17 @@ from types import SimpleNamespace
 
 from lightning.pytorch.trainer.states import TrainerFn
 
-from kto_lightning.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers, logged_step
-from kto_lightning.run_records import final_metrics, last_validation, read_metric_rows, read_metrics
+from kto_lightning.reporting.csv_logger import (
+    ContinuingCSVLogger,
+    OptimizerStepNumbers,
+    logged_step,
+)
+from kto_lightning.runs.run_records import (
+    final_metrics,
+    last_validation,
+    read_metric_rows,
+    read_metrics,
+)
 from kto_lightning.train import train
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cli import train_cli
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.train import build, train
 
 METRICS = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kto_lightning.packing import Packing
+from kto_lightning.core.packing import Packing
 from kto_lightning.train import build, train
 
 

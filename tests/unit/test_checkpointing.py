@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kto_lightning.checkpointing import (
+from kto_lightning.data.sampler import EpochShuffleSampler
+from kto_lightning.data.sharding import RankShard
+from kto_lightning.runs.checkpointing import (
     AtomicCheckpointIO,
     remove_partial_checkpoints,
 )
-from kto_lightning.data.sampler import EpochShuffleSampler
-from kto_lightning.data.sharding import RankShard
 
 
 def test_atomic_checkpoint_leaves_a_whole_file_and_no_partial(tmp_path) -> None:

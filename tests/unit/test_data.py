@@ -20,7 +20,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kto_lightning.byte_tokenizer import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 from kto_lightning.data import (
     Example,
     KTOCollator,
@@ -43,6 +42,7 @@ from kto_lightning.data.rows import parse_label
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.tokenize import fit_beside, token_ids
 from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.models.byte_tokenizer import BYTE_CHAT_TEMPLATE, byte_level_tokenizer
 
 BOS, EOS, PAD = 256, 257, 258
 
@@ -1088,7 +1088,7 @@ def test_datamodule_caches_the_kl_pairing_per_seed(tokenizer, tmp_path):
 _PREPARE_WHEN_BOTH_READY = """
 import json, sys, time
 from pathlib import Path
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data import KTODataModule
 
 path, cache, me, other = sys.argv[1:]

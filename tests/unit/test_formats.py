@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.data.config import Columns
 from kto_lightning.data.formats import normalise, resolve_format, split_shared_prefix
 from kto_lightning.data.sources import load_source
 from kto_lightning.data.tokenize import encode
 from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 
 EOS = 257
 

@@ -56,11 +56,19 @@ def test_the_package_keeps_its_import_contracts() -> None:
 @pytest.mark.parametrize(
     ("importer", "imported", "contract"),
     [
-        ("kto_lightning.losses", "kto_lightning.evaluate", "No module imports an entry point"),
-        ("kto_lightning.run_record", "kto_lightning.generate", "No module imports an entry point"),
+        ("kto_lightning.core.losses", "kto_lightning.evaluate", "No module imports an entry point"),
+        (
+            "kto_lightning.runs.run_record",
+            "kto_lightning.generate",
+            "No module imports an entry point",
+        ),
         ("kto_lightning.evaluate", "kto_lightning.train", "Only the Python API imports the train"),
-        ("kto_lightning.logprobs", "kto_lightning.module", "No import circle"),
-        ("kto_lightning.reference_cache", "kto_lightning.reference", "No import circle"),
+        ("kto_lightning.core.logprobs", "kto_lightning.training.module", "No import circle"),
+        (
+            "kto_lightning.models.reference_cache",
+            "kto_lightning.models.reference",
+            "No import circle",
+        ),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(importer: str, imported: str, contract: str) -> None:
@@ -78,7 +86,7 @@ def test_a_config_composes_with_config_files_alone(tmp_path: Path) -> None:
 import json, sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from kto_lightning.config_files import config_dir
+from kto_lightning.cli.config_files import config_dir
 with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
     cfg = compose("train", overrides=["loss.beta=0.3"], return_hydra_config=True)
 import kto_lightning.evaluate

@@ -8,11 +8,11 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.core.metrics import batch_sums, metrics_from_sums
 from kto_lightning.data.datamodule import KTODataModule
 from kto_lightning.data.sampler import LengthGroupedSampler
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.metrics import batch_sums, metrics_from_sums
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 
 
 def random_lengths(n: int, seed: int = 0) -> list[int]:

@@ -1,4 +1,4 @@
-"""Tests for kto_lightning.logprobs: naive vs chunked log-probs, values, gradients and memory."""
+"""Tests for core/logprobs.py: naive vs chunked log-probs, values, gradients and memory."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_lightning.errors import ConfigError
-from kto_lightning.logprobs import (
+from kto_lightning.core.logprobs import (
     GPU_CHUNK_LOGITS,
     resolve_chunk_size,
     sequence_logprobs,
     token_logprobs_chunked,
 )
+from kto_lightning.errors import ConfigError
 from naive_logprobs import compute_logprobs, naive_sequence_logprobs
 
 V, H, N = 300, 24, 37  # vocab, hidden, selected rows (H != V so V only appears as the vocab dim)

@@ -1,4 +1,4 @@
-"""Tests for kto_lightning.losses: hand-worked numbers, gradients, parity with the paper."""
+"""Tests for kto_lightning.core.losses: hand-worked numbers, gradients, parity with the paper."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kto_lightning.class_weights import AUTO, RECOMMENDED_RATIO, resolve_class_weights
-from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.losses import (
+from kto_lightning.core.class_weights import AUTO, RECOMMENDED_RATIO, resolve_class_weights
+from kto_lightning.core.losses import (
     ESTIMATORS,
     LOSS_TYPES,
     KTOLossConfig,
@@ -19,7 +18,8 @@ from kto_lightning.losses import (
     kto_loss,
     reference_point_from_statistics,
 )
-from kto_lightning.step import StepLogps, kto_step
+from kto_lightning.core.step import StepLogps, kto_step
+from kto_lightning.errors import ConfigError, DataError
 
 
 def kto_loss_single_process(

@@ -1,4 +1,4 @@
-"""Tests for kto_lightning.metrics (sums, means, AUROC) and, in one process, .distributed."""
+"""Tests for kto_lightning.core.metrics (sums, means, AUROC) and, in one process, .distributed."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from kto_lightning import distributed
-from kto_lightning.metrics import FIELDS, batch_sums, metrics_from_sums, reward_auroc
+from kto_lightning.common import distributed
+from kto_lightning.core.metrics import FIELDS, batch_sums, metrics_from_sums, reward_auroc
 
 
 def t(values) -> torch.Tensor:

@@ -15,16 +15,16 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from kto_lightning import hub
-from kto_lightning.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.common import hub
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.metrics import FIELDS, metrics_from_sums
 from kto_lightning.data import Example, KTOCollator
 from kto_lightning.errors import ConfigError, ModelLoadError
-from kto_lightning.losses import KTOLoss
-from kto_lightning.metrics import FIELDS, metrics_from_sums
 from kto_lightning.models import Pretrained, TinyLlama, ensure_pad_token, make_reference
-from kto_lightning.module import KTOModule
-from kto_lightning.reference import CopyReference
+from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.reference import CopyReference
 from kto_lightning.train import config_dir
+from kto_lightning.training.module import KTOModule
 
 TEXTS = [
     "plain ascii",

@@ -1,4 +1,4 @@
-"""Tests for kto_lightning.optim: weight-decay groups and the warmup schedule, hand-computed."""
+"""Tests for training/optim.py: weight-decay groups and the warmup schedule, hand-computed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from kto_lightning.errors import ConfigError
-from kto_lightning.optim import build_optimizer, clip_gradients, parameter_groups, warmup_schedule
+from kto_lightning.training.optim import (
+    build_optimizer,
+    clip_gradients,
+    parameter_groups,
+    warmup_schedule,
+)
 
 
 class Net(nn.Module):

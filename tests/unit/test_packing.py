@@ -1,4 +1,4 @@
-"""Padding-free batches (kto_lightning.packing): the packed layout by hand, and packed log-probs,
+"""Padding-free batches (core/packing.py): the packed layout by hand, and packed log-probs,
 loss and gradients equal to the padded path's (fp32, 1e-5) for main and KL rows."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import torch
 from torch.testing import assert_close
 from transformers import masking_utils
 
+from kto_lightning.core.logprobs import batch_logprobs
+from kto_lightning.core.losses import KTOLoss
+from kto_lightning.core.packing import Packing, first_fit, pack_rows
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.config import Batching
 from kto_lightning.errors import ConfigError
-from kto_lightning.logprobs import batch_logprobs
-from kto_lightning.losses import KTOLoss
 from kto_lightning.models import TinyLlama, make_reference
-from kto_lightning.module import KTOModule
-from kto_lightning.packing import Packing, first_fit, pack_rows
-from kto_lightning.reference import AdapterReference, CopyReference
+from kto_lightning.models.reference import AdapterReference, CopyReference
+from kto_lightning.training.module import KTOModule
 
 PAD = 258
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import OmegaConf
 
 from kto_lightning.errors import ConfigError
-from kto_lightning.progress import (
+from kto_lightning.reporting.progress import (
     PlainModelSummary,
     PlainProgress,
     console_callbacks,
@@ -93,7 +93,7 @@ def _train(progress: PlainProgress, trainer: SimpleNamespace, steps: int, clock)
 
 def test_a_line_every_n_steps_with_throughput_and_eta(monkeypatch, caplog) -> None:
     clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr("kto_lightning.progress.time.perf_counter", lambda: clock.now)
+    monkeypatch.setattr("kto_lightning.reporting.progress.time.perf_counter", lambda: clock.now)
     progress, trainer = PlainProgress(10), _trainer(0)
     progress.on_train_start(trainer, None)
     with caplog.at_level(logging.INFO, logger="kto_lightning"):
@@ -110,7 +110,7 @@ def test_a_line_every_n_steps_with_throughput_and_eta(monkeypatch, caplog) -> No
 
 def test_the_last_step_has_its_line_and_other_ranks_print_nothing(monkeypatch, caplog) -> None:
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr("kto_lightning.progress.time.perf_counter", lambda: clock.now)
+    monkeypatch.setattr("kto_lightning.reporting.progress.time.perf_counter", lambda: clock.now)
     with caplog.at_level(logging.INFO, logger="kto_lightning"):
         progress, trainer = PlainProgress(0), _trainer(0)
         progress.on_train_start(trainer, None)

@@ -1,4 +1,4 @@
-"""kto_lightning.run_record: every way of naming a run resolves to the same record."""
+"""kto_lightning.runs.run_record: every way of naming a run resolves to the same record."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kto_lightning.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.errors import ConfigError
-from kto_lightning.run_record import hydra_config, resolve_run
+from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
+from kto_lightning.runs.run_record import hydra_config, resolve_run
 
 MODEL = {"_target_": "kto_lightning.models.TinyLlama"}
 HYDRA_CONFIG = """\

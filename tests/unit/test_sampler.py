@@ -13,6 +13,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.data.sampler import (
     EpochShuffleSampler,
     LabelBalancedSampler,
@@ -20,7 +21,6 @@ from kto_lightning.data.sampler import (
 )
 from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.losses import KTOLossConfig
 
 
 def make_labels(n_desirable: int, n_undesirable: int, seed: int = 0) -> list[bool]:

@@ -1,4 +1,4 @@
-"""Tests for the SFT step (kto_lightning.sft): the mean token NLL, by hand-worked numbers."""
+"""Tests for the SFT step (training/sft.py): the mean token NLL, by hand-worked numbers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from kto_lightning.sft import completion_tokens, sft_metrics, sft_step
-from kto_lightning.step import Reduction
+from kto_lightning.core.step import Reduction
+from kto_lightning.training.sft import completion_tokens, sft_metrics, sft_step
 
 
 def test_the_loss_is_the_mean_nll_over_tokens_not_rows() -> None:

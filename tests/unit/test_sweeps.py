@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kto_lightning.sweeps import MAX_DIRNAME, job_dirname, shown_overrides
+from kto_lightning.runs.sweeps import MAX_DIRNAME, job_dirname, shown_overrides
 
 
 def test_a_job_folder_is_named_by_its_overrides_without_secrets_seed_or_slashes() -> None:

@@ -22,8 +22,8 @@ from typing import Any, TypeAlias, TypeVar
 import datasets
 from omegaconf import DictConfig, OmegaConf
 
+from kto_lightning.core.packing import Packing
 from kto_lightning.errors import ConfigError
-from kto_lightning.packing import Packing
 
 TOY = "toy"
 FORMATS = ("auto", "unpaired", "paired", "score")
@@ -215,7 +215,7 @@ class Batching:
             (LengthGroupedSampler); not together with `balanced_batches`.
         num_workers: DataLoader worker processes.
         packing: run the model over the rows' real tokens packed end to end, without padding
-            (kto_lightning.packing), for the policy, KL and live reference passes; the log-probs
+            (core/packing.py), for the policy, KL and live reference passes; the log-probs
             are the padded path's up to float rounding.
         max_tokens_per_pack: tokens per packed sequence; None packs up to the batch's longest
             row (a pack is then never longer than the padded rows, so attention per pack costs

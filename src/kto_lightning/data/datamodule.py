@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from kto_lightning.core.packing import pack_budget
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.config import (
     GPU_PAD_MULTIPLE,
@@ -60,7 +61,6 @@ from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
 from kto_lightning.data.tokenize import tokenize_dataset
 from kto_lightning.data.toy import CONSISTENCY
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.packing import pack_budget
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def data_files(source: Source) -> dict[str, dict[str, Any]]:
     (`data.source.path`, `data.source.val_path`).
 
     What the config cannot say: whether a file at the same path still holds the same rows. A
-    resume compares it (kto_lightning.resume). Hub datasets and the bundled tasks have no entry:
+    resume compares it (runs/resume.py). Hub datasets and the bundled tasks have no entry:
     their name and revision, in the config, say which rows they are; rows in memory have none.
     """
     record: dict[str, dict[str, Any]] = {}

@@ -19,8 +19,8 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
+from kto_lightning.common.hub import looks_local, unavailable_reason
 from kto_lightning.errors import DataError
-from kto_lightning.hub import looks_local, unavailable_reason
 
 log = logging.getLogger(__name__)
 
