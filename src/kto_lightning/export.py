@@ -1,67 +1,81 @@
 """Export a trained policy as a Hugging Face folder that `from_pretrained` loads without us.
 
-python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_model            # merged
-python -m kto_lightning.export outputs/run/checkpoints/last.ckpt hf_adapter --keep-adapter
+python -m kto_lightning.export ckpt_path=outputs/kto/runs/<time> out=hf_model          # merged
+python -m kto_lightning.export ckpt_path=RUN/checkpoints/last.ckpt out=hf_adapter keep_adapter=true
 
-The folder holds safetensors weights, the model config, the tokenizer (with its chat template),
-a generation_config.json whose pad/eos/bos ids match the tokenizer, and a model card (README.md,
-reporting/model_card.py) that says how the run was made and how it scored. A LoRA policy is
-either merged into plain weights (`merge_lora=True`, loadable by AutoModelForCausalLM) or saved
-as the adapter alone (`merge_lora=False`, loadable by peft.PeftModel.from_pretrained on the base
-model).
+`ckpt_path` is a .ckpt file or a run (or sweep job) directory, whose checkpoints/last.ckpt is
+exported (kto_lightning.runs.run_record). The folder holds safetensors weights, the model config,
+the tokenizer (with its chat template), a generation_config.json whose pad/eos/bos ids match the
+tokenizer, and a model card (README.md, reporting/model_card.py). A LoRA policy is merged into
+plain weights (loadable by AutoModelForCausalLM) unless `keep_adapter=true`, which saves the
+adapter alone (loadable by peft.PeftModel.from_pretrained on the base model).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from kto_lightning.cli.hf_export import export_checkpoint
+from kto_lightning.cli.arguments import doc, read_options
 from kto_lightning.errors import KTOError
+
+COMMAND = "python -m kto_lightning.export"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `python -m kto_lightning.export` takes."""
+
+    ckpt_path: str = doc(
+        "a .ckpt written by kto_lightning.train, or a run directory (its last.ckpt)"
+    )
+    out: str = doc("the folder to write: new or empty (created if needed)")
+    keep_adapter: bool = doc(
+        "for a LoRA policy, save the adapter alone (load it with peft.PeftModel.from_pretrained)",
+        False,
+    )
+    overwrite: bool = doc(
+        "export into a folder that holds files, replacing those of the same names", False
+    )
+
+
+def _checkpoint(ckpt_path: str) -> Path:
+    """The .ckpt that `ckpt_path` names: itself, or a run directory's checkpoints/last.ckpt."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        from kto_lightning.runs.run_record import resolve_run  # the one run-directory reader
+
+        return resolve_run(path, "ckpt_path").named
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kto_lightning.export",
-        description=(
-            "Export the policy of a kto_lightning checkpoint as a Hugging Face folder "
-            "(safetensors weights, config, tokenizer, generation_config.json, and a model card, "
-            "README.md). A LoRA policy is merged into plain weights unless --keep-adapter is "
-            "given."
-        ),
+    options = read_options(
+        ExportOptions,
+        argv,
+        COMMAND,
+        "Export the policy of a kto_lightning checkpoint as a Hugging Face folder (safetensors "
+        "weights, config, tokenizer, generation_config.json, and a model card, README.md).",
+        [f"{COMMAND} ckpt_path=outputs/kto/runs/<time> out=hf_model"],
     )
-    parser.add_argument("checkpoint", type=Path, help="a .ckpt file written by kto_lightning.train")
-    parser.add_argument(
-        "out_dir", type=Path, help="the folder to write: new or empty (created if needed)"
-    )
-    parser.add_argument(
-        "--keep-adapter",
-        action="store_true",
-        help="for a LoRA policy, save the adapter alone (adapter_config.json + "
-        "adapter_model.safetensors) instead of merged weights; load it with "
-        "peft.PeftModel.from_pretrained(base_model, OUT_DIR)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="export into OUT_DIR although it holds files, replacing those of the same names "
-        "(config.json, weights, tokenizer files, README.md); without it, a folder that is not "
-        "empty is refused",
-    )
-    args = parser.parse_args(argv)
+    if isinstance(options, int):
+        return options
     try:
+        from kto_lightning.cli.hf_export import export_checkpoint  # torch: not for --help
+
+        checkpoint = _checkpoint(options.ckpt_path)
         out = export_checkpoint(
-            args.checkpoint,
-            args.out_dir,
-            merge_lora=not args.keep_adapter,
-            overwrite=args.overwrite,
+            checkpoint,
+            options.out,
+            merge_lora=not options.keep_adapter,
+            overwrite=options.overwrite,
         )
     except KTOError as error:
         # A problem the user can fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"exported {args.checkpoint} -> {out}")
+    print(f"exported {checkpoint} -> {out}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Curves of a run, or of every job of a sweep, as one PNG, from the metrics they saved.
 
-    python -m kto_lightning.plot RUN_DIR     # writes RUN_DIR/training_curves.png
-    python -m kto_lightning.plot SWEEP_DIR   # writes SWEEP_DIR/sweep_curves.png, sweep_summary.csv
+    python -m kto_lightning.plot ckpt_path=RUN_DIR     # writes RUN_DIR/training_curves.png
+    python -m kto_lightning.plot ckpt_path=SWEEP_DIR   # SWEEP_DIR/sweep_curves.png and a table
 
 A run directory holds `csv/metrics.csv` (every logger config writes it). Its figure has a panel
 per quantity: the rewards of desirable vs undesirable rows, their margin, the KL reference point,
@@ -17,35 +17,48 @@ left out of the figure and listed in the table (kto_lightning.reporting.sweep_re
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
+from kto_lightning.cli.arguments import doc, read_options
 from kto_lightning.errors import KTOError
-from kto_lightning.reporting.plots import FILENAME, SWEEP_FILENAME, plot_folder
-from kto_lightning.runs.run_records import METRICS_FILE
+
+COMMAND = "python -m kto_lightning.plot"
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """What `python -m kto_lightning.plot` takes."""
+
+    ckpt_path: str = doc("a run directory (holds csv/metrics.csv) or a sweep directory (its runs)")
+    out: str | None = doc(
+        "the PNG to write (default: <run>/training_curves.png, or <sweep>/sweep_curves.png)", None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kto_lightning.plot", description=__doc__.splitlines()[0]
+    options = read_options(
+        PlotOptions,
+        argv,
+        COMMAND,
+        __doc__.splitlines()[0],
+        [f"{COMMAND} ckpt_path=outputs/kto/runs/<time>", f"{COMMAND} ckpt_path=SWEEP out=a.png"],
     )
-    parser.add_argument(
-        "folder", help=f"a run directory (holds {METRICS_FILE}) or a sweep directory (its runs)"
-    )
-    parser.add_argument(
-        "--out",
-        help=f"where to write the PNG (default: FOLDER/{FILENAME}, or FOLDER/{SWEEP_FILENAME})",
-    )
-    args = parser.parse_args(argv)
+    if isinstance(options, int):
+        return options
     try:
-        png, table = plot_folder(args.folder, args.out)
+        from kto_lightning.reporting.plots import plot_folder  # matplotlib: not for --help
+
+        png, table = plot_folder(options.ckpt_path, options.out)
     except KTOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if table:
         print(table)
     if png is None:
-        print(f"error: no job in {args.folder} has validation metrics to draw", file=sys.stderr)
+        print(
+            f"error: no job in {options.ckpt_path} has validation metrics to draw", file=sys.stderr
+        )
         return 1
     print(png)
     return 0

@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.utils import instantiate
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.cli.hf_export import POLICY_PREFIX, load_policy_weights
+from kto_lightning.cli.rebuilding import seeded_policy
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.data.config import Source
 from kto_lightning.errors import ConfigError, user_error
@@ -42,12 +42,15 @@ class Target:
     """What `ckpt_path` names, resolved.
 
     Attributes:
-        kind: "checkpoint" (a .ckpt file, or a run directory's last.ckpt) or "hf_model".
+        kind: "checkpoint" (a .ckpt file, or a run directory's last.ckpt), "hf_model", or "hub"
+            (a hub name, which generate loads; evaluate reads local runs only).
         path: the .ckpt file or the Hugging Face folder.
         run_config: the training run's resolved config (the checkpoint's, or, for a Hugging Face
             folder inside a run directory, that run's); None for a folder of no run.
         checkpoint: the checkpoint's contents (kind "checkpoint"), its tensors memory-mapped.
         record: the run `ckpt_path` belongs to, as kto_lightning.runs.run_record read it.
+        model: what generate loads when it is not `path`: a checkpoint exported to a temporary
+            Hugging Face folder, or a hub name (kind "hub").
     """
 
     kind: str
@@ -55,6 +58,12 @@ class Target:
     run_config: dict[str, Any] | None
     checkpoint: dict[str, Any] | None = None
     record: RunRecord | None = None
+    model: str | None = None
+
+    @property
+    def weights(self) -> str:
+        """The Hugging Face folder or hub name to load the policy from (`model`, else `path`)."""
+        return self.model if self.model is not None else str(self.path)
 
 
 def resolve_target(ckpt_path: str) -> Target:
@@ -142,13 +151,6 @@ def _check_tokenizer(policy: PreTrainedTokenizerBase, source: ModelSource, where
         )
 
 
-def _seeded_policy(source: ModelSource, seed: int) -> CausalLM:
-    # A random-init model (model=tiny) is the run's model only under the run's seed; train.build
-    # seeds the same way before it builds the policy.
-    L.seed_everything(seed, verbose=False)
-    return source.load_policy()
-
-
 def model_name(model_config: Mapping[str, Any]) -> str:
     """A hub id or folder (model=from_run: the run's); for a model built from sizes, its class
     (`TinyLlama`)."""
@@ -185,7 +187,7 @@ def build_models(
         identity |= {"base_model": reference_model, "reference": "reference_model"}
     if target.kind == "checkpoint":
         assert run is not None and target.checkpoint is not None
-        policy = _seeded_policy(build_source(run["model"], f"ckpt_path={target.path}"), seed)
+        policy = seeded_policy(build_source(run["model"], f"ckpt_path={target.path}"), seed)
         if reference is None:  # from the initial weights, before the checkpoint's are loaded
             spec: ReferenceSpec = instantiate(run["reference"])
             kind = "copy" if spec.kind == "cache" else spec.kind
@@ -206,7 +208,7 @@ def build_models(
             where = f"the run of {target.path}" if run is not None else "model="
             source = build_source(base, where)
             _check_tokenizer(tokenizer, source, where)
-            reference = CopyReference(_seeded_policy(source, seed))
+            reference = CopyReference(seeded_policy(source, seed))
             identity |= {"base_model": model_name(base), "reference": "copy"}
     identity["model_config"] = dict(run["model"] if run is not None else model)
     return policy, reference, identity

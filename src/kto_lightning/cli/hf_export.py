@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from kto_lightning.cli.rebuilding import seeded_policy
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.errors import ConfigError, ModelLoadError, user_error
 from kto_lightning.models import ModelSource
@@ -162,7 +163,7 @@ def refuse_non_empty(out_dir: Path, overwrite: bool) -> None:
         shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
         raise ConfigError(
             f"out_dir {str(out_dir)!r} is not empty (it holds {shown}); export into a new or "
-            "empty folder, or pass --overwrite to replace the files of the same names"
+            "empty folder, or set overwrite=true to replace the files of the same names"
         )
 
 
@@ -198,8 +199,7 @@ def export_record(record: RunRecord, out_dir: str | Path, merge_lora: bool = Tru
     tokenizer = source.load_tokenizer()
     # The seed only matters for weights the checkpoint does not hold (a TinyLlama's frozen base
     # under LoRA); train.build seeds the same way before building the policy.
-    torch.manual_seed(int(config.get("seed") or 0))
-    policy = source.load_policy()
+    policy = seeded_policy(source, config.get("seed"))
     state = {
         key[len(POLICY_PREFIX) :]: value
         for key, value in checkpoint.get("state_dict", {}).items()
