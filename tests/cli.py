@@ -1,7 +1,11 @@
-"""The training entry point as a user runs it: a subprocess, offline, with its own HF cache."""
+"""The training entry point as a user runs it: a subprocess, offline, with its own HF cache; or,
+where the process itself is not what a test checks, the same entry point run in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -17,3 +21,53 @@ def train_cli(
         [sys.executable, "-m", "kto_lightning.train", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def train_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """What `train_cli` returns, from the entry point run in this process: the same `__main__`
+    path (`run_explained(main)`), its exit status and what it printed, without the ~8 s of CPU a
+    new interpreter spends importing torch, transformers and Lightning.
+
+    For tests of what the entry point says and writes; signals, exit by a signal, child processes
+    and environment read at import still need `train_cli`. Hydra's logging handlers (which write
+    to the captured streams and the run's log file) are removed afterwards, so later tests log as
+    before.
+    """
+    from kto_lightning.cli.guards import run_explained
+    from kto_lightning.train import main
+
+    root = logging.getLogger()
+    kept_handlers, kept_level = list(root.handlers), root.level
+    loggers = {name: logging.getLogger(name) for name in ("kto_lightning", "lightning", "hydra")}
+    kept = {name: (lg.handlers[:], lg.level, lg.propagate) for name, lg in loggers.items()}
+    kept_argv, kept_cwd = sys.argv, Path.cwd()
+    kept_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    sys.argv = ["kto_lightning.train", *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_explained(main)
+            except SystemExit as stopped:
+                code = stopped.code if isinstance(stopped.code, int) else (stopped.code is not None)
+    finally:
+        os.chdir(kept_cwd)
+        sys.argv = kept_argv
+        if kept_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = kept_full_error
+        for handler in [h for h in root.handlers if h not in kept_handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:] = kept_handlers
+        root.setLevel(kept_level)
+        for name, (handlers, level, propagate) in kept.items():
+            loggers[name].handlers[:] = handlers
+            loggers[name].setLevel(level)
+            loggers[name].propagate = propagate
+    return subprocess.CompletedProcess(
+        ["kto_lightning.train", *args], int(code), out.getvalue(), err.getvalue()
+    )

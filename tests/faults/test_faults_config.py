@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from cli import train_cli
+from cli import train_in_process
 from kto_lightning.cli import config_values
 from kto_lightning.cli.guards import explain_unknown_key
 from kto_lightning.cli.schemas import check
@@ -47,7 +47,7 @@ def test_secret_names_cover_every_pattern_but_not_counts_or_the_tokenizer() -> N
 
 
 def test_cfg_job_prints_no_secret_value(tmp_path: Path) -> None:
-    result = train_cli("--cfg", "job", *OVERRIDES, cwd=tmp_path, timeout=120)
+    result = train_in_process("--cfg", "job", *OVERRIDES, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "my_password: '***'" in result.stdout or "my_password: ***" in result.stdout
     for value in SECRETS.values():
@@ -67,7 +67,7 @@ def test_redact_text_hides_yaml_values_lists_overrides_and_their_copies() -> Non
 
 def test_no_file_of_a_run_holds_a_secret_value(tmp_path: Path) -> None:
     """train.log, .hydra/, hparams.yaml, metrics, both checkpoints, the export's model card."""
-    result = train_cli(
+    result = train_in_process(
         "debug=fast", "data.source.toy_rows=160", *OVERRIDES, f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )  # fmt: skip
@@ -158,7 +158,7 @@ def _unwritable() -> Path | None:
 
 @pytest.mark.skipif(_unwritable() is None, reason="no folder here that cannot be created")
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
-    result = train_cli(f"hydra.run.dir={_unwritable()}", cwd=tmp_path, timeout=120)
+    result = train_in_process(f"hydra.run.dir={_unwritable()}", cwd=tmp_path)
     assert result.returncode == 1
     assert (
         result.stderr.strip()

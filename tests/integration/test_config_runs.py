@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from cli import train_cli
+from cli import train_cli, train_in_process
 from kto_lightning.export import main as export_main
 from kto_lightning.train import build, config_dir, train
 
@@ -170,7 +170,7 @@ def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path
 
 @pytest.mark.parametrize("name", sorted(GPU_ONLY_STRATEGIES))
 def test_deepspeed_config_on_cpu_stops_with_one_message(tmp_path: Path, name: str) -> None:
-    result = train_cli(
+    result = train_in_process(
         f"strategy={name}", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )  # fmt: skip

@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from cli import train_cli
+from cli import train_in_process
 from kto_lightning.data.toy import toy_rows
 from kto_lightning.train import build, train
 
@@ -167,7 +167,7 @@ def test_preset_schema_trains_from_a_local_file(make_config, tmp_path, preset: s
 
 def test_preset_on_the_command_line(tmp_path) -> None:
     path = _write(tmp_path / "hh.jsonl", PRESETS["hh_rlhf"]())
-    result = train_cli(
+    result = train_in_process(
         "data=hh_rlhf", f"data.source.path={path}", "data.source.val_split=null",
         "data.source.val_fraction=0.25", "data.lengths.max_length=192",
         "data.lengths.max_prompt_length=64", "debug=fast", f"hydra.run.dir={tmp_path}/run",
@@ -184,7 +184,7 @@ def test_bad_row_stops_before_training_with_the_line_named(tmp_path) -> None:
     path = tmp_path / "rows.jsonl"
     good = json.dumps({"prompt": "a", "completion": "b", "label": True})
     path.write_text(f'{good}\n{good}\n{{"prompt": "a",\n{good}\n', encoding="utf-8")
-    result = train_cli(
+    result = train_in_process(
         "data=local", f"data.source.path={path}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
     )
     assert result.returncode == 1

@@ -17,7 +17,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from cli import train_cli
+from cli import train_in_process
 from kto_lightning.cli.guards import (
     NonFiniteGuard,
     ZeroKLWarning,
@@ -309,7 +309,7 @@ def test_lora_arguments_stay_free_form(make_config, lora: list[str]) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return train_cli(*args, f"hydra.run.dir={cwd}/run", cwd=cwd)
+    return train_in_process(*args, f"hydra.run.dir={cwd}/run", cwd=cwd)
 
 
 @pytest.mark.parametrize("override", ["loss.betta=0.1", "+loss.betta=0.1"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import train_cli
+from cli import train_cli, train_in_process
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
@@ -197,7 +197,7 @@ def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
     ],
 )
 def test_invalid_values_stop_with_the_key_named(tmp_path, override: str, key: str) -> None:
-    result = train_cli(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = train_in_process(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert key in result.stderr
