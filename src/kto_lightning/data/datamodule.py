@@ -14,22 +14,13 @@ DeepSpeed restore after setup), whose RankShard draws nothing before the first b
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import socket
-import time
 import warnings
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
 import lightning as L
-import numpy as np
-from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
@@ -38,16 +29,21 @@ from kto_lightning.core.packing import pack_budget
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.config import (
     GPU_PAD_MULTIPLE,
-    TOY,
     Batching,
     Columns,
     Lengths,
     Source,
     as_group,
 )
+from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.data.dataset import BatchesOf, KTODataset
-from kto_lightning.data.pairing import RowDigest, cached_kl_partners
-from kto_lightning.data.rows import arrow_column
+from kto_lightning.data.kept_rows import (
+    DROPPED_EMPTY,
+    DROPPED_UNDESIRABLE,
+    check_splits,
+    keep_and_pair,
+)
+from kto_lightning.data.preparing import preparing
 from kto_lightning.data.sampler import (
     EpochSampler,
     EpochShuffleSampler,
@@ -55,160 +51,28 @@ from kto_lightning.data.sampler import (
     LengthGroupedSampler,
 )
 from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
-from kto_lightning.data.sources import is_in_memory
 from kto_lightning.data.splits import ReadSplit, read_splits
-from kto_lightning.data.summary import SplitSummary, format_summary, percentiles
+from kto_lightning.data.summary import SplitSummary, format_summary
 from kto_lightning.data.tokenize import tokenize_dataset
-from kto_lightning.data.toy import CONSISTENCY
 from kto_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DROPPED_EMPTY = "no completion tokens left"
-DROPPED_UNDESIRABLE = "undesirable (loss=sft)"
+# Names other modules import from here.
+__all__ = [
+    "DATA_FILES_KEY",
+    "DROPPED_EMPTY",
+    "DROPPED_UNDESIRABLE",
+    "KTODataModule",
+    "data_files",
+    "preparing",
+]
 
 
 def _tokenization_note(cached: bool, in_memory: bool) -> str:
     if in_memory:
         return "in memory"  # rows made in this process (the toy task) have no cache to reuse
     return "cached" if cached else "computed"
-
-
-def _cache_folder(rows: datasets.Dataset) -> Path | None:
-    """The folder of a dataset's cache files; None for rows made in memory (nothing to reuse)."""
-    return Path(rows.cache_files[0]["filename"]).parent if rows.cache_files else None
-
-
-# The run config's entry (and so a checkpoint's) that records what the local data files held.
-DATA_FILES_KEY = "data_files"
-# Local files hashed by this process: {(path, size, mtime_ns): blake2b}; a resume check and the
-# run it starts read each file once.
-_hashed: dict[tuple[str, int, int], str] = {}
-
-
-def _file_hash(path: Path) -> str:
-    """blake2b of a file's bytes (about 1 GB/s on one CPU), once per version of the file."""
-    stat = path.stat()
-    known = (str(path), stat.st_size, stat.st_mtime_ns)
-    if known not in _hashed:
-        digest = hashlib.blake2b(digest_size=16)
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-        _hashed[known] = digest.hexdigest()
-    return _hashed[known]
-
-
-def data_files(source: Source) -> dict[str, dict[str, Any]]:
-    """{key: {file, bytes, blake2b}} of each local file `source` trains or validates on
-    (`data.source.path`, `data.source.val_path`).
-
-    What the config cannot say: whether a file at the same path still holds the same rows. A
-    resume compares it (runs/resume.py). Hub datasets and the bundled tasks have no entry:
-    their name and revision, in the config, say which rows they are; rows in memory have none.
-    """
-    record: dict[str, dict[str, Any]] = {}
-    for key, value in (("path", source.path), ("val_path", source.val_path)):
-        if not isinstance(value, str):  # rows in memory, or no val_path
-            continue
-        bundled = key == "path" and value in (TOY, CONSISTENCY)
-        path = Path(value).expanduser() if value and not bundled else None
-        if path is not None and path.is_file():
-            resolved = path.resolve()
-            record[f"data.source.{key}"] = {
-                "file": str(resolved),
-                "bytes": resolved.stat().st_size,
-                "blake2b": _file_hash(resolved),
-            }
-    return record
-
-
-def _holder_file(lock: Path) -> Path:
-    """The file beside `lock` in which its holder writes who it is (a lock file holds nothing)."""
-    return lock.with_name(lock.name + ".holder")
-
-
-def _write_holder(lock: Path) -> None:
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    _holder_file(lock).write_text(json.dumps(record) + "\n")
-
-
-def _holder(lock: Path) -> str:
-    """Who holds `lock`, for a message: "process 1234 on host h (holding it since ...)", and
-    whether it is stopped, as its holder wrote it; "a process that did not say which" else."""
-    try:
-        record = json.loads(_holder_file(lock).read_text())
-        pid, host, since = int(record["pid"]), str(record["host"]), float(record["since"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that did not say which (no readable holder file)"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
-    text = f"process {pid} on host {host} (holding it since {started})"
-    if host == socket.gethostname() and _stopped(pid):
-        text += f" (it is stopped, as by kill -STOP: `kill -CONT {pid}` lets it go on)"
-    return text
-
-
-def _stopped(pid: int) -> bool:
-    """Whether process `pid` of this host is stopped (Linux's /proc; False where unknown)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] in (["T"], ["t"])  # the state follows the name
-
-
-@contextlib.contextmanager
-def preparing(source: Source) -> Iterator[None]:
-    """Hold the lock on preparing `source`'s rows in its cache folder (nothing for a bundled
-    task, which is made in memory).
-
-    The holder writes its process id beside the lock. Another process waits for it up to
-    `source.lock_timeout` seconds, saying whom it waits for, then gives up naming the lock file
-    and the holder: a holder stopped (`kill -STOP`) or hung would otherwise keep every other run
-    of the same data waiting for ever.
-
-    Raises:
-        DataError: when the lock is still held after `source.lock_timeout` seconds.
-    """
-    made_here = is_in_memory(source.path) or source.path in (TOY, CONSISTENCY)
-    if made_here and (source.val_path is None or is_in_memory(source.val_path)):
-        yield
-        return
-    folder = Path(source.cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    # Rows in memory by what they are, not their repr (which may be megabytes).
-    name, val_name = (
-        "<in memory>" if is_in_memory(value) else value for value in (source.path, source.val_path)
-    )
-    named = (name, source.subset, source.split, source.revision, val_name)
-    digest = hashlib.sha256(repr((*named, source.val_split)).encode()).hexdigest()[:16]
-    path = folder / f"kto_lightning-prepare-{digest}.lock"
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        timeout = source.lock_timeout
-        limit = "for ever" if timeout is None else f"up to {timeout:g} s"
-        log.info(
-            "data: another process is preparing %s: %s (lock %s); waiting %s for its cache "
-            "(data.source.lock_timeout)",
-            name, _holder(path), path, limit,
-        )  # fmt: skip
-        try:
-            lock.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout:
-            raise DataError(
-                f"data: gave up after waiting {timeout:g} s (data.source.lock_timeout) for the "
-                f"lock {path} on preparing {name}, held by {_holder(path)}. If that "
-                "process is stopped or hung, end it (or let it go on); if it is still working, "
-                "raise data.source.lock_timeout (null waits for ever)"
-            ) from None
-    try:
-        _write_holder(path)
-        yield
-    finally:
-        _holder_file(path).unlink(missing_ok=True)  # before the release: the next holder's stays
-        lock.release()
 
 
 class KTODataModule(L.LightningDataModule):
@@ -288,62 +152,13 @@ class KTODataModule(L.LightningDataModule):
         )  # fmt: skip
         return tokenized, _tokenization_note(cached, in_memory=not read.rows.cache_files)
 
-    def _prepare(
+    def _keep(
         self, read: ReadSplit, tokenized: datasets.Dataset, note: str, seed: int
     ) -> tuple[KTODataset, SplitSummary]:
-        """Filter and pair one tokenized split; `seed` seeds its KL pairing."""
-        chat, name = read.conversational, read.name
-        max_length, max_prompt_length = self.lengths.max_length, self.lengths.max_prompt_length
-        # Whole columns through Arrow and numpy: no Python object per token (see pairing.py).
-        prompt_tokens = arrow_column(tokenized, "prompt_tokens").to_numpy()
-        completion_tokens = arrow_column(tokenized, "completion_tokens").to_numpy()
-        completions = RowDigest.of_arrow(arrow_column(tokenized, "completion_ids"))
-        kept_completions = completions.lengths
-        all_labels = arrow_column(tokenized, "label").to_numpy().astype(bool)
-        keep = np.flatnonzero(kept_completions > 0)
-        empty = len(tokenized) - len(keep)
-        undesirable = int((~all_labels[keep]).sum())
-        if self.drop_undesirable and undesirable:
-            keep = keep[all_labels[keep]]
-        kept_rows = tokenized if len(keep) == len(tokenized) else tokenized.select(keep)
-        labels = all_labels[keep].tolist()
-        summary = SplitSummary(
-            name=read.split,
-            source=name,
-            format=read.format,
-            conversational=chat,
-            rows_read=read.rows_read,
-            desirable=sum(labels),
-            undesirable=len(labels) - sum(labels),
-            prompts_truncated=int((prompt_tokens > max_prompt_length).sum()),
-            completions_truncated=int((kept_completions < completion_tokens).sum()),
-            prompt_lengths=percentiles(prompt_tokens.tolist()),
-            completion_lengths=percentiles(completion_tokens.tolist()),
-            tokenization=note,
-        )
-        summary.dropped.update(read.dropped)  # dropped while read (chosen == rejected)
-        if empty:
-            summary.dropped[DROPPED_EMPTY] = empty
-        if self.drop_undesirable and undesirable:
-            summary.dropped[DROPPED_UNDESIRABLE] = undesirable
-        partners = None
-        if self.collator.needs_kl_rows:
-            if len(keep) < 2:
-                raise DataError(f"{name}: the KL estimate needs at least 2 rows, got {len(keep)}")
-            key = (tokenized._fingerprint, self.drop_undesirable, max_length, seed)
-            try:
-                partners = cached_kl_partners(
-                    RowDigest.of_arrow(arrow_column(tokenized, "prompt_ids")),
-                    completions,
-                    keep,
-                    max_length,
-                    seed,
-                    key,
-                    _cache_folder(tokenized),
-                )
-            except DataError as error:
-                raise DataError(f"{name}: {error}") from None
-        return KTODataset(kept_rows, partners, max_length), summary
+        return keep_and_pair(
+            read, tokenized, note, seed, self.lengths, self.drop_undesirable,
+            self.collator.needs_kl_rows,
+        )  # fmt: skip
 
     def prepare_data(self) -> None:
         """Read, tokenize and pair the rows, into the datasets cache.
@@ -364,8 +179,8 @@ class KTODataModule(L.LightningDataModule):
             # The text rows are read no more: let them go, and their memory map with them (a
             # million rows map ~1 GB of text, which counts in this process's RSS).
             train, val = train.without_rows(), val.without_rows()
-            train_set, train_summary = self._prepare(train, *tokenized[0], self.seed)
-            val_set, val_summary = self._prepare(val, *tokenized[1], self.seed + 1)
+            train_set, train_summary = self._keep(train, *tokenized[0], self.seed)
+            val_set, val_summary = self._keep(val, *tokenized[1], self.seed + 1)
         lengths = self.lengths
         log.info(
             "%s",
@@ -373,7 +188,7 @@ class KTODataModule(L.LightningDataModule):
                 [train_summary, val_summary], lengths.max_length, lengths.max_prompt_length
             ),
         )
-        self._check(train_summary, val_summary)
+        check_splits(train_summary, val_summary, self.batching, lengths, self.drop_undesirable)
         longest = max(max(s.lengths, default=0) for s in (train_set, val_set))
         if self.batching.packing:  # a pack budget below the longest row: said before step 1
             pack_budget(self.batching.max_tokens_per_pack, max(longest, 1))
@@ -381,37 +196,6 @@ class KTODataModule(L.LightningDataModule):
         self.train_set, self.val_set = train_set, val_set
         self.longest_row = longest  # tokens, as a batch pads it (its KL row's when longer)
         self.summaries = {"train": train_summary, "validation": val_summary}
-
-    def _check(self, train: SplitSummary, val: SplitSummary) -> None:
-        for summary in (train, val) if self.drop_undesirable else ():
-            if summary.desirable == 0:
-                raise DataError(
-                    f"{summary.source}: no desirable rows in the {summary.name} set, and this run "
-                    "trains on the desirable rows alone (loss=sft); for data without labels set "
-                    "data.columns.label=null (every row is then desirable)"
-                )
-        batch_size = self.batching.batch_size
-        if train.kept < batch_size:
-            raise DataError(
-                f"{train.source}: {train.kept} training rows are fewer than one batch "
-                f"(data.batching.batch_size={batch_size}); lower data.batching.batch_size or add "
-                "rows"
-            )
-        for summary in (train, val):
-            one_label = summary.desirable == 0 or summary.undesirable == 0
-            if one_label and not self.drop_undesirable:  # SFT has no undesirable rows on purpose
-                missing = "desirable" if summary.desirable == 0 else "undesirable"
-                log.warning(
-                    "%s set has no %s rows: KTO still trains, but only pushes one way, and the "
-                    "reward AUROC is undefined (logged as NaN)",
-                    summary.name, missing,
-                )  # fmt: skip
-            if summary.prompts_truncated:
-                log.warning(
-                    "%s set: %d prompt(s) longer than data.lengths.max_prompt_length=%d were cut "
-                    "from the left (their start is lost)",
-                    summary.name, summary.prompts_truncated, self.lengths.max_prompt_length,
-                )  # fmt: skip
 
     @property
     def label_counts(self) -> tuple[int, int]:

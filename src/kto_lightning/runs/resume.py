@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.common.security import REDACTED, is_secret_key
 from kto_lightning.data.config import Source, as_group
-from kto_lightning.data.datamodule import DATA_FILES_KEY, data_files
+from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.checkpointing import INTERRUPTED_KEY, RUN_CONFIG_KEY, load_run_checkpoint
 from kto_lightning.runs.run_records import DATA_COUNTS_KEY
