@@ -4,8 +4,8 @@ It composes conf/train.yaml with Hydra's compose API (no `hydra.main`, so no cha
 working directory or of logging), gives the run the folder the command line would
 (`outputs/<task_name>/runs/<time>`, unless `paths.output_dir` is overridden), records the
 composed config in `<run dir>/.hydra/config.yaml` and `overrides.yaml` as Hydra does (evaluate,
-generate and export read a run folder by them), and runs `kto_lightning.train.train`. Errors are
-raised, not printed: a `KTOError` subclass names the key, file or row to fix.
+generate and export read a run folder by them), and runs `kto_lightning.cli.run_fit.train`.
+Errors are raised, not printed: a `KTOError` subclass names the key, file or row to fix.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def compose_config(*overrides: str) -> DictConfig:
     `paths.output_dir` a fresh time-stamped run folder unless an override names one."""
     from hydra import compose, initialize_config_dir
 
-    from kto_lightning.train import config_dir  # registers the schemas the YAML files extend
+    from kto_lightning.cli.config_files import config_dir  # registers the YAML files' schemas
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="kto"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
@@ -81,14 +81,14 @@ def run_training(*overrides: str) -> RunResult:
     Raises:
         KTOError: a problem the user can fix (a ConfigError, a DataError, ...), naming it.
     """
-    from kto_lightning import train as entry
+    from kto_lightning.cli.run_fit import release_device_memory, train
 
     cfg = compose_config(*overrides)
     _record_config(cfg, overrides)
     try:
-        value = entry.train(cfg)
+        value = train(cfg)
     finally:
-        entry.release_device_memory()
+        release_device_memory()
     run_dir = Path(cfg.paths.output_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     hf_model = run_dir / "hf_model"

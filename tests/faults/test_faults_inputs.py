@@ -19,7 +19,10 @@ from hydra import compose, initialize_config_dir
 from transformers import LlamaForCausalLM
 
 from kto_lightning import export, generate
+from kto_lightning.cli import generation
+from kto_lightning.cli.arguments import parse
 from kto_lightning.cli.evaluation_target import refuse_guessed_run, resolve_target
+from kto_lightning.cli.generate_options import GenerateOptions
 from kto_lightning.core import packing
 from kto_lightning.core.packing import pack_rows
 from kto_lightning.data.config import Columns, Source
@@ -203,22 +206,24 @@ def test_a_gzip_file_is_named_as_one_with_the_command_to_decompress_it(tmp_path)
 def test_generate_refuses_an_existing_output_unless_overwrite(tmp_path, capsys) -> None:
     out = tmp_path / "generations.jsonl"
     out.write_text("earlier rows\n")
-    args = [str(tmp_path / "any_model"), "--prompt", "Hi", "--output", str(out)]
+    args = [f"ckpt_path={tmp_path / 'any_model'}", "prompt=Hi", f"out={out}"]
     assert generate.main(args) == 1
     error = capsys.readouterr().err.strip()
     assert error == (
-        f"error: --output {str(out)!r} already exists; pass --overwrite to replace it, or name "
-        "another file with --output"
+        f"error: out={str(out)!r} already exists; set overwrite=true to replace it, or name "
+        "another file with out="
     )
     assert out.read_text() == "earlier rows\n"
-    # --overwrite lets it through (to the next check: here, the missing model).
-    assert generate.output_file(generate.parser().parse_args([*args, "--overwrite"])) == str(out)
-    assert "--overwrite" in generate.parser().format_help()
+    # overwrite=true lets it through (to the next check: here, the missing model).
+    options = parse(GenerateOptions, [*args, "overwrite=true"], "generate")
+    assert generation.output_file(options) == str(out)
+    assert generate.main(["--help"]) == 0
+    assert "overwrite=bool  (default: false)" in capsys.readouterr().out
     # A run directory's default output too.
     run = tmp_path / "run"
     (run / "hf_model").mkdir(parents=True)
     (run / "generations.jsonl").write_text("earlier rows\n")
-    assert generate.main([str(run), "--prompt", "Hi"]) == 1
+    assert generate.main([f"ckpt_path={run}", "prompt=Hi"]) == 1
     assert "the default output" in capsys.readouterr().err
 
 
@@ -228,14 +233,13 @@ def test_export_refuses_a_folder_that_is_not_empty_unless_overwrite(tmp_path, ca
     (out / "config.json").write_text('{"model_type": "theirs"}')
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not read before the folder is checked")
-    assert export.main([str(ckpt), str(out)]) == 1
+    assert export.main([f"ckpt_path={ckpt}", f"out={out}"]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"error: out_dir {str(out)!r} is not empty (it holds config.json)")
-    assert "pass --overwrite" in error
+    assert error.startswith(f"error: out={str(out)!r} is not empty (it holds config.json)")
+    assert "set overwrite=true" in error
     assert (out / "config.json").read_text() == '{"model_type": "theirs"}'
-    # --overwrite gets past the folder (to the checkpoint, unreadable here).
-    assert export.main([str(ckpt), str(out), "--overwrite"]) == 1
+    # overwrite=true gets past the folder (to the checkpoint, unreadable here).
+    assert export.main([f"ckpt_path={ckpt}", f"out={out}", "overwrite=true"]) == 1
     assert "could not read the checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export.main(["--help"])
-    assert "--overwrite" in capsys.readouterr().out
+    assert export.main(["--help"]) == 0
+    assert "overwrite=bool  (default: false)" in capsys.readouterr().out

@@ -70,7 +70,7 @@ def test_full_fine_tune_exports_a_folder_that_reproduces_the_policy(make_config,
         if out.name == "api":
             assert export_checkpoint(ckpt, out) == out
         else:
-            result = _cli(ckpt, out)
+            result = _cli(f"ckpt_path={ckpt}", f"out={out}")
             assert result.returncode == 0, result.stderr[-3000:]
         _assert_hf_folder(out, tokenizer)
         model = AutoModelForCausalLM.from_pretrained(out)
@@ -91,7 +91,7 @@ def test_lora_exports_merged_and_as_adapter(make_config, tmp_path) -> None:
     assert not any("lora_" in k for k in model.state_dict())
     torch.testing.assert_close(_logps(model, batch), expected, rtol=0, atol=1e-4)
 
-    result = _cli(ckpt, tmp_path / "adapter", "--keep-adapter")
+    result = _cli(f"ckpt_path={ckpt}", f"out={tmp_path / 'adapter'}", "keep_adapter=true")
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").is_file()
@@ -153,7 +153,7 @@ def test_checkpoints_that_cannot_be_exported_say_why(make_config, tmp_path) -> N
 
 
 def test_command_line_errors_are_one_line(tmp_path) -> None:
-    result = _cli(tmp_path / "missing.ckpt", tmp_path / "out")
+    result = _cli(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'out'}")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -161,4 +161,4 @@ def test_command_line_errors_are_one_line(tmp_path) -> None:
     ]
 
     help_text = _cli("--help").stdout
-    assert "--keep-adapter" in help_text and "checkpoint" in help_text
+    assert "keep_adapter=bool" in help_text and "checkpoint" in help_text

@@ -75,7 +75,7 @@ def _rows(text: str) -> list[dict]:
 def _main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> list[dict]:
     """The command in this process (an interpreter start costs seconds): its rows, from stdout."""
     capsys.readouterr()
-    assert main([*map(str, args), "--output", "-"]) == 0
+    assert main([*map(str, args), "out=-"]) == 0
     return _rows(capsys.readouterr().out)
 
 
@@ -85,8 +85,8 @@ def test_greedy_rows_equal_direct_generation(model_dir, tmp_path, capsys) -> Non
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out" / "generations.jsonl"
     # Batches of two prompts of different lengths: the shorter one is padded.
-    args = ["--prompt", "Hi", "--prompts", prompts, "--max-new-tokens", "12", "--batch-size", "2"]
-    assert main([str(a) for a in (model_dir, *args, "--output", out)]) == 0
+    args = ["prompt=Hi", f"prompts={prompts}", "max_new_tokens=12", "batch_size=2"]
+    assert main([f"ckpt_path={model_dir}", *args, f"out={out}"]) == 0
     rows = _rows(out.read_text())
 
     assert [row["prompt"] for row in rows] == ["Hi", "Tell me about bees.", CONVERSATION]
@@ -105,9 +105,9 @@ def test_greedy_rows_equal_direct_generation(model_dir, tmp_path, capsys) -> Non
         "top_p": 1.0, "top_k": 0, "num_samples": 1, "seed": 0, "chat_template": True,
     }  # fmt: skip
 
-    # --no-chat-template: a text prompt as training encodes a text row (BOS + text); a
+    # chat_template=false: a text prompt as training encodes a text row (BOS + text); a
     # conversation still goes through the template.
-    plain = _main(capsys, model_dir, *args, "--no-chat-template")
+    plain = _main(capsys, f"ckpt_path={model_dir}", *args, "chat_template=false")
     rendered = [f"{BOS}Hi", f"{BOS}Tell me about bees.", rows[2]["rendered_prompt"]]
     assert [row["rendered_prompt"] for row in plain] == rendered
     assert [row["completion"] for row in plain] == [_direct(model, r, 12) for r in rendered]
@@ -117,8 +117,8 @@ def test_greedy_rows_equal_direct_generation(model_dir, tmp_path, capsys) -> Non
 def test_sampling_gives_each_prompt_its_samples_under_the_seed(model_dir, tmp_path, capsys) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")  # the blank line is skipped
-    sampling = ["--temperature", "1.0", "--top-k", "50", "--num-samples", "3", "--seed", "7"]
-    args = [model_dir, "--prompts", prompts, "--max-new-tokens", "10", *sampling]
+    sampling = ["temperature=1.0", "top_k=50", "num_samples=3", "seed=7"]
+    args = [f"ckpt_path={model_dir}", f"prompts={prompts}", "max_new_tokens=10", *sampling]
 
     rows = _main(capsys, *args)
     assert [(row["prompt"], row["sample"]) for row in rows] == [
@@ -128,7 +128,7 @@ def test_sampling_gives_each_prompt_its_samples_under_the_seed(model_dir, tmp_pa
 
     # The same seed draws the same samples, and each model draws from it: a reference equal to the
     # policy samples the same text as the policy, which is the text of the run above.
-    compared = _main(capsys, *args, "--reference", model_dir)
+    compared = _main(capsys, *args, f"reference_model={model_dir}")
     assert [row["policy"] for row in compared] == [row["completion"] for row in rows]
     assert [row["reference"] for row in compared] == [row["completion"] for row in rows]
 
@@ -154,10 +154,10 @@ def test_compare_puts_the_runs_step_zero_policy_beside_its_policy(
     torch.save({"state_dict": state, RUN_CONFIG_KEY: run.module.run_config, "global_step": 0}, ckpt)
 
     prompts = ["Can you tell me about bees?", "Please explain tides to me."]
-    # The toy task's prompts are text: --no-chat-template renders them as training did.
-    args = [a for p in prompts for a in ("--prompt", p)]
-    args += ["--max-new-tokens", "24", "--no-chat-template", "--compare"]
-    result = _cli(tmp_path, *args)
+    # The toy task's prompts are text: chat_template=false renders them as training did.
+    args = [f"prompt={p}" for p in prompts]  # the key repeated: both prompts
+    args += ["max_new_tokens=24", "chat_template=false", "compare=true"]
+    result = _cli(f"ckpt_path={tmp_path}", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows((tmp_path / "generations.jsonl").read_text())  # a run's default output
     rendered = [f"{BOS}{p}" for p in prompts]
@@ -171,44 +171,47 @@ def test_compare_puts_the_runs_step_zero_policy_beside_its_policy(
     assert [_direct(other_seed, r, 24) for r in rendered] != [ref for _, ref in expected]
 
     # A checkpoint names its base model through the run config it stores.
-    from_ckpt = _main(capsys, ckpt, *args)
+    from_ckpt = _main(capsys, f"ckpt_path={ckpt}", *args)
     assert [(row["policy"], row["reference"]) for row in from_ckpt] == expected
 
 
 def test_errors_are_one_line(model_dir, tmp_path, capsys) -> None:
     def error(*args: str | Path) -> str:
         capsys.readouterr()
-        assert main([*map(str, args)]) == 1
+        assert main([f"ckpt_path={args[0]}", *map(str, args[1:])]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
 
     missing = tmp_path / "missing"
-    assert error(missing, "--prompt", "Hi") == (
+    assert error(missing, "prompt=Hi") == (
         f"error: no model folder, run directory or checkpoint at {str(missing)!r}"
     )
     unfinished = tmp_path / "run"
     (unfinished / "checkpoints").mkdir(parents=True)
     (unfinished / "checkpoints" / "last.ckpt").write_bytes(b"")
-    message = error(unfinished, "--prompt", "Hi")
+    message = error(unfinished, "prompt=Hi")
     assert "has no hf_model/" in message and "last.ckpt" in message
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    assert "a LoRA adapter alone" in error(adapter, "--prompt", "Hi")
+    assert "a LoRA adapter alone" in error(adapter, "prompt=Hi")
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert (
-        error(model_dir, "--prompts", empty) == f"error: --prompts {str(empty)!r} holds no prompts"
+        error(model_dir, f"prompts={empty}") == f"error: --prompts {str(empty)!r} holds no prompts"
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
-    assert error(model_dir, "--prompts", bad).startswith(f"error: {bad}, line 2: not valid JSON")
+    assert error(model_dir, f"prompts={bad}").startswith(f"error: {bad}, line 2: not valid JSON")
     bad.write_text('{"prompt": [{"role": "robot", "content": "beep"}]}\n')
     assert "line 1, field 'prompt', message 0: unknown role 'robot'" in error(
-        model_dir, "--prompts", bad
+        model_dir, f"prompts={bad}"
     )
 
-    assert "--reference" in error(model_dir, "--prompt", "Hi", "--compare")
-    assert "--temperature" in error(model_dir, "--prompt", "Hi", "--num-samples", "2")
+    assert "reference_model=" in error(model_dir, "prompt=Hi", "compare=true")
+    assert "temperature" in error(model_dir, "prompt=Hi", "num_samples=2")
+    # The old flag style names the new form; an unknown key lists the valid ones.
+    assert "(here: chat_template=false)" in error(model_dir, "--no-chat-template")
+    assert "valid keys: ckpt_path, prompt, prompts" in error(model_dir, "promt=Hi")

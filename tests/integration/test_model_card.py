@@ -71,7 +71,7 @@ def test_a_trained_run_exports_a_card_with_its_settings_metrics_and_command(
     assert "AutoModelForCausalLM.from_pretrained(" in card
 
     # The export command on the run's checkpoint writes the same card.
-    assert export_main([str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "cli")]) == 0
+    assert export_main([f"ckpt_path={tmp_path}", f"out={tmp_path / 'cli'}"]) == 0  # a run dir
     assert (tmp_path / "cli" / CARD_FILE).read_text() == card
 
     # A checkpoint away from its run directory: what only the run directory records is

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kto_lightning import generate
+from kto_lightning.cli import generation as generate
 from kto_lightning.cli import hf_export
-from kto_lightning.cli.evaluation_target import resolve_target
+from kto_lightning.cli.evaluation_target import build_models, load_tokenizer, resolve_target
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.train import build
 
@@ -46,7 +46,7 @@ def test_generate_export_and_evaluate_follow_the_checkpoint_not_an_edited_hydra_
             config = generate.resolve(str(name), stack).run_config
             assert config is not None, name
             assert (config["seed"], config["model"]) == (trained["seed"], trained["model"]), name
-        # --compare's base model is the run's step-0 policy, not a model of the edited size.
+        # compare=true's base model is the run's step-0 policy, not a model of the edited size.
         target = generate.resolve(str(tmp_path), stack)
         assert target.run_config is not None
         base = generate.load_base(target.run_config, "the run")
@@ -64,3 +64,18 @@ def test_generate_export_and_evaluate_follow_the_checkpoint_not_an_edited_hydra_
     # evaluate: the same record.
     for name in (tmp_path, tmp_path / "hf_model", ckpt):
         assert resolve_target(str(name)).run_config == trained, name
+
+    # One seeding rule: evaluate's rebuilt reference and generate's compare=true base are the
+    # same weights, and both are the run's step-0 policy.
+    target = resolve_target(str(ckpt))
+    assert target.run_config is not None
+    tokenizer = load_tokenizer(target)
+    _, reference, _ = build_models(
+        target, tokenizer, int(target.run_config["seed"]), None, cfg.model, 64, True
+    )
+    torch.manual_seed(12345)  # a generator state of another command: the rule resets it
+    base = generate.load_base(target.run_config, "the run")
+    evaluated = list(reference.model.parameters())  # a copy reference: the step-0 model
+    assert len(evaluated) == len(list(base.parameters()))
+    for ours, theirs in zip(base.parameters(), evaluated, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -78,7 +78,7 @@ def test_run_figure_labels_every_panel_and_gives_a_metric_one_colour(tmp_path) -
     }  # fmt: skip
     plt.close(figure)
 
-    assert plot_main([str(tmp_path)]) == 0
+    assert plot_main([f"ckpt_path={tmp_path}"]) == 0
     assert (tmp_path / FILENAME).read_bytes()[:8] == PNG
 
 
@@ -90,7 +90,7 @@ def test_a_run_without_kto_metrics_plots_what_it_has(tmp_path) -> None:
     figure = draw_run(read_metrics(tmp_path), "sft")
     assert [ax.get_title() for ax in figure.axes] == ["loss", "perplexity"]
     plt.close(figure)
-    assert plot_main([str(tmp_path), "--out", str(tmp_path / "sft.png")]) == 0
+    assert plot_main([f"ckpt_path={tmp_path}", f"out={tmp_path / 'sft.png'}"]) == 0
     assert (tmp_path / "sft.png").read_bytes()[:8] == PNG
 
 
@@ -139,7 +139,7 @@ def _sweep(tmp_path: Path) -> Path:
 
 def test_a_sweep_overlays_its_jobs_and_tabulates_the_failed_ones(tmp_path, capsys) -> None:
     sweep = _sweep(tmp_path)
-    assert plot_main([str(sweep)]) == 0
+    assert plot_main([f"ckpt_path={sweep}"]) == 0
     printed = capsys.readouterr().out
     assert (sweep / SWEEP_FILENAME).read_bytes()[:8] == PNG
 
@@ -186,17 +186,17 @@ def test_a_sweep_overlays_its_jobs_and_tabulates_the_failed_ones(tmp_path, capsy
 
 
 def test_folders_that_hold_no_run_are_named(tmp_path, capsys) -> None:
-    assert plot_main([str(tmp_path / "missing")]) == 1
+    assert plot_main([f"ckpt_path={tmp_path / 'missing'}"]) == 1
     assert "missing is not a folder" in capsys.readouterr().err
     (tmp_path / "empty" / "notes").mkdir(parents=True)
-    assert plot_main([str(tmp_path / "empty")]) == 1
+    assert plot_main([f"ckpt_path={tmp_path / 'empty'}"]) == 1
     assert f"{tmp_path / 'empty'} holds no run" in capsys.readouterr().err
 
     # A sweep whose jobs all failed: their table, and no figure.
     failed = tmp_path / "failed" / "0_loss.beta=-1" / ".hydra"
     failed.mkdir(parents=True)
     (failed / "overrides.yaml").write_text("- loss.beta=-1\n")
-    assert plot_main([str(tmp_path / "failed")]) == 1
+    assert plot_main([f"ckpt_path={tmp_path / 'failed'}"]) == 1
     out, err = capsys.readouterr()
     assert "no csv/metrics.csv" in out and "no job" in err
     assert (tmp_path / "failed" / SUMMARY_FILE).is_file()
@@ -204,7 +204,7 @@ def test_folders_that_hold_no_run_are_named(tmp_path, capsys) -> None:
 
     bad = tmp_path / "bad"
     _write_metrics(bad, [{"step": 0, "train/loss": 1.0}, {"step": 1, "train/loss": "oops"}])
-    assert plot_main([str(bad)]) == 1
+    assert plot_main([f"ckpt_path={bad}"]) == 1
     assert "metrics.csv, line 3, column 'train/loss': 'oops' is not a number" in (
         capsys.readouterr().err
     )
@@ -233,5 +233,5 @@ def test_a_trained_run_draws_its_curves_at_the_end(make_config, tmp_path) -> Non
     plt.close(figure)
     # The command redraws it from the saved metrics.
     out = tmp_path / "again.png"
-    assert plot_main([str(tmp_path), "--out", str(out)]) == 0
+    assert plot_main([f"ckpt_path={tmp_path}", f"out={out}"]) == 0
     assert out.is_file() and out.stat().st_size > 10_000

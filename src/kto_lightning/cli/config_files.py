@@ -8,20 +8,14 @@ the structured-config schemas the YAML files extend and the resolvers conf/hydra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig
 
 from kto_lightning.cli import schemas
+from kto_lightning.cli.config_location import config_dir
 from kto_lightning.runs.sweeps import register_resolvers
 
-
-def config_dir() -> Path:
-    """`conf/` of a source checkout, else the copy packed into the installed wheel."""
-    package = Path(__file__).resolve().parents[1]  # src/kto_lightning
-    checkout = package.parents[1] / "conf"
-    return checkout if (checkout / "train.yaml").is_file() else package / "conf"
+__all__ = ["config_dir", "on_gpu", "prepare_composition"]
 
 
 def prepare_composition() -> None:

@@ -157,12 +157,12 @@ def refuse_non_empty(out_dir: Path, overwrite: bool) -> None:
     if overwrite or not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ConfigError(f"out_dir {str(out_dir)!r} is a file; name a folder to export into")
+        raise ConfigError(f"out={str(out_dir)!r} is a file; name a folder to export into")
     held = sorted(path.name for path in out_dir.iterdir())
     if held:
         shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
         raise ConfigError(
-            f"out_dir {str(out_dir)!r} is not empty (it holds {shown}); export into a new or "
+            f"out={str(out_dir)!r} is not empty (it holds {shown}); export into a new or "
             "empty folder, or set overwrite=true to replace the files of the same names"
         )
 
