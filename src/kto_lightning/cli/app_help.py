@@ -153,10 +153,15 @@ def groups(conf: Path) -> dict[str, list[str]]:
     }
 
 
+def _load(path: Path) -> DictConfig:
+    loaded = OmegaConf.load(path)
+    return loaded if isinstance(loaded, DictConfig) else OmegaConf.create({})
+
+
 def default_options(root: Path) -> dict[str, str | None]:
     """group -> the option the root file's defaults list picks (None: `group: null`)."""
     chosen: dict[str, str | None] = {}
-    for entry in OmegaConf.load(root).get("defaults", []):
+    for entry in _load(root).get("defaults", []):
         if isinstance(entry, DictConfig):
             for group, option in entry.items():
                 name = str(group).removeprefix("override ").lstrip("/").split("@")[0]
@@ -171,10 +176,22 @@ def _leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
                 continue
             value = node._get_node(key)  # unresolved: `${paths.output_dir}` as written
             child = node[key] if isinstance(value, DictConfig | ListConfig) else value
-            yield from _leaves(child, f"{prefix}{key}.")
+            yield from _leaves(child, f"{prefix}{key!s}.")
     else:
         value = node._value() if hasattr(node, "_value") else node
         yield prefix.rstrip("."), value
+
+
+def _targets(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
+    """(key prefix, `_target_`) of every node of a loaded file that names one."""
+    if isinstance(node, DictConfig):
+        target = node._get_node("_target_") if "_target_" in node else None
+        if target is not None and isinstance(target._value(), str):
+            yield prefix, str(target._value())
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                yield from _targets(child, f"{prefix}{key!s}.")
 
 
 def _option_files(conf: Path, group: str, option: str) -> list[tuple[Path, str]]:
@@ -186,7 +203,7 @@ def _option_files(conf: Path, group: str, option: str) -> list[tuple[Path, str]]
     text = path.read_text(encoding="utf-8")
     bases = [
         base
-        for entry in OmegaConf.load(path).get("defaults", [])
+        for entry in _load(path).get("defaults", [])
         if isinstance(entry, str) and (base := entry) not in ("_self_",) and "/" not in base
     ]
     files = [f for base in bases for f in _option_files(conf, group, base)]
@@ -206,10 +223,9 @@ def keys(conf: Path, root: Path) -> list[tuple[str, str, str]]:
             continue
         loaded = OmegaConf.load(path)
         docs |= yaml_comments(path, prefix)
-        target = loaded.get("_target_") if isinstance(loaded, DictConfig) else None
-        if isinstance(target, str):
-            # A schema's doc wins over the YAML comment: it is the target's own word.
-            docs |= {f"{prefix}{k}": v for k, v in schema_docs(target).items()}
+        # A schema's doc wins over the YAML comment: it is the target's own word.
+        for where, target in _targets(loaded, prefix):
+            docs |= {f"{where}{k}": v for k, v in schema_docs(target).items()}
         for key, value in _leaves(loaded, prefix):
             if key.rpartition(".")[2].startswith("_"):  # _target_, _partial_: not a setting
                 continue

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import yaml
+from omegaconf import ListConfig, OmegaConf
 
 from kto_lightning.errors import ConfigError
 
@@ -50,8 +50,8 @@ def _convert(key: str, raw: str, hint: Any) -> Any:
         return None
     if typing.get_origin(kind) is list:
         if raw.startswith("["):
-            items = yaml.safe_load(raw)
-            if not isinstance(items, list):
+            items = OmegaConf.create(raw)  # YAML's flow list, as Hydra reads `[a,b]`
+            if not isinstance(items, ListConfig):
                 raise ConfigError(f"{key}={raw}: not a list; write {key}=[a,b] or {key}=one")
             return [str(item) for item in items]
         return [raw]

@@ -1,14 +1,9 @@
 """What generate does: resolve the model, render the prompts, sample, and lay out the rows.
 
-`ckpt_path` is resolved to the one `Target` evaluate uses, read by runs/run_record.py: a Hugging
-Face folder or hub name is loaded as `model=local` loads one; a run directory gives its
-hf_model/; a training checkpoint (.ckpt) is exported to a temporary folder.
-
-Prompts are rendered as training renders them (data/prompts.py): a conversation through the
-tokenizer's chat template; a text prompt as one user turn of it when the tokenizer has one
-(`chat_template=false`: BOS + text, as training encodes text rows). `compare=true` generates with
-the reference model too: the base the run started from, rebuilt from the run's config and seeded
-as training built it (cli/rebuilding.py), or `reference_model`.
+`ckpt_path` resolves to the one `Target` evaluate uses (runs/run_record.py reads it); a .ckpt is
+exported to a temporary folder. Prompts are rendered as training renders them (data/prompts.py);
+`compare=true` also samples the reference: the run's base, rebuilt and seeded as training built
+it (cli/rebuilding.py), or `reference_model`.
 """
 
 from __future__ import annotations
@@ -306,7 +301,12 @@ def run(args: GenerateOptions) -> list[dict[str, Any]]:
             columns = {
                 "policy": columns["completion"],
                 "reference": _complete(
-                    reference, reference_tokenizer, reference_ids, args, sampling, reference_name
+                    reference,
+                    reference_tokenizer,
+                    reference_ids,
+                    args,
+                    sampling,
+                    str(reference_name),
                 ),
             }
     settings = {"model": args.ckpt_path, "reference": reference_name, **asdict(sampling)}

@@ -47,7 +47,7 @@ class EvaluationData(KTODataModule):
             return
         read = read_evaluation_split(self.source, self.columns, self.seed)
         # seed + 1 pairs the KL rows as training paired its validation rows.
-        self.val_set, summary = self._prepare(read, *self._tokenize(read), self.seed + 1)
+        self.val_set, summary = self._keep(read, *self._tokenize(read), self.seed + 1)
         self.summaries = {read.split: summary}
         lengths = self.lengths
         log.info("%s", format_summary([summary], lengths.max_length, lengths.max_prompt_length))

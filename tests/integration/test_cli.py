@@ -1,0 +1,150 @@
+"""One command line: the five entry points take key=value arguments, print a --help generated
+from the schemas and conf/ (quickly: no torch import), refuse an unknown key or an old --flag
+with one line, and are reachable through one console script (`kto-lightning <command>`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST
+from kto_lightning import __main__ as console
+from kto_lightning import export, generate, plot
+from kto_lightning.cli.app_help import app_help, schema_docs
+
+ENTRY_POINTS = ("train", "evaluate", "generate", "export", "plot")
+
+
+def _run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if cwd is not None:
+        env["HF_HOME"] = str(cwd / "hf_home")
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_help_of_each_entry_point_lists_its_keys_without_importing_torch(name: str) -> None:
+    code = (
+        "import runpy, sys, time\n"
+        f"sys.argv = ['kto_lightning.{name}', '--help']\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        f"    runpy.run_module('kto_lightning.{name}', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "heavy = sorted({'torch', 'lightning', 'transformers'} & set(sys.modules))\n"
+        "print('HEAVY', heavy, 'SECONDS', round(time.perf_counter() - start, 3))\n"
+    )
+    start = time.perf_counter()
+    result = _run("-c", code)
+    wall = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(f"benchmark: python -m kto_lightning.{name} --help: {wall:.2f} s wall, cold")
+    assert "HEAVY []" in result.stdout, result.stdout.splitlines()[-1]
+    text = result.stdout
+    assert text.startswith(f"usage: python -m kto_lightning.{name}")
+    if name in ("train", "evaluate"):
+        # Groups with their options (the default in brackets), keys with defaults and docs.
+        assert "  model: from_run, llama1b, local, scratch, [tiny]" in text
+        assert "  loss: apo_zero_unpaired, [kto], sft" in text
+        assert "  loss.beta=0.1  # strength of the pull towards the reference model" in text
+        # A nested group's key documented by its dataclass's docstring (data/config.py).
+        assert "  data.batching.batch_size=16  # rows per device per step" in text
+        assert "--hydra-help" in text
+    if name == "train":
+        assert "  seed=42" in text and "  trainer: cpu, [default], gpu" in text
+    if name == "evaluate":
+        assert "  ckpt_path=???  # Required" in text and "  reference_model=null" in text
+    if name == "generate":
+        assert "  max_new_tokens=int  (default: 128)" in text and "  compare=bool" in text
+    if name in ("export", "plot"):
+        assert "  ckpt_path=str  (default: required)" in text
+
+
+def test_schema_docs_are_read_from_the_source_not_imported() -> None:
+    docs = schema_docs("kto_lightning.data.datamodule.KTODataModule")
+    assert docs["data.source.val_fraction".removeprefix("data.")].startswith("share of rows")
+    tiny = schema_docs("kto_lightning.models.TinyLlama")
+    assert tiny["disable_dropout"].startswith("set every dropout probability to 0")
+    # A `_global_` model file's keys (model.*) take their docs from the schema too.
+    text = app_help("cmd", "train", "summary", [])
+    assert "  model.disable_dropout=true  # set every dropout probability to 0" in text
+    # A group whose option is its default shows in brackets; one without a default does not.
+    assert "  debug: fast\n" in text and "  hparams_search: optuna\n" in text
+
+
+def test_unknown_keys_and_old_flags_are_one_line_errors(capsys, tmp_path) -> None:
+    def error(main, *args: str) -> str:
+        capsys.readouterr()
+        assert main(list(args)) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    message = error(generate.main, "ckpt_path=x", "max_new_token=4")
+    assert "max_new_token: python -m kto_lightning.generate has no such key" in message
+    assert "did you mean max_new_tokens?" in message and "valid keys: ckpt_path, prompt" in message
+    assert "(here: prompt=Hi)" in error(generate.main, "ckpt_path=x", "--prompt=Hi")
+    assert "(here: compare=true)" in error(generate.main, "ckpt_path=x", "--compare")
+    assert "(here: keep_adapter=true)" in error(export.main, "ckpt_path=x", "--keep-adapter")
+    assert "(here: out=...)" in error(plot.main, "--out")
+    # A positional argument of the old style: the key it now goes under.
+    assert "did you mean ckpt_path=" in error(plot.main, str(tmp_path))
+    assert "max_new_tokens=abc: expected a number (int)" in error(
+        generate.main, "ckpt_path=x", "max_new_tokens=abc"
+    )
+    assert "compare=maybe: expected true or false" in error(
+        generate.main, "ckpt_path=x", "compare=maybe"
+    )
+    assert error(export.main, "out=x").startswith("error: ckpt_path must be set")
+    # No output folder for a command refused before it ran.
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_lists_and_dispatches_the_commands(capsys) -> None:
+    assert console.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: kto-lightning <command> key=value ...")
+    for name in ENTRY_POINTS:
+        assert f"\n  {name} " in text
+    assert console.main(["fit"]) == 2
+    assert "'fit' is no command of kto-lightning" in capsys.readouterr().err
+    # In this process: the command's own --help and one-line errors.
+    kept = sys.argv
+    try:
+        assert console.main(["plot", "--help"]) == 0
+        assert capsys.readouterr().out.startswith("usage: python -m kto_lightning.plot")
+        assert console.main(["export", "ckpt=x"]) == 1
+        assert "did you mean ckpt_path?" in capsys.readouterr().err
+    finally:
+        sys.argv = kept
+
+
+def test_console_script_runs_a_hydra_sweep_and_refuses_an_unknown_key(tmp_path) -> None:
+    # One process for both Hydra apps' paths through the console script: `python -m
+    # kto_lightning train -m ...` (a two-job sweep) and an unknown key of evaluate.
+    sweep = tmp_path / "sweep"
+    result = _run(
+        "-m", "kto_lightning", "train", "-m", "loss.beta=0.1,0.2", *FAST,
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "export.enabled=false",
+        "validate_before_training=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
+    assert jobs == ["0_loss.beta=0.1", "1_loss.beta=0.2"], jobs
+    for job in jobs:
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "train.log").is_file(), "Hydra names the job as python -m does"
+
+    refused = _run("-m", "kto_lightning", "evaluate", "ckpt_pth=x", cwd=tmp_path)
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "ckpt_pth" in lines[0], lines
+    assert not (tmp_path / "outputs").exists(), "a refused command writes no run folder"
