@@ -7,7 +7,7 @@ is scored the way the trainer will run the policy (`trainer.precision`), so that
 policy's log-probs equal it exactly. Under DDP each rank scores a shard of the rows and the ranks
 gather the shards into the one file, which rank 0 writes.
 
-A file carries a checksum of its tensors (`table_checksum`, in the safetensors header), checked
+A file carries a checksum of its tensors (`cache_file.py`, in the safetensors header), checked
 on every read: a file edited, truncated or written by another version is reported, in one log
 line naming it, and filled again; a table that is not the one scored is never trained against.
 """
@@ -15,9 +15,7 @@ line naming it, and filled again; a table that is not the one scored is never tr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,8 +23,6 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,8 +31,17 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.common import distributed
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.core.logprobs import batch_logprobs, eval_mode
-from kto_lightning.data.tokenize import Example, tokenizer_fingerprint
-from kto_lightning.errors import ConfigError
+from kto_lightning.models.cache_file import CHECKSUM, read_table, table_checksum, write_table
+from kto_lightning.models.cache_key import (
+    AUTOCAST_DTYPES,
+    CACHE_VERSION,
+    CAST_DTYPES,
+    Rows,
+    cache_key,
+    data_fingerprint,
+    trainer_precision,
+    weights_fingerprint,
+)
 
 
 class CacheSettings(Protocol):
@@ -55,34 +60,23 @@ class CacheSettings(Protocol):
 
 log = logging.getLogger(__name__)
 
-# Bump when what a cache file holds, or how it is computed, changes.
-CACHE_VERSION = 2
-# The safetensors header entry that holds a file's `table_checksum`.
-CHECKSUM = "kto_lightning.blake2b"
-
-# How Lightning runs a step under each `trainer.precision` (single device and DDP): autocast for
-# `*-mixed` (MixedPrecision); the whole module cast to a dtype for `*-true` (HalfPrecision,
-# DoublePrecision), which also makes that dtype the default one inside forward.
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-_CAST = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-# Lightning's older spellings of the same settings.
-_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
-
-
-def trainer_precision(precision: str | int | None) -> str:
-    """`trainer.precision` in Lightning's current spelling; ConfigError where the cache can't match.
-
-    None is Lightning's default, "32-true".
-    """
-    name = "32-true" if precision is None else _ALIASES.get(str(precision), str(precision))
-    supported = ["32-true", *_AUTOCAST, *_CAST]
-    if name not in supported:
-        raise ConfigError(
-            f"reference=cache scores the table as the trainer will run the policy, which it can do "
-            f"for trainer.precision in {supported}, not trainer.precision={precision!r}: choose "
-            "one of those, or use reference=copy"
-        )
-    return name
+# Names other modules import from here (the key and the file format have their own modules).
+__all__ = [
+    "CACHE_VERSION",
+    "CHECKSUM",
+    "CachePlan",
+    "CacheSettings",
+    "cache_key",
+    "cache_plan",
+    "data_fingerprint",
+    "fill_cache",
+    "load_or_fill_cache",
+    "read_table",
+    "table_checksum",
+    "trainer_precision",
+    "weights_fingerprint",
+    "write_table",
+]
 
 
 @contextlib.contextmanager
@@ -93,75 +87,22 @@ def _as_trained(policy: nn.Module, precision: str, device: torch.device) -> Iter
     `*-true`: the policy cast to the dtype, with it as the default dtype; the policy comes back in
     its own dtype, but 16-bit values stay rounded, as the trainer will round them anyway.
     """
-    if precision in _AUTOCAST:
-        dtype = torch.bfloat16 if device.type == "cpu" else _AUTOCAST[precision]
+    if precision in AUTOCAST_DTYPES:
+        dtype = torch.bfloat16 if device.type == "cpu" else AUTOCAST_DTYPES[precision]
         with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
             yield
         return
-    if precision not in _CAST:  # 32-true: the policy as it is
+    if precision not in CAST_DTYPES:  # 32-true: the policy as it is
         yield
         return
     home_dtype, default_dtype = next(policy.parameters()).dtype, torch.get_default_dtype()
-    policy.to(dtype=_CAST[precision])
-    torch.set_default_dtype(_CAST[precision])
+    policy.to(dtype=CAST_DTYPES[precision])
+    torch.set_default_dtype(CAST_DTYPES[precision])
     try:
         yield
     finally:
         torch.set_default_dtype(default_dtype)
         policy.to(dtype=home_dtype)
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer: names, dtypes, shapes and bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class Rows(Protocol):
-    """A split's examples, by position (KTODataset is one)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Example: ...
-
-
-def data_fingerprint(datasets_by_split: dict[str, Rows]) -> str:
-    """A hash of the token ids of every row and of its KL partner's completion, per split."""
-    digest = hashlib.blake2b(digest_size=16)
-    for split, dataset in sorted(datasets_by_split.items()):
-        digest.update(f"{split}:{len(dataset)}".encode())
-        for example in (dataset[i] for i in range(len(dataset))):
-            for ids in (example.prompt_ids, example.completion_ids, example.kl_completion_ids):
-                digest.update(len(ids).to_bytes(4, "little"))
-                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def cache_key(
-    policy: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    datasets_by_split: dict[str, Rows],
-    max_length: int,
-    max_prompt_length: int,
-    needs_kl_rows: bool,
-    precision: str = "32-true",
-) -> str:
-    """The content hash a cache file is stored under; any change to an input changes it.
-
-    `precision` is the trainer's: a bf16-mixed run never reads a table scored in fp32.
-    """
-    parts = [
-        f"v{CACHE_VERSION}",
-        weights_fingerprint(policy),
-        tokenizer_fingerprint(tokenizer),
-        data_fingerprint(datasets_by_split),
-        f"{max_length}:{max_prompt_length}:{needs_kl_rows}",
-        trainer_precision(precision),
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 def _shard(loader: DataLoader, split: str) -> DataLoader:
@@ -275,48 +216,6 @@ def fill_cache(
             table[f"{split}/main"], table[f"{split}/kl"] = _merge(split, rows, index, main, kl)
     policy.to(home)
     return table
-
-
-def table_checksum(table: dict[str, Tensor]) -> str:
-    """A hash of a table's tensors: names, dtypes, shapes and bytes (any edit changes it).
-
-    The table is two floats a row (16 MB for a million rows): hashing it costs milliseconds.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for name, values in sorted(table.items()):
-        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)}".encode())
-        digest.update(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def read_table(path: Path) -> tuple[dict[str, Tensor] | None, str | None]:
-    """The table in the cache file `path`, checked against its checksum: (table, None); (None,
-    None) when there is no file; (None, what is wrong) when it cannot be trusted."""
-    if not path.is_file():
-        return None, None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            recorded = (handle.metadata() or {}).get(CHECKSUM)
-            names = handle.keys()  # a safe_open handle is not iterable
-            # Copies, not views of the mapped file: the values checked are the values used,
-            # whatever later happens to the file.
-            table = {name: handle.get_tensor(name).clone() for name in names}
-    except (SafetensorError, OSError) as error:
-        return None, f"it cannot be read ({error})"
-    if recorded is None:
-        return None, "it holds no checksum (written by an older kto_lightning)"
-    if table_checksum(table) != recorded:
-        return None, "its contents do not match their checksum (the file was changed)"
-    return table, None
-
-
-def write_table(table: dict[str, Tensor], path: Path) -> None:
-    """Write `table` to `path` with its checksum, atomically: a crash or a concurrent run never
-    leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(table, str(partial), metadata={CHECKSUM: table_checksum(table)})
-    os.replace(partial, path)
 
 
 def load_or_fill_cache(
