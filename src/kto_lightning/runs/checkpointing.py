@@ -21,6 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from kto_lightning.errors import ConfigError
+from kto_lightning.runs.moved_paths import current_paths
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,9 @@ class LastCheckpoint(AfterOptimizerStep):
 
 def load_run_checkpoint(path: Path, key: str, advice: str) -> dict[str, Any]:
     """The training checkpoint file at `path`, read on the CPU with weights_only=True (memory
-    mapped: its tensors are not read until used).
+    mapped: its tensors are not read until used). Every read of a run's checkpoint goes through
+    here; the run config it returns names modules by their current paths (moved_paths.py), also
+    for a checkpoint written before they moved.
 
     Raises:
         ConfigError: naming `key=path` and ending with `advice`, when the file cannot be read
@@ -256,4 +259,6 @@ def load_run_checkpoint(path: Path, key: str, advice: str) -> dict[str, Any]:
             f"{key}={str(path)!r}: not a kto_lightning training checkpoint (it has no "
             f"'{RUN_CONFIG_KEY}' or 'global_step' entry); {advice}"
         )
+    # Written before the modules moved into subpackages: its targets named where they are now.
+    checkpoint[RUN_CONFIG_KEY] = current_paths(config)
     return checkpoint

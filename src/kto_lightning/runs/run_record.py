@@ -25,12 +25,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kto_lightning.errors import ConfigError
+from kto_lightning.models import EXPORT_DIR
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.runs.moved_paths import current_paths
 from kto_lightning.runs.run_records import read_objective
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
-HF_MODEL = "hf_model"
+HF_MODEL = EXPORT_DIR  # where a run exports its policy at its end
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 _BEST = re.compile(r"best-step(\d+)(?:-v\d+)?\.ckpt$")
 ADVICE = (
@@ -74,6 +76,11 @@ def load_checkpoint(path: Path, key: str = "ckpt_path") -> dict[str, Any]:
     return checkpoint
 
 
+def export_folder(run_dir: str | Path) -> Path:
+    """The Hugging Face folder a run exports its policy to (it may not have written it)."""
+    return Path(run_dir) / HF_MODEL
+
+
 def is_run_dir(path: Path) -> bool:
     """Whether `path` looks like a run directory: checkpoints or a Hydra record in it."""
     return (path / CHECKPOINTS / LAST).exists() or (path / HYDRA_CONFIG).is_file()
@@ -99,7 +106,7 @@ def hydra_config(run_dir: Path) -> dict[str, Any] | None:
             except OmegaConfBaseException:  # an interpolation only Hydra resolves
                 value = as_written[key]
             config[str(key)] = value
-        return config
+        return current_paths(config)  # a run of before the modules moved: where they are now
     except OmegaConfBaseException as error:
         raise ConfigError(f"could not read the run config {str(path)!r}: {error}") from None
 
@@ -128,7 +135,7 @@ def _record(named: Path, kind: str, checkpoint: dict[str, Any] | None) -> RunRec
         config = load_checkpoint(last)[RUN_CONFIG_KEY]
     if config is None and run_dir is not None:
         config = hydra_config(run_dir)
-    hf_model = run_dir / HF_MODEL if run_dir is not None else None
+    hf_model = export_folder(run_dir) if run_dir is not None else None
     return RunRecord(
         named=named,
         kind=kind,
