@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from kto_lightning.common.hub import looks_local
 from kto_lightning.core.losses import LOSS_TYPES
 from kto_lightning.data.sources import BUILDERS
-from kto_lightning.models import EXPORT_DIR
+from kto_lightning.runs.run_record import export_folder
 from kto_lightning.runs.run_records import DATA_COUNTS_KEY, OVERRIDES_FILE, recorded_overrides
 from kto_lightning.runs.sweeps import shown_overrides
 
@@ -137,7 +137,7 @@ def _base_model_text(config: dict[str, Any], adapter: bool) -> list[str]:
         revision = f" at revision `{model['revision']}`" if model.get("revision") else ""
         lines = [f"{where} `{name}`{revision}."]
     elif isinstance(model.get("run_dir"), str):  # models.FromRun: an earlier run's export
-        folder = Path(model["run_dir"]) / EXPORT_DIR
+        folder = export_folder(model["run_dir"])
         lines = [
             f"the model an earlier kto_lightning run exported, `{folder}` (e.g. its SFT stage); "
             f"its own card, `{folder / CARD_FILE}`, describes it."
@@ -268,7 +268,7 @@ def _load_text(config: dict[str, Any], adapter: bool) -> list[str]:
     model = _section(config, "model")
     name = model.get("name_or_path")
     if not isinstance(name, str) and isinstance(model.get("run_dir"), str):
-        name = str(Path(model["run_dir"]) / EXPORT_DIR)
+        name = str(export_folder(model["run_dir"]))
     base = name if isinstance(name, str) else "BASE_MODEL"
     lines = [
         "```python",

@@ -18,7 +18,7 @@ from kto_lightning.reporting.sweep_report import (
     short_labels,
     write_summary,
 )
-from kto_lightning.runs.run_records import METRICS_FILE, read_metrics
+from kto_lightning.runs.run_records import METRICS_FILE, metrics_path, read_metrics
 
 FILENAME = "training_curves.png"
 SWEEP_FILENAME = "sweep_curves.png"
@@ -187,7 +187,7 @@ def plot_folder(folder: str | Path, out: str | Path | None = None) -> tuple[Path
     Raises KTOError naming `folder` when it is neither.
     """
     folder = Path(folder)
-    if (folder / METRICS_FILE).is_file():
+    if metrics_path(folder).is_file():
         return plot_run(folder, out), ""
     if not folder.is_dir():
         raise KTOError(f"{folder} is not a folder: give a run directory or a sweep directory")

@@ -34,6 +34,7 @@ from kto_lightning.data.config import Source, as_group
 from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.checkpointing import INTERRUPTED_KEY, RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.runs.run_record import CHECKPOINTS
 from kto_lightning.runs.run_records import DATA_COUNTS_KEY
 
 log = logging.getLogger("kto_lightning")
@@ -92,7 +93,7 @@ class Saved:
     def run_dir(self) -> Path | None:
         """The run directory the checkpoint was saved in (`<run dir>/checkpoints/<file>`), where
         a resumed run continues; None for a checkpoint kept anywhere else."""
-        if self.path.parent.name != "checkpoints":
+        if self.path.parent.name != CHECKPOINTS:
             return None
         return self.path.parent.parent.resolve()
 

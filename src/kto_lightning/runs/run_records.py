@@ -30,6 +30,11 @@ VALIDATION = "val/"
 POSITION_COLUMNS = ("step", "epoch")
 
 
+def metrics_path(run_dir: str | Path) -> Path:
+    """Where the run in `run_dir` keeps its metrics (it may not have written them yet)."""
+    return Path(run_dir) / METRICS_FILE
+
+
 @dataclass(frozen=True)
 class MetricRow:
     """One row of metrics.csv: its step and the metrics it holds (empty cells left out)."""
@@ -44,7 +49,7 @@ def read_metric_rows(run_dir: str | Path) -> list[MetricRow]:
     Raises KTOError naming the file when it is missing, and the row and column of a cell that is
     not a number.
     """
-    path = Path(run_dir) / METRICS_FILE
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise KTOError(f"{path} not found: a run directory keeps its metrics there")
     rows = []
@@ -143,7 +148,7 @@ def final_metrics(run_dir: Path, step: int | None) -> dict[str, float]:
     """The validation metrics of the run's last validation after at most `step` optimizer steps
     (a checkpoint's own step), from csv/metrics.csv; without that file, the objective alone, from
     objective.json; else {} (not recorded)."""
-    if (run_dir / METRICS_FILE).is_file():
+    if metrics_path(run_dir).is_file():
         last = last_validation(read_metric_rows(run_dir), at_step=step)
         # Not objective.json then: it holds the end of the run, maybe later than this checkpoint.
         return last[1] if last is not None else {}
