@@ -138,7 +138,8 @@ def test_console_script_runs_a_hydra_sweep_and_refuses_an_unknown_key(tmp_path) 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
-    assert jobs == ["0_loss.beta=0.1", "1_loss.beta=0.2"], jobs
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_"), jobs
+    assert "loss.beta=0.1" in jobs[0] and "loss.beta=0.2" in jobs[1], jobs
     for job in jobs:
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert (sweep / job / "train.log").is_file(), "Hydra names the job as python -m does"
