@@ -218,7 +218,7 @@ class HuggingFaceExport(L.Callback):
             log.warning(
                 "  Hugging Face export skipped: under %s the policy's weights are sharded across "
                 "ranks; save full checkpoints (strategy.save_distributed_checkpoint=false) and run "
-                "python -m kto_lightning.export CKPT OUT",
+                "python -m kto_lightning.export ckpt_path=CKPT out=OUT",
                 type(trainer.strategy).__name__,
             )
             return
