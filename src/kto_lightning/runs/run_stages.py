@@ -68,11 +68,14 @@ class StoppedAtOnce(BaseException):
         return 128 + self.signal_number
 
 
-# The innermost module of the project on the stack when a signal lands says what was running.
+# The innermost module of the project on the stack when a signal lands says what was running;
+# the first prefix it starts with names it (the reference cache's modules before the rest of
+# models/, which they are in).
 _PHASES = (
+    ("kto_lightning.models.reference_cache", "the reference cache's fill"),
+    ("kto_lightning.models.cache_", "the reference cache's fill"),
     ("kto_lightning.data", "data preparation"),
     ("kto_lightning.models", "model loading"),
-    ("kto_lightning.models.reference_cache", "the reference cache's fill"),
 )
 
 
