@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
-from kto_lightning.runs.run_record import hydra_config, resolve_run
+from kto_lightning.runs.run_record import hydra_config, newest_checkpoint, resolve_run
 
 MODEL = {"_target_": "kto_lightning.models.TinyLlama"}
 HYDRA_CONFIG = """\
@@ -105,3 +107,12 @@ def test_a_sweep_folder_names_its_jobs(tmp_path: Path) -> None:
         resolve_run(tmp_path / "sweep")
     with pytest.raises(ConfigError, match="no such file or folder"):
         resolve_run(tmp_path / "nothing")
+
+
+def test_the_newest_checkpoint_is_the_one_written_last(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run")
+    best = run / "checkpoints" / "best-step4.ckpt"
+    os.utime(best, (time.time() + 60, time.time() + 60))
+
+    assert newest_checkpoint(run) == best
+    assert newest_checkpoint(tmp_path / "no run") is None

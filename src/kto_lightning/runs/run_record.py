@@ -118,6 +118,13 @@ def _best(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of `run_dir` written last (by modification time), for a message that names
+    one to resume or to score; None when it has none."""
+    found = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def _run_dir_of(named: Path, kind: str) -> Path | None:
     """The run directory that holds a checkpoint (in its checkpoints/) or an hf_model folder."""
     parent = named.parent.parent if kind == "checkpoint" else named.parent
