@@ -18,6 +18,9 @@ A checkpoint saved before data files were recorded is resumed unchecked, with a 
 
 A run that already finished (its last epoch or step reached) is not trained again: `train` says
 so and returns the objective it recorded.
+
+The keys compared (`DEFINING`, `SHAPE`, `SCHEDULE`) and how a difference is named are in
+run_identity.py; the checkpoint is read by checkpointing.load_run_checkpoint, the one reader.
 """
 
 from __future__ import annotations
@@ -27,56 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kto_lightning.common.security import REDACTED, is_secret_key
-from kto_lightning.data.config import Source, as_group
-from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.checkpointing import INTERRUPTED_KEY, RUN_CONFIG_KEY, load_run_checkpoint
+from kto_lightning.runs.run_identity import (
+    DEFINING,
+    SCHEDULE,
+    SHAPE,
+    config_value,
+    current_config,
+    current_data_files,
+    data_changes,
+    differences,
+)
 from kto_lightning.runs.run_record import CHECKPOINTS
-from kto_lightning.runs.run_records import DATA_COUNTS_KEY
 
 log = logging.getLogger("kto_lightning")
-
-# What makes two runs the same run (dotted config keys).
-DEFINING = (
-    "task_name",
-    "seed",
-    "model",
-    "data",
-    "loss",
-    "optimizer",
-    "scheduler",
-    "reference",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-)
-# Settings under DEFINING that change how a run is carried out, not what it computes.
-NOT_DEFINING = (
-    "data.batching.num_workers",
-    "data.source.num_proc",
-    "data.source.cache_dir",
-    "data.source.lock_timeout",
-    "data.source.test_path",  # read by kto_lightning.evaluate only
-    "data.source.test_split",
-    "reference.cache_dir",
-    "reference.batch_size",
-)
-# What the shapes and names of a checkpoint's weights follow: a checkpoint of another model (or
-# of a LoRA adapter where this run trains all weights) cannot be loaded.
-SHAPE = ("model", "reference")
-# What a resumed run restores from the checkpoint instead of taking from the config.
-SCHEDULE = (
-    "optimizer",
-    "scheduler",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.accumulate_grad_batches",
-    "data.batching.batch_size",
-)
 
 
 @dataclass(frozen=True)
@@ -100,7 +70,7 @@ class Saved:
     @property
     def at_last_step(self) -> bool:
         """Whether it was saved at its run's `trainer.max_steps`."""
-        max_steps = _value(self.config, "trainer.max_steps") or -1
+        max_steps = config_value(self.config, "trainer.max_steps") or -1
         return 0 < max_steps <= self.global_step
 
     @property
@@ -109,8 +79,8 @@ class Saved:
         work after it (a signal at the last step leaves its validation and export to do)."""
         if self.interrupted:
             return False
-        max_steps = _value(self.config, "trainer.max_steps") or -1
-        max_epochs = _value(self.config, "trainer.max_epochs")
+        max_steps = config_value(self.config, "trainer.max_steps") or -1
+        max_epochs = config_value(self.config, "trainer.max_epochs")
         return (0 < max_steps <= self.global_step) or (
             max_epochs is not None and max_epochs >= 0 and self.epoch >= max_epochs
         )
@@ -133,102 +103,6 @@ def read_checkpoint(path: Path) -> Saved:
         int(checkpoint.get("epoch", 0)),
         bool(checkpoint.get(INTERRUPTED_KEY, False)),
     )
-
-
-def _value(config: dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    """`value` as {dotted key: leaf}, secret-named keys left out (their values are redacted)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            if not is_secret_key(str(key)):
-                out.update(_flat(inner, f"{prefix}.{key}"))
-        return out
-    return {prefix: value}
-
-
-def differences(current: dict[str, Any], saved: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    """The dotted keys under `keys` whose values differ, as `key: saved -> current`."""
-    changed = []
-    for key in keys:
-        now, then = _flat(_value(current, key), key), _flat(_value(saved, key), key)
-        for name in sorted(set(now) | set(then)):
-            if name in NOT_DEFINING:
-                continue
-            if now.get(name) != then.get(name) and REDACTED not in (now.get(name), then.get(name)):
-                changed.append(f"{name}: {then.get(name)!r} -> {now.get(name)!r}")
-    return changed
-
-
-def current_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved values of the keys that define a run, as a checkpoint stores them."""
-    out: dict[str, Any] = {}
-    for key in DEFINING:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, DictConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def current_data_files(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """What the local data files `cfg` names hold now (`data_files`), read before the data is."""
-    return data_files(as_group(Source, OmegaConf.select(cfg, "data.source"), "source"))
-
-
-def _rows(saved: dict[str, Any]) -> str:
-    """How many rows a run config says its run trained on, for a message; "" if it does not."""
-    counts = (saved.get(DATA_COUNTS_KEY) or {}).get("train")
-    if not isinstance(counts, dict):
-        return ""
-    return f"; it trained on {sum(int(n) for n in counts.values())} rows"
-
-
-def data_changes(
-    current: dict[str, Any], files: dict[str, dict[str, Any]], saved: dict[str, Any]
-) -> list[str] | None:
-    """The data files that hold other bytes than when `saved` (a run config) was trained, as
-    `key=value: its contents changed (blake2b old, N bytes -> new, M bytes)`; None when `saved`
-    records no files (a checkpoint of an older kto_lightning).
-
-    Only where the key's value is the same: a changed `data.source.path` is a changed key, which
-    `differences` reports.
-    """
-    recorded = saved.get(DATA_FILES_KEY)
-    if not isinstance(recorded, dict):
-        return None
-    changed = []
-    for key in sorted(set(recorded) | set(files)):
-        if _value(current, key) != _value(saved, key):
-            continue
-        then, now = recorded.get(key) or {}, files.get(key) or {}
-        if then.get("blake2b") == now.get("blake2b"):
-            continue
-        where = now.get("file") or then.get("file") or _value(current, key)
-        rows = _rows(saved) if key == "data.source.path" else ""  # the training rows' count
-        changed.append(
-            f"{key}={_value(current, key)!r} ({where}): its contents changed since the "
-            f"checkpoint (blake2b {_short(then)} -> {_short(now)}{rows})"
-        )
-    return changed
-
-
-def _short(entry: dict[str, Any]) -> str:
-    if not entry:
-        return "none: no such file"
-    return f"{str(entry.get('blake2b'))[:12]}, {int(entry.get('bytes', 0)):,} bytes"
 
 
 def _note_unrecorded(saved: Saved, files: dict[str, dict[str, Any]]) -> None:
