@@ -9,7 +9,10 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 
 def train_cli(
@@ -23,7 +26,25 @@ def train_cli(
     )  # fmt: skip
 
 
-def train_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+@contextlib.contextmanager
+def offline_env(cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """The environment `train_cli` gives its process, also for a module-scoped fixture (which
+    runs before the per-test one of conftest.py): offline, caches under `cwd`; `env` adds to it."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_HOME", str(cwd / "hf_home"))
+        patch.setenv("WANDB_MODE", "offline")
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cwd / "datasets_cache"))
+        yield
+
+
+def train_in_process(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """What `train_cli` returns, from the entry point run in this process: the same `__main__`
     path (`run_explained(main)`), its exit status and what it printed, without the ~8 s of CPU a
     new interpreter spends importing torch, transformers and Lightning.
@@ -47,7 +68,11 @@ def train_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     sys.argv = ["kto_lightning.train", *args]
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (
+            offline_env(cwd, env),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             try:
                 run_explained(main)
             except SystemExit as stopped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from cli import train_cli
+from cli import offline_env, train_in_process
 from conftest import FAST
 from kto_lightning import train as train_module
 from kto_lightning.errors import ConfigError
-from kto_lightning.train import train
+from kto_lightning.train import config_dir, train
 
 NO_PRE_VALIDATION = "validate_before_training=false"
 
@@ -34,11 +36,21 @@ def _no_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "build", must_not_build)
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished run (beta 0.1) for the module; each test gets its own copy."""
+    folder = tmp_path_factory.mktemp("finished")
+    with offline_env(folder), initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", [*FAST, _run_dir(folder, "first"), NO_PRE_VALIDATION])
+    with offline_env(folder):
+        train(cfg)
+    return folder / "kto" / "runs" / "first"
+
+
 @pytest.fixture
-def finished(make_config, tmp_path) -> Path:
+def finished(trained_once: Path, tmp_path) -> Path:
     """A finished run (beta 0.1) under <tmp>/kto/runs/first."""
-    train(make_config(_run_dir(tmp_path, "first"), NO_PRE_VALIDATION))
-    return tmp_path / "kto" / "runs" / "first"
+    return Path(shutil.copytree(trained_once, tmp_path / "kto" / "runs" / "first"))
 
 
 def test_auto_does_not_resume_a_run_with_other_settings(
@@ -125,7 +137,7 @@ def test_an_interrupted_sweep_relaunched_with_resume_auto_finishes(tmp_path) -> 
     before = _results(first)
     assert [row["status"] for row in before] == ["completed", "interrupted"]
 
-    again = train_cli(*sweep, f"hydra.sweep.dir={second}", "resume=auto", cwd=tmp_path)
+    again = train_in_process(*sweep, f"hydra.sweep.dir={second}", "resume=auto", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     after = _results(second)
     assert [row["status"] for row in after] == ["completed", "completed"]
