@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli import train_in_process
+
 STEPS_PER_EPOCH = 18  # 144 training rows of the 160-row toy task, batch 8
 COMMON = [
     "data.source.toy_rows=160",
@@ -36,10 +38,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(tmp_path: Path, *args: str) -> None:
-    result = subprocess.run(
-        _command(*args), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    """A run to its end, in this process: the uninterrupted run, a resume (only the interrupted
+    launches need a process of their own, to be signalled or killed)."""
+    result = train_in_process(*COMMON, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
