@@ -34,14 +34,10 @@ from kto_lightning.reporting.wandb_logging import (
 from kto_lightning.runs.checkpointing import (
     remove_partial_checkpoints,
 )
-from kto_lightning.runs.interrupts import (
-    BeforeTraining,
-    RunInterrupted,
-    StoppedAtOnce,
-)
 from kto_lightning.runs.resume import find_resume
 from kto_lightning.runs.run_dir import claim_run_dir, output_dir_key
 from kto_lightning.runs.run_records import OBJECTIVE_FILE, read_objective
+from kto_lightning.runs.run_stages import BeforeTraining, RunInterrupted, StoppedAtOnce
 from kto_lightning.runs.sweeps import (
     in_sweep,
     job_result,
