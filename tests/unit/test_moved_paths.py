@@ -14,7 +14,9 @@ from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.models import TinyLlama
 from kto_lightning.models.reference import ReferenceSpec
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY, LastCheckpoint, load_run_checkpoint
-from kto_lightning.runs.moved_paths import MOVED_MODULES, current_path
+from kto_lightning.runs.moved_paths import MOVED_MODULES, current_path, current_paths
+from kto_lightning.runs.resume import read_checkpoint
+from kto_lightning.runs.run_identity import DEFINING, SHAPE, differences
 from kto_lightning.runs.run_record import hydra_config, resolve_run
 
 # A run config as a checkpoint of before the move stored it (from that version's conf/).
@@ -118,3 +120,13 @@ def test_a_path_that_did_not_move_is_kept(path: str) -> None:
 def test_a_moved_module_and_a_name_in_it_are_rewritten() -> None:
     assert current_path("kto_lightning.reference") == "kto_lightning.models.reference"
     assert current_path("kto_lightning.sft.SFTLoss") == "kto_lightning.training.sft.SFTLoss"
+
+
+def test_resume_takes_an_old_checkpoint_for_the_same_run(tmp_path: Path) -> None:
+    """resume=<old checkpoint> and resume=auto compare the run's keys: the move changes none."""
+    saved = read_checkpoint(_old_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    current = current_paths(OLD_CONFIG)
+
+    assert differences(current, saved.config, (*SHAPE, *DEFINING)) == []
+    # Unrewritten, the reference's target would differ, and resume refuse "another model".
+    assert differences(current, OLD_CONFIG, SHAPE) != []
