@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli import train_in_process
+
 SIGNAL_AT = '''
 import os, signal
 import lightning as L
@@ -120,7 +122,7 @@ def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
 def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run: its run directory."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    result = _train(folder, f"hydra.run.dir={folder}/whole")
+    result = train_in_process(*COMMON, f"hydra.run.dir={folder}/whole", cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "whole"
 
@@ -144,7 +146,9 @@ def test_a_signal_in_validation_saves_the_last_step_and_resumes_exactly(
 
     if moment != "validation":
         return  # resuming from a stop in validation is tested once, below
-    resumed = _train(tmp_path, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed")
+    resumed = train_in_process(
+        *COMMON, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resumed run validates step 6 again, then goes on: every metric of the uninterrupted
     # run, validation included, and the same final weights.
@@ -173,9 +177,10 @@ def test_a_signal_in_the_last_steps_validation_is_not_taken_for_a_finished_run(
     stopped = _train(tmp_path, "trainer.max_steps=6", "export.enabled=true", f"hydra.run.dir={run}",
                      *_signal_at("validation", 6))  # fmt: skip
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    resumed = _train(tmp_path, "trainer.max_steps=6", "export.enabled=true",
-                     f"resume={run}/checkpoints/last.ckpt",
-                     f"hydra.run.dir={tmp_path}/resumed")  # fmt: skip
+    # The stop is a process's; its resume, only its outcome, runs in this one.
+    resumed = train_in_process(*COMMON, "trainer.max_steps=6", "export.enabled=true",
+                               f"resume={run}/checkpoints/last.ckpt",
+                               f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already finished" not in resumed.stderr + resumed.stdout
     recorded = json.loads((run / "objective.json").read_text())
