@@ -51,9 +51,12 @@ def train_in_process(
 
     For tests of what the entry point says and writes; signals, exit by a signal, child processes
     and environment read at import still need `train_cli`. Hydra's logging handlers (which write
-    to the captured streams and the run's log file) are removed afterwards, so later tests log as
-    before.
+    to the captured streams and the run's log file) and the config Hydra keeps of its last job
+    are removed afterwards, so later tests log, and run, as before.
     """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
     from kto_lightning.cli.guards import run_explained
     from kto_lightning.train import main
 
@@ -80,6 +83,9 @@ def train_in_process(
     finally:
         os.chdir(kept_cwd)
         sys.argv = kept_argv
+        # Hydra keeps the last job's config (which tells a sweep's job from a run) in process.
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
         if kept_full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -169,12 +167,10 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> Non
 
 
 def test_a_sweep_whose_every_trial_fails_ends_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "kto_lightning.train", "hparams_search=optuna",
-         "hydra.sweeper.n_trials=2", "data=local", f"data.source.path={tmp_path}/missing.jsonl",
-         f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    result = train_in_process(
+        "hparams_search=optuna", "hydra.sweeper.n_trials=2", "data=local",
+        f"data.source.path={tmp_path}/missing.jsonl", f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

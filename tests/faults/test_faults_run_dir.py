@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from cli import train_cli
+from cli import train_in_process
 from conftest import FAST
 from kto_lightning import train as train_module
 from kto_lightning.errors import ConfigError
@@ -102,7 +102,7 @@ def test_a_run_pointed_at_a_finished_run_is_refused_and_changes_none_of_its_file
 ) -> None:
     finished = tmp_path / "finished"
     before = _finished_run(finished)
-    result = train_cli(*SHORT, f"hydra.run.dir={finished}", cwd=tmp_path)
+    result = train_in_process(*SHORT, f"hydra.run.dir={finished}", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

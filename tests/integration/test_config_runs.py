@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from cli import train_cli, train_in_process
-from kto_lightning.export import main as export_main
+from kto_lightning.cli.hf_export import export_checkpoint
 from kto_lightning.train import build, config_dir, train
 
 TRAINERS = sorted(p.stem for p in (config_dir() / "trainer").glob("*.yaml"))
@@ -163,7 +163,7 @@ def test_fsdp_with_a_lora_head_and_adapter_reference_trains_and_exports(tmp_path
     assert not any(key.startswith("reference.") for key in state)
     head_b = state["policy.base_model.model.lm_head.lora_B.default.weight"]
     assert head_b.abs().sum() > 0, "the head's adapter starts at zero and must have trained"
-    assert export_main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    export_checkpoint(checkpoint, tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     assert "lm_head.weight" in weights and not any("lora" in key for key in weights)
 

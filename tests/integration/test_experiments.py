@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import train_cli
+from cli import train_in_process
 from kto_lightning.train import build, train
 
 
-def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
-    return train_cli(*args, cwd=cwd, timeout=timeout, env=wandb)
+    return train_in_process(*args, cwd=cwd, env=wandb)
 
 
 FAST = ["debug=fast", "data.source.toy_rows=160", "trainer.limit_val_batches=1"]

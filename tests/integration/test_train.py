@@ -40,7 +40,9 @@ def _logged_columns(run_dir: Path) -> set[str]:
     return {k for row in rows for k, v in row.items() if v not in ("", None)}
 
 
-def test_training_moves_the_policy_only_and_logs_every_metric(make_config, tmp_path) -> None:
+def test_training_moves_the_policy_only_logs_every_metric_and_its_checkpoint_resumes(
+    make_config, tmp_path
+) -> None:
     run = build(make_config())
     policy_before = _snapshot(run.module.policy)
     reference_before = _snapshot(run.module.reference)
@@ -74,10 +76,7 @@ def test_training_moves_the_policy_only_and_logs_every_metric(make_config, tmp_p
     assert {"val/rewards/auroc", "val/rewards/accuracy"} <= columns
     assert objective is not None and 0.0 <= objective <= 1.0
 
-
-def test_checkpoint_restores_the_policy_and_keeps_the_reference(make_config, tmp_path) -> None:
-    run = build(make_config())
-    train(make_config(), run=run)
+    # The checkpoint restores the policy and keeps the reference (one training run for both).
     trained = _snapshot(run.module.policy)
 
     fresh = build(make_config("trainer.max_epochs=2"))
@@ -168,7 +167,7 @@ def test_local_pretrained_model_trains(make_config, tmp_path) -> None:
 
 
 def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
-    result = train_cli(
+    result = train_in_process(
         "debug=fast", "data.source.toy_rows=160", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
