@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kto_lightning.common.security import redact_secrets
 from kto_lightning.runs.run_dir import fresh_dir
+from kto_lightning.runs.run_record import CHECKPOINTS, LAST, export_folder
 from kto_lightning.runs.sweeps import shown_overrides
 
 
@@ -90,8 +91,8 @@ def run_training(*overrides: str) -> RunResult:
     finally:
         release_device_memory()
     run_dir = Path(cfg.paths.output_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    hf_model = run_dir / "hf_model"
+    last = run_dir / CHECKPOINTS / LAST
+    hf_model = export_folder(run_dir)
     return RunResult(
         run_dir=run_dir,
         objective=value,

@@ -1,5 +1,6 @@
 """Generation from the command line: each row is what the model itself generates for the prompt
-as training renders it, and `--compare` puts the run's reference (its step-0 policy) beside it."""
+as training renders it, and `compare=true` puts the run's reference (its step-0 policy)
+beside it."""
 
 from __future__ import annotations
 
@@ -199,9 +200,7 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys) -> None:
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert (
-        error(model_dir, f"prompts={empty}") == f"error: --prompts {str(empty)!r} holds no prompts"
-    )
+    assert error(model_dir, f"prompts={empty}") == f"error: prompts={str(empty)!r} holds no prompts"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
     assert error(model_dir, f"prompts={bad}").startswith(f"error: {bad}, line 2: not valid JSON")

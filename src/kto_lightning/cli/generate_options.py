@@ -14,7 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """The options of generate; the sampling ones are checked by `generation.Sampling`."""
+    """The options of generate; the sampling ones are checked by `sampling.Sampling`."""
 
     ckpt_path: str = doc(
         "a run or sweep job directory (its hf_model/), a .ckpt, a Hugging Face folder or hub name"

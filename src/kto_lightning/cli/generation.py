@@ -9,81 +9,35 @@ it (cli/rebuilding.py), or `reference_model`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.cli.evaluation_target import Target
 from kto_lightning.cli.generate_options import GenerateOptions
 from kto_lightning.cli.hf_export import export_record
 from kto_lightning.cli.rebuilding import seeded_policy
+from kto_lightning.cli.sampling import Sampling
 from kto_lightning.common.hub import looks_local
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.data.prompts import gather_prompts, prompt_ids
 from kto_lightning.errors import ConfigError, ModelLoadError, user_error
 from kto_lightning.models import Pretrained, learned_positions
-from kto_lightning.runs.run_record import RunRecord, resolve_run
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to generate; each field is the command-line key of the same name."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    num_samples: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.num_samples > 1 and self.temperature == 0:
-            raise ConfigError(
-                f"num_samples={self.num_samples} with temperature=0 would repeat one greedy "
-                "completion; set temperature above 0 to sample"
-            )
-
-    def generation_config(
-        self, model: CausalLM, tokenizer: PreTrainedTokenizerBase
-    ) -> GenerationConfig:
-        """The model's own generation config (e.g. a repetition penalty it ships) with these
-        settings and the tokenizer's pad and end-of-sequence ids."""
-        base = getattr(model, "generation_config", None)
-        config = copy.deepcopy(base) if base is not None else GenerationConfig()
-        # A chat model may end its turn with a token other than the tokenizer's EOS; keep both.
-        eos = config.eos_token_id
-        eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
-        sample = self.temperature > 0
-        config.update(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=sample,
-            num_return_sequences=self.num_samples,
-            # Unset when greedy: transformers warns about sampling settings it will not use.
-            temperature=self.temperature if sample else None,
-            top_p=self.top_p if sample else None,
-            top_k=self.top_k if sample else None,  # 0 turns top-k off; None means 50
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(eos_ids) or None,
-        )
-        return config
+from kto_lightning.runs.run_record import (
+    CHECKPOINTS,
+    RunRecord,
+    export_folder,
+    is_run_dir,
+    newest_checkpoint,
+    resolve_run,
+)
 
 
 def _run_config(record: RunRecord) -> dict[str, Any] | None:
@@ -112,18 +66,18 @@ def resolve(name: str, stack: contextlib.ExitStack, key: str = "ckpt_path") -> T
                 f"{key}={name!r} holds a LoRA adapter alone (export keep_adapter=true); pass the "
                 "checkpoint it was exported from, or export it merged"
             )
-        folder = path if (path / "config.json").is_file() else path / "hf_model"
+        folder = path if (path / "config.json").is_file() else export_folder(path)
         if folder.is_dir():
             if not (folder / "config.json").is_file():  # Pretrained says what is missing
                 return Target("hf_model", folder, None)
             # A run's hf_model/: its run directory still says which base model it started from.
             record = resolve_run(folder, key)
             return Target("hf_model", folder, _run_config(record), None, record)
-        if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
-            newest = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if is_run_dir(path) or (path / CHECKPOINTS).is_dir():
+            newest = newest_checkpoint(path)
             hint = "it has no checkpoint either"
-            if newest:
-                hint = f"pass one of its checkpoints instead, e.g. {key}={str(newest[-1])!r}"
+            if newest is not None:
+                hint = f"pass one of its checkpoints instead, e.g. {key}={str(newest)!r}"
             raise ModelLoadError(
                 f"the run directory {name!r} has no hf_model/ (the run did not finish, or it ran "
                 f"with export.enabled=false); {hint}"
@@ -331,7 +285,7 @@ def default_output(model_or_run: str) -> Path | None:
     (stdout)."""
     path = Path(model_or_run).expanduser()
     is_model = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-    if path.is_dir() and not is_model and (path / "hf_model").is_dir():
+    if path.is_dir() and not is_model and export_folder(path).is_dir():
         return path / "generations.jsonl"
     return None
 

@@ -24,7 +24,7 @@ from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.errors import ConfigError, ModelLoadError, user_error
 from kto_lightning.models import ModelSource
 from kto_lightning.reporting.model_card import write_model_card
-from kto_lightning.runs.run_record import RunRecord, resolve_run
+from kto_lightning.runs.run_record import CHECKPOINTS, RunRecord, resolve_run
 from kto_lightning.runs.run_records import final_metrics
 
 POLICY_PREFIX = "policy."
@@ -144,7 +144,7 @@ def run_dir_of(record: RunRecord) -> Path | None:
     that still exists; None otherwise."""
     if record.run_dir is not None:
         return record.run_dir
-    if record.named.resolve().parent.name == "checkpoints":
+    if record.named.resolve().parent.name == CHECKPOINTS:
         return record.named.resolve().parent.parent
     named = ((record.config or {}).get("paths") or {}).get("output_dir")
     return Path(named) if named and Path(named).is_dir() else None

@@ -30,7 +30,7 @@ from kto_lightning.errors import KTOError
 from kto_lightning.models import EXPORT_DIR
 from kto_lightning.reporting.model_card import write_model_card
 from kto_lightning.reporting.plots import plot_run
-from kto_lightning.runs.run_records import validation_metrics
+from kto_lightning.runs.run_records import metrics_path, validation_metrics
 from kto_lightning.training.strategies import FSDP2Strategy
 
 log = logging.getLogger("kto_lightning")
@@ -186,7 +186,7 @@ class TrainingCurves(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.default_root_dir
-        if not trainer.is_global_zero or not (Path(run_dir) / "csv" / "metrics.csv").is_file():
+        if not trainer.is_global_zero or not metrics_path(run_dir).is_file():
             return
         start = time.perf_counter()
         try:

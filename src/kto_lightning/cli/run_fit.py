@@ -36,6 +36,7 @@ from kto_lightning.runs.checkpointing import (
 )
 from kto_lightning.runs.resume import find_resume
 from kto_lightning.runs.run_dir import claim_run_dir, output_dir_key
+from kto_lightning.runs.run_record import newest_checkpoint
 from kto_lightning.runs.run_records import OBJECTIVE_FILE, read_objective
 from kto_lightning.runs.run_stages import BeforeTraining, RunInterrupted, StoppedAtOnce
 from kto_lightning.runs.sweeps import (
@@ -151,11 +152,8 @@ def run_job(cfg: DictConfig) -> float | None:
         raise SystemExit(stopped.exit_code) from None
     except SIGTERMException:  # Lightning stopped the run before a step could be saved
         _record_job(cfg, None, "interrupted", "SIGTERM between optimizer steps")
-        saved = sorted(
-            (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"),
-            key=lambda path: path.stat().st_mtime,
-        )
-        where = f"resume with:\n  {resume_command(saved[-1])}" if saved else "no checkpoint yet"
+        saved = newest_checkpoint(Path(cfg.paths.output_dir))
+        where = f"resume with:\n  {resume_command(saved)}" if saved else "no checkpoint yet"
         print(f"stopped by SIGTERM between optimizer steps; {where}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except (StoppedAtOnce, Exception) as error:

@@ -41,10 +41,10 @@ def read_prompts(path: Path) -> list[tuple[Prompt, str]]:
     conversation) or a .txt file (one per line); blank lines are skipped. Errors name the file
     and the line."""
     if not path.is_file():
-        raise DataError(f"--prompts: no such file {str(path)!r}")
+        raise DataError(f"prompts=: no such file {str(path)!r}")
     if path.suffix not in (".jsonl", ".txt"):
         raise DataError(
-            f'--prompts {str(path)!r}: expected a .jsonl file (one {{"prompt": ...}} per line) '
+            f'prompts={str(path)!r}: expected a .jsonl file (one {{"prompt": ...}} per line) '
             "or a .txt file (one prompt per line)"
         )
     prompts: list[tuple[Prompt, str]] = []
@@ -63,20 +63,20 @@ def read_prompts(path: Path) -> list[tuple[Prompt, str]]:
             raise DataError(f'{where}: expected an object with a "prompt" field, got {line[:80]}')
         prompts.append((checked_prompt(record["prompt"], f"{where}, field 'prompt'"), where))
     if not prompts:
-        raise DataError(f"--prompts {str(path)!r} holds no prompts")
+        raise DataError(f"prompts={str(path)!r} holds no prompts")
     return prompts
 
 
 def gather_prompts(texts: list[str] | None, path: Path | None) -> list[tuple[Prompt, str]]:
-    """(prompt, where it is) of the `--prompt` texts, then of the `--prompts` file's prompts."""
+    """(prompt, where it is) of the `prompt=` texts, then of the `prompts=` file's prompts."""
     prompts: list[tuple[Prompt, str]] = []
     for number, text in enumerate(texts or [], start=1):
-        where = f"--prompt number {number}"
+        where = f"prompt number {number}"
         prompts.append((checked_prompt(text, where), where))
     if path is not None:
         prompts += read_prompts(path)
     if not prompts:
-        raise DataError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+        raise DataError("no prompts: give prompt=TEXT (or prompt=[a,b]) or prompts=FILE")
     return prompts
 
 

@@ -135,7 +135,7 @@ class FromRun:
                 f"model.run_dir={self.run_dir!r} holds no exported model ({folder}/config.json): "
                 "point model.run_dir at the directory of a finished run (with export.enabled=true "
                 "and export.merge_lora=true it writes hf_model/ at the end of training), or "
-                f"export one with: python -m kto_lightning.export CKPT {folder}"
+                f"export one with: python -m kto_lightning.export ckpt_path=CKPT out={folder}"
             )
         # Our own export: no remote code, the tokenizer beside the weights.
         self._pretrained = Pretrained(

@@ -282,7 +282,7 @@ def _load_text(config: dict[str, Any], adapter: bool) -> list[str]:
     ]
     if not isinstance(name, str):
         lines.append(
-            "The base is not a saved model: export the checkpoint without `--keep-adapter` for "
+            "The base is not a saved model: export the checkpoint without `keep_adapter=true` for "
             "weights that load on their own."
         )
     return lines

@@ -174,7 +174,7 @@ def resolve_run(path: str | Path, key: str = "ckpt_path") -> RunRecord:
         return _record(path, "hf_model", None)
     if (path / "adapter_config.json").is_file():
         raise ConfigError(
-            f"{key}={str(path)!r} holds a LoRA adapter alone (export --keep-adapter); pass "
+            f"{key}={str(path)!r} holds a LoRA adapter alone (export keep_adapter=true); pass "
             "the checkpoint it was exported from, or export it merged"
         )
     last = path / CHECKPOINTS / LAST
