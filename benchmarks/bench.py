@@ -146,7 +146,7 @@ def machine() -> dict[str, str]:
 
 def cache_config_available() -> bool:
     """Whether this checkout has `reference=cache` (conf/reference/cache.yaml)."""
-    from kto_lightning.train import config_dir
+    from kto_lightning.cli.config_files import config_dir
 
     return (config_dir() / "reference" / "cache.yaml").is_file()
 

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from kto_lightning import train as kto_train
+    from kto_lightning.cli.config_files import config_dir
+    from kto_lightning.cli.run_build import build
     from kto_lightning.core.logprobs import sequence_logprobs
 
     folder = args.fixture_dir.resolve() / "full"
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ours_overrides(spec, workdir)
     if args.chunk_size:
         overrides.append(f"logprob_chunk_size={args.chunk_size}")
-    with initialize_config_dir(config_dir=str(kto_train.config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    run = kto_train.build(cfg)
+    run = build(cfg)
     module, chunk = run.module, cfg.logprob_chunk_size
     policy, reference = module.policy.train(), module.reference
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)

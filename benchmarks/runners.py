@@ -291,7 +291,8 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
     import lightning as L
     from hydra import compose, initialize_config_dir
 
-    from kto_lightning import train as kto_train
+    from kto_lightning.cli.config_files import config_dir
+    from kto_lightning.cli.run_build import build
 
     clock = _Clock(spec.cuda, tuple(spec.sync_steps))
     dtypes: dict[str, str] = {}
@@ -307,10 +308,10 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
 
     overrides = ours_overrides(spec, workdir)
     fill_s = _time_cache_fill()
-    with initialize_config_dir(config_dir=str(kto_train.config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     build_start = time.perf_counter()
-    run = kto_train.build(cfg)
+    run = build(cfg)
     # What fit's setup would do first: a cached reference reads or fills its table (then a no-op).
     run.module.setup("fit")
     build_s = time.perf_counter() - build_start

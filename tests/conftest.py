@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kto_lightning.train import config_dir
+from kto_lightning.cli.config_files import config_dir
 
 # Tests start the entry point in about 30 subprocesses (and DDP ranks in more). With
 # PYTHONDONTWRITEBYTECODE set, as on the CI machines, each one compiles torch, transformers and

@@ -15,7 +15,6 @@ reward_distributions.png.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -23,10 +22,7 @@ from omegaconf import DictConfig
 from kto_lightning.cli import config_location
 from kto_lightning.cli.app_help import app_help
 
-if TYPE_CHECKING:
-    from kto_lightning.cli.evaluation import evaluate
-
-__all__ = ["cli", "evaluate", "main"]
+__all__ = ["cli", "main"]
 
 COMMAND = "python -m kto_lightning.evaluate"
 SUMMARY = (
@@ -37,15 +33,6 @@ EXAMPLES = [
     f"{COMMAND} ckpt_path=outputs/kto/runs/<time>",
     f"{COMMAND} ckpt_path=RUN/hf_model data.source.test_split=test",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # `from kto_lightning.evaluate import evaluate`: imported on first use (torch is slow).
-    if name == "evaluate":
-        from kto_lightning.cli.evaluation import evaluate
-
-        return evaluate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hydra.main(

@@ -14,7 +14,6 @@ prints before torch or Lightning is imported.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
@@ -22,13 +21,7 @@ from omegaconf import DictConfig
 from kto_lightning.cli import config_location
 from kto_lightning.cli.app_help import app_help
 
-if TYPE_CHECKING:
-    from kto_lightning.cli.config_files import config_dir
-    from kto_lightning.cli.run_build import Run, build
-    from kto_lightning.cli.run_fit import objective, release_device_memory, train
-
-__all__ = ["Run", "build", "cli", "config_dir", "main", "objective", "release_device_memory"]
-__all__ += ["train"]
+__all__ = ["cli", "main"]
 
 COMMAND = "python -m kto_lightning.train"
 SUMMARY = (
@@ -41,24 +34,6 @@ EXAMPLES = [
     f"{COMMAND} data=local data.source.path=rows.jsonl",
     f"{COMMAND} -m loss.beta=0.05,0.1,0.3",
 ]
-# Library names this module still answers for (`from kto_lightning.train import build, train`),
-# imported on first use: Lightning is slow to import, and --help needs none of it.
-_LAZY = {
-    "config_dir": "kto_lightning.cli.config_files",  # its import registers the schemas
-    "Run": "kto_lightning.cli.run_build",
-    "build": "kto_lightning.cli.run_build",
-    "train": "kto_lightning.cli.run_fit",
-    "objective": "kto_lightning.cli.run_fit",
-    "release_device_memory": "kto_lightning.cli.run_fit",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hydra.main(version_base="1.3", config_path=str(config_location.config_dir()), config_name="train")

@@ -15,11 +15,13 @@ from hydra.errors import ConfigCompositionException
 
 from cli import train_in_process
 from kto_lightning.cli import config_values
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.cli.guards import explain_unknown_key
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.cli.schemas import check
 from kto_lightning.common.security import is_secret_key, redact_text
 from kto_lightning.errors import ConfigError, StorageError, user_error
-from kto_lightning.train import build, config_dir, train
 
 # One value under each kind of secret-looking name the issue lists: *_key, *key, *token*,
 # *secret*, *pass*, *credential*, *auth*.

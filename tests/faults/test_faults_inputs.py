@@ -21,6 +21,8 @@ from transformers import LlamaForCausalLM
 from kto_lightning import export, generate
 from kto_lightning.cli import generation
 from kto_lightning.cli.arguments import parse
+from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.evaluation import evaluate
 from kto_lightning.cli.evaluation_target import refuse_guessed_run, resolve_target
 from kto_lightning.cli.generate_options import GenerateOptions
 from kto_lightning.core import packing
@@ -30,10 +32,8 @@ from kto_lightning.data.formats import DROPPED_SAME_PAIR
 from kto_lightning.data.sources import load_local
 from kto_lightning.data.splits import read_splits
 from kto_lightning.errors import ConfigError, DataError, ModelLoadError
-from kto_lightning.evaluate import evaluate
 from kto_lightning.models import Pretrained, TinyLlama, check_context_window
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
-from kto_lightning.train import config_dir
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

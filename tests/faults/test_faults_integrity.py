@@ -25,13 +25,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.common import distributed
 from kto_lightning.core.metrics import metrics_from_sums
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models import reference_cache
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
 from kto_lightning.runs.resume import find_resume
-from kto_lightning.train import build, train
 
 # ---------------------------------------------------------------- data files (item 5)
 

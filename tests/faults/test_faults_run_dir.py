@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from cli import train_in_process
 from conftest import FAST
-from kto_lightning import train as train_module
+from kto_lightning.cli import run_fit as train_module
+from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.run_fit import train
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY, remove_partial_checkpoints
 from kto_lightning.runs.run_dir import RunDirClaim, release_all
-from kto_lightning.train import config_dir, train
 
 # Two optimizer steps, no validation, no sample generations: a run's files in a few seconds.
 SHORT = [

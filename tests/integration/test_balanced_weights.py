@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kto_lightning.train import build
+from kto_lightning.cli.run_build import build
 
 
 def _skewed(path: Path, n_desirable: int, n_undesirable: int) -> Path:

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama, make_reference
-from kto_lightning.train import build, train
 from kto_lightning.training.callbacks import GenerationsTable
 from kto_lightning.training.compiling import compile_decoder_layers, decoder_layers
 

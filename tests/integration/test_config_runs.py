@@ -18,8 +18,10 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from cli import train_cli, train_in_process
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.cli.hf_export import export_checkpoint
-from kto_lightning.train import build, config_dir, train
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 
 TRAINERS = sorted(p.stem for p in (config_dir() / "trainer").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (config_dir() / "strategy").glob("*.yaml"))

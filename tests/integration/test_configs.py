@@ -10,10 +10,10 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.cli.schemas import BUILDS, check
 from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.models import FromRun, Pretrained, TinyLlama
-from kto_lightning.train import config_dir
 from kto_lightning.training.sft import SFTLoss
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir())

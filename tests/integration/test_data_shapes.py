@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cli import train_in_process
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.data.toy import toy_rows
-from kto_lightning.train import build, train
 
 N_PAIRS = 48
 

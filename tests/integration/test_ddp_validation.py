@@ -6,7 +6,7 @@ The module's reference point is a mean over each *global* batch, so the two runs
 alike: one process takes batches of 6 rows, two processes 3 rows each, and rank r's rows are
 r::2, so global batch k of both runs is rows 6k..6k+5 (the last one rows 12..14).
 
-Each run is this file run as a script: it builds the real run (`kto_lightning.train.build`),
+Each run is this file run as a script: it builds the real run (`kto_lightning.cli.run_build.build`),
 moves policy and reference apart with seeded noise (so that rewards, the reference point and
 the AUROC are not trivially 0, 0 and 0.5) and calls `trainer.validate`. Under DDP, Lightning
 starts the second rank by running the same script again.
@@ -82,7 +82,8 @@ def _validate(folder: Path, overrides: list[str]) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from kto_lightning.train import build, config_dir
+    from kto_lightning.cli.config_files import config_dir
+    from kto_lightning.cli.run_build import build
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={folder}", *overrides])

@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 
 from cli import train_cli
 from conftest import FAST
+from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.evaluation import evaluate
 from kto_lightning.errors import ConfigError
-from kto_lightning.evaluate import evaluate
-from kto_lightning.train import config_dir
 
 # No data argument: evaluation scores the run's own validation rows (16 of the 160 toy rows,
 # held out); FAST's limit, a trainer setting, makes them the batches its final validation used.

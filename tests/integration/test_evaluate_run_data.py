@@ -13,8 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST
-from kto_lightning.evaluate import evaluate
-from kto_lightning.train import config_dir, train
+from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.evaluation import evaluate
+from kto_lightning.cli.run_fit import train
 
 EVAL_DATA = ["data.source.val_fraction=0.25"]
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cli import train_in_process
-from kto_lightning.train import build, train
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

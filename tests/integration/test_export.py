@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_lightning.cli.hf_export import export_checkpoint
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.core.logprobs import sequence_logprobs
 from kto_lightning.errors import ConfigError
-from kto_lightning.train import build, train
 
 LORA = ["reference=adapter", "+model.lora={r: 4, lora_alpha: 8, target_modules: all-linear}"]
 TEXTS = ["Hello, world!", "ünïcödé ✓ and <|eos|> inside", ""]

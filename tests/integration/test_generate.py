@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from kto_lightning.cli.hf_export import export_policy
+from kto_lightning.cli.run_build import build
 from kto_lightning.generate import main
 from kto_lightning.models import TinyLlama
 from kto_lightning.models.byte_tokenizer import BOS, byte_level_tokenizer
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
-from kto_lightning.train import build
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 

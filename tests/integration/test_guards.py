@@ -24,10 +24,11 @@ from kto_lightning.cli.guards import (
     explain_missing_value,
     explain_unknown_key,
 )
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.cli.schemas import check
 from kto_lightning.common.security import redact_secrets, scrub_files, secret_values
 from kto_lightning.errors import KTOError
-from kto_lightning.train import build, train
 
 POISONED_STEP = 4  # 1-based optimizer step whose batch is poisoned
 

@@ -17,7 +17,8 @@ import lightning as L
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kto_lightning.train import build, train
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 
 # Operators whose output size depends on device values: the host must wait to allocate it.
 SIZED_BY_VALUES = {

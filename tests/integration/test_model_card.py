@@ -12,9 +12,10 @@ import yaml
 
 from conftest import FAST
 from kto_lightning.cli.hf_export import export_checkpoint
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.export import main as export_main
 from kto_lightning.reporting.model_card import CARD_FILE, model_card
-from kto_lightning.train import build, train
 
 SECRET = "abc123xyz"
 

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from kto_lightning.cli import generation as generate
 from kto_lightning.cli import hf_export
 from kto_lightning.cli.evaluation_target import build_models, load_tokenizer, resolve_target
+from kto_lightning.cli.run_build import build
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
-from kto_lightning.train import build
 
 
 def _params(model: torch.nn.Module) -> int:

@@ -16,11 +16,11 @@ import matplotlib.pyplot as plt
 import pytest
 
 from kto_lightning.cli.lifecycle import TrainingCurves
+from kto_lightning.cli.run_fit import train
 from kto_lightning.plot import main as plot_main
 from kto_lightning.reporting.plots import FILENAME, SWEEP_FILENAME, draw_run, draw_sweep
 from kto_lightning.reporting.sweep_report import SUMMARY_FILE, find_jobs, short_labels
 from kto_lightning.runs.run_records import read_metrics
-from kto_lightning.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KTO_METRICS = (

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from kto_lightning.cli.run_build import Run, build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.core.logprobs import batch_logprobs
 from kto_lightning.core.losses import KTOLoss
 from kto_lightning.core.metrics import FIELDS
@@ -27,7 +29,6 @@ from kto_lightning.models.reference import (
     build_provider,
 )
 from kto_lightning.models.reference_cache import cache_key
-from kto_lightning.train import Run, build, train
 from kto_lightning.training.module import KTOModule
 
 

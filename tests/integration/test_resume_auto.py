@@ -18,9 +18,10 @@ from hydra import compose, initialize_config_dir
 
 from cli import offline_env, train_in_process
 from conftest import FAST
-from kto_lightning import train as train_module
+from kto_lightning.cli import run_fit as train_module
+from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.run_fit import train
 from kto_lightning.errors import ConfigError
-from kto_lightning.train import config_dir, train
 
 NO_PRE_VALIDATION = "validate_before_training=false"
 

@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.overrides import TorchFunctionMode
 
-from kto_lightning.train import build, train
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 
 MOVES = {"to", "cpu", "cuda", "pin_memory"}
 

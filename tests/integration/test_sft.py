@@ -18,10 +18,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from conftest import FAST
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.cli.lifecycle import RunSummary
+from kto_lightning.cli.run_build import Run, build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.errors import ConfigError, user_error
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
-from kto_lightning.train import Run, build, config_dir, train
 from kto_lightning.training.sft import SFTModule
 
 # 3 epochs of 6 batches: 18 steps, at a learning rate that moves a random tiny model fast;

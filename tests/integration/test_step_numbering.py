@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from lightning.pytorch.trainer.states import TrainerFn
 
+from kto_lightning.cli.run_fit import train
 from kto_lightning.reporting.csv_logger import (
     ContinuingCSVLogger,
     OptimizerStepNumbers,
@@ -21,7 +22,6 @@ from kto_lightning.runs.run_records import (
     read_metric_rows,
     read_metrics,
 )
-from kto_lightning.train import train
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:

@@ -36,7 +36,7 @@ def test_validation_objects_never_appear_in_training_whatever_the_seed() -> None
 
 
 def test_the_task_file_trains_and_validates_on_its_unseen_objects(make_config) -> None:
-    from kto_lightning.train import train
+    from kto_lightning.cli.run_fit import train
 
     cfg = make_config("data=toy_consistency", "validate_before_training=false")
     assert cfg.data.source.path == "toy_consistency"

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from cli import train_cli, train_in_process
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
-from kto_lightning.train import build, train
 
 METRICS = [
     "loss",

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.core.packing import Packing
-from kto_lightning.train import build, train
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.data.config import Batching, Columns, Lengths, Source
-from kto_lightning.train import config_dir
 
 CONF = config_dir()
 GROUPS = {"source": Source, "columns": Columns, "lengths": Lengths, "batching": Batching}
@@ -64,7 +64,7 @@ def test_local_yaml_writes_out_every_key_of_the_dataclasses() -> None:
 
 
 def test_callbacks_none_runs_only_the_always_run_callbacks_and_names_them(make_config) -> None:
-    from kto_lightning.train import build
+    from kto_lightning.cli.run_build import build
 
     run = build(make_config("callbacks=none"))
     ours = {

@@ -15,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from kto_lightning.cli.config_files import config_dir
 from kto_lightning.common import hub
 from kto_lightning.core.losses import KTOLoss
 from kto_lightning.core.metrics import FIELDS, metrics_from_sums
@@ -23,7 +24,6 @@ from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.models import Pretrained, TinyLlama, ensure_pad_token, make_reference
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.models.reference import CopyReference
-from kto_lightning.train import config_dir
 from kto_lightning.training.module import KTOModule
 
 TEXTS = [

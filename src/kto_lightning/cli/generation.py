@@ -99,7 +99,7 @@ def load_model(name: str, dtype: str) -> tuple[CausalLM, PreTrainedTokenizerBase
 
 def load_base(config: dict[str, Any], where: str) -> CausalLM:
     """The model a run started from, which its reference is: rebuilt from the run's `model`
-    config as `train.build` built it (after seeding with the run's seed), LoRA left off."""
+    config as `run_build.build` built it (after seeding with the run's seed), LoRA left off."""
     from hydra.utils import instantiate  # slow to import; only compare=true needs it
 
     model_config = dict(config["model"])

@@ -198,7 +198,7 @@ def export_record(record: RunRecord, out_dir: str | Path, merge_lora: bool = Tru
     source = _build_source(config["model"], ckpt_path)
     tokenizer = source.load_tokenizer()
     # The seed only matters for weights the checkpoint does not hold (a TinyLlama's frozen base
-    # under LoRA); train.build seeds the same way before building the policy.
+    # under LoRA); run_build.build seeds the same way before building the policy.
     policy = seeded_policy(source, config.get("seed"))
     state = {
         key[len(POLICY_PREFIX) :]: value

@@ -1,4 +1,4 @@
-"""Callbacks around the fit, one job each; `train.build` gives them to every run.
+"""Callbacks around the fit, one job each; `run_build.build` gives them to every run.
 
 - `ReleaseHostMemory`: hand memory freed by a step back to the OS.
 - `ValidateAtLastStep`: a run that `trainer.max_steps` ends mid-epoch still validates at the end.

@@ -1,8 +1,8 @@
 """The one seeding rule before a run's model is rebuilt outside training.
 
 A random-init model (model=tiny) is the run's model only under the run's seed, and a LoRA
-policy's frozen base too: `train.build` seeds with `L.seed_everything(cfg.seed)` before it builds
-the policy, so evaluate, generate and export seed the same way before they rebuild it.
+policy's frozen base too: `run_build.build` seeds with `L.seed_everything(cfg.seed)` before
+it builds the policy, so evaluate, generate and export seed the same way before they rebuild it.
 """
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ def model_card(
     """The card's text.
 
     Args:
-        config: the run config a checkpoint stores (train.build's hparams: secrets already ***).
+        config: the run config a checkpoint stores (run_build.build's hparams: secrets already ***).
         run_dir: the run directory, for the command that reproduces the run; None if unknown.
         step: the optimizer steps the exported weights were trained for.
         metrics: the final validation metrics; {} when none was recorded.

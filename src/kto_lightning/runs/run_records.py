@@ -23,7 +23,7 @@ from kto_lightning.errors import KTOError
 METRICS_FILE = Path("csv") / "metrics.csv"
 OBJECTIVE_FILE = Path("objective.json")
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-# Where the run config keeps the rows the data module kept, per split and label (train.build).
+# Where the run config keeps the rows the data module kept, per split and label (run_build.build).
 DATA_COUNTS_KEY = "data_counts"
 VALIDATION = "val/"
 # Columns of metrics.csv that place a row, rather than hold a metric.
