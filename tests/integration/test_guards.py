@@ -217,7 +217,7 @@ def test_other_errors_are_not_explained() -> None:
 # (override, what the group builds, the suggestion): the key is the override's left side.
 SCHEMA_TYPOS = [
     ("loss.betta=0.1", "kto_lightning.core.losses.KTOLossConfig", "loss.beta"),
-    ("model.hiden_size=3", "kto_lightning.models.TinyLlama", "model.hidden_size"),
+    ("model.hiden_size=3", "kto_lightning.models.tiny.TinyLlama", "model.hidden_size"),
     ("reference.kinds=copy", "kto_lightning.models.reference.ReferenceSpec", "reference.kind"),
     (
         "scheduler.warmup_ration=0.2",

@@ -208,8 +208,7 @@ def accepted_keys(node: DictConfig) -> tuple[str | None, list[str] | None]:
         return None, [str(key) for key in node if key not in RESERVED]
     try:
         target = get_object(node["_target_"])
-        # Named as the config writes it (kto_lightning.models.TinyLlama), not where it is defined.
-        return str(node["_target_"]), [name for name, _, _ in _arguments(target)]
+        return _path(target), [name for name, _, _ in _arguments(target)]
     except Exception:  # not importable, no signature, or **kwargs
         return str(node["_target_"]), None
 
