@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from kto_lightning.cli import config_location
 from kto_lightning.cli.app_help import app_help
+from kto_lightning.cli.arguments import print_help
 
 __all__ = ["cli", "main"]
 
@@ -47,7 +48,7 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """The command line: --help from the schemas, else Hydra composes and `main` runs."""
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        print(app_help(COMMAND, "evaluate", SUMMARY, EXAMPLES))
+        print_help(app_help(COMMAND, "evaluate", SUMMARY, EXAMPLES))
         return
     from kto_lightning.cli.config_files import prepare_composition
     from kto_lightning.cli.guards import run_explained

@@ -68,6 +68,22 @@ def test_help_of_each_entry_point_lists_its_keys_without_importing_torch(name: s
         assert "  ckpt_path=str  (default: required)" in text
 
 
+def test_help_into_a_reader_that_stops_early_ends_quietly() -> None:
+    # `--help | head`: the reader closes the pipe while the help is still being written.
+    for name in ("train", "generate"):
+        read, write = os.pipe()
+        os.close(read)  # closed before the command writes: every write gets EPIPE
+        with os.fdopen(write, "wb") as stdout:
+            result = subprocess.run(
+                [sys.executable, "-m", f"kto_lightning.{name}", "--help"],
+                stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+            )  # fmt: skip
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, (
+            result.stderr[-2000:]
+        )
+        assert result.returncode == 0
+
+
 def test_schema_docs_are_read_from_the_source_not_imported() -> None:
     docs = schema_docs("kto_lightning.data.datamodule.KTODataModule")
     assert docs["data.source.val_fraction".removeprefix("data.")].startswith("share of rows")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -170,6 +171,16 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in argv)
 
 
+def print_help(text: str) -> None:
+    """Print a command's --help; a reader that stops early (`--help | head`) ends it quietly
+    instead of with a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def read_options(
     schema: type[T], argv: Sequence[str] | None, command: str, summary: str, examples: Sequence[str]
 ) -> T | int:
@@ -177,7 +188,7 @@ def read_options(
     printed (0) or a ConfigError is printed as one line `error: ...` (1)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if wants_help(args):
-        print(help_text(schema, command, summary, examples))
+        print_help(help_text(schema, command, summary, examples))
         return 0
     try:
         return parse(schema, args, command)
