@@ -47,9 +47,9 @@ class ReleaseHostMemory(L.Callback):
     """Hand memory freed during the step back to the OS (glibc keeps it mapped otherwise).
 
     A step frees hundreds of MB of temporaries; glibc keeps much of it in its heaps, and the next
-    step's allocations land beside it rather than in it, which raises the peak RSS of a CPU run.
-    Costs about a millisecond a step; on a GPU, where a step's tensors are not in host memory,
-    it is not done.
+    step's allocations land beside it rather than in it, which raises the peak RSS of a CPU run
+    (benchmarks/RESULTS.md, "What changed since the first recorded run"). On a GPU, where a
+    step's tensors are not in host memory, it is not done.
     """
 
     def __init__(self) -> None:

@@ -97,10 +97,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-# `logprob_chunk_size=auto`: the rows of one LM-head chunk on a GPU, as a count of logits. On one
-# H200 with a 32000-token vocabulary, 4096 rows (2^27 logits, 512 MB in float32) made a 1.1B
-# step 15% faster than 256: fewer, larger products and fewer launches. On a CPU, larger chunks
-# are not faster and cost memory, so 256 rows.
+# `logprob_chunk_size=auto`: the rows of one LM-head chunk on a GPU, as a count of logits: 4096
+# rows at a 32000-token vocabulary (512 MB in float32), fewer and larger products and fewer
+# launches than 256 rows. On a CPU, larger chunks are not faster and cost memory, so 256 rows.
+# The step times behind both: benchmarks/RESULTS.md ("Options").
 GPU_CHUNK_LOGITS = 2**27
 CPU_CHUNK_ROWS = 256
 

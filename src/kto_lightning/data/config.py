@@ -32,9 +32,9 @@ AUTO_NUM_PROC_ROWS = 20_000
 # An unset data.batching.pad_to_multiple_of on a GPU: 16 lengths up to 1024 tokens.
 GPU_PAD_MULTIPLE = 64
 # data.source.lock_timeout's default, in seconds: two hours. The lock's holder reads, tokenizes
-# and pairs the rows (a download of a hub dataset too) while the others wait: 200k rows take
-# ~30 s on 2 CPUs, so even tens of millions of rows stay well inside it, while a holder that is
-# stopped or hung is reported within a working session, not never.
+# and pairs the rows (a download of a hub dataset too) while the others wait: at the speeds of
+# benchmarks/RESULTS.md ("Data preparation") even tens of millions of rows stay well inside it,
+# while a holder that is stopped or hung is reported within a working session, not never.
 LOCK_TIMEOUT = 7200.0
 
 # Rows given in memory in place of a file (the Python API): a `datasets.Dataset`, or a list of
@@ -114,7 +114,7 @@ class Source:
 
         Unset, one process per CPU for 20,000 rows or more: the tokenizer's own threads already
         use every CPU, but the Python around it (rows in and out, the Arrow writes) runs in one
-        (200k rows of ~100 tokens: 27.5 s against 31.3 s on 2 CPUs, benchmarks/RESULTS.md).
+        (benchmarks/RESULTS.md, "Data preparation").
         Below that, starting the processes costs more than it saves.
         """
         if self.num_proc is not None or rows < AUTO_NUM_PROC_ROWS:

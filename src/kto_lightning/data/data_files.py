@@ -19,7 +19,8 @@ _hashed: dict[tuple[str, int, int], str] = {}
 
 
 def _file_hash(path: Path) -> str:
-    """blake2b of a file's bytes (about 1 GB/s on one CPU), once per version of the file."""
+    """blake2b of a file's bytes (benchmarks/RESULTS.md, "Options"), once per version of the
+    file."""
     stat = path.stat()
     known = (str(path), stat.st_size, stat.st_mtime_ns)
     if known not in _hashed:

@@ -5,7 +5,7 @@ beside that prompt by the same rule as any completion (`fit_beside`). The pairin
 seeded, and stored with the data, so it holds for any sampler, batch size or number of ranks.
 
 It works on whole columns (numpy over the flat token ids of all rows), not row by row: preparing
-200k rows spent ~90% of its time in a per-row loop before. Whole sequences are compared through a
+200k rows spent most of its time in a per-row loop before. Whole sequences are compared through a
 64-bit hash of each row. Two different hashes mean two different sequences, exactly; two equal
 hashes are taken to mean equal sequences, so a hash collision (~2^-64 per comparison) can only
 make a candidate partner be refused, never a row's own completion be accepted. Where a cut is

@@ -26,8 +26,8 @@ from kto_lightning.runs.sweeps import in_sweep, job_dirname, shown_overrides
 log = logging.getLogger("kto_lightning")
 
 # wandb waits 90 s for its server by default, then fails; it answers within seconds when it is
-# reachable. A run that gets no answer in this time (plus ~10 s wandb spends looking up the user)
-# logs offline instead. WANDB_INIT_TIMEOUT in the environment overrides it.
+# reachable. A run that gets no answer in this time (plus the time wandb spends looking up the
+# user) logs offline instead. WANDB_INIT_TIMEOUT in the environment overrides it.
 INIT_TIMEOUT_S = 15.0
 # WANDB_MODE values (and `mode=`) under which wandb needs neither a login nor a network.
 NO_SERVER_MODES = ("offline", "dryrun", "disabled")

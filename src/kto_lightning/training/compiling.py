@@ -1,8 +1,8 @@
 """`compile.enabled`: torch.compile each decoder layer in place, not the whole decoder.
 
 Compiled as one region, a decoder is unrolled into a single graph: compile time grows with depth
-(TinyLlama-1.1B's 22 layers had not finished after 70 s on a GPU), and each recompile (a new
-sequence length under dynamic padding) pays it again. Compiled one layer at a time, every layer
+(benchmarks/RESULTS.md, "Options"), and each recompile (a new sequence length under dynamic
+padding) pays it again. Compiled one layer at a time, every layer
 runs the same code with its weights as graph inputs (torch inlines built-in nn.Modules), so one
 compiled graph per way of calling a layer serves every layer of the policy and of a `copy`
 reference: compile time no longer depends on depth. PyTorch's "regional compilation" recipe

@@ -198,8 +198,9 @@ def keep_state_on_device(strategy: Strategy) -> None:
     Lightning's `Strategy.teardown`, run at the end of every `fit` and `validate`, copies each
     optimizer state and the whole LightningModule to host memory, to free the device for what
     the process does next. At the end of a run that is a copy of every weight, of the reference
-    and of AdamW's two moments, thrown away at exit: on one H200 it took 41-47 s after the last
-    step of a 1.1B model and peaked at 15 GB of host memory. After `validate` ahead of training
+    and of AdamW's two moments, thrown away at exit: tens of seconds after the last step of a
+    1.1B model, and as much host memory as the model and its optimizer states
+    (benchmarks/RESULTS.md, "GPU"). After `validate` ahead of training
     it is a round trip, device -> host -> device, before the first step. The device memory is
     freed instead when the run is let go (`train.main` collects it before a sweep's next job).
     Everything else teardown does (precision, accelerator, checkpoint IO, the cluster
