@@ -193,7 +193,7 @@ def stopped_holder(tmp_path) -> Iterator[tuple[Path, int]]:
     holder = (
         "import sys, time\n"
         "from kto_lightning.data.config import Source\n"
-        "from kto_lightning.data.datamodule import preparing\n"
+        "from kto_lightning.data.preparing import preparing\n"
         "with preparing(Source(path=sys.argv[1], cache_dir=sys.argv[2])):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(600)\n"

@@ -281,7 +281,7 @@ def test_a_signal_in_data_preparation_ends_its_workers_and_says_so(
 BUSY_MAP = """
 import sys, time
 import datasets
-from kto_lightning.runs.interrupts import BeforeTraining
+from kto_lightning.runs.run_stages import BeforeTraining
 
 def slow(row):
     time.sleep(60)
@@ -334,7 +334,7 @@ def test_a_sigkill_in_data_preparation_takes_the_busy_workers_with_it(tmp_path: 
 def test_a_stop_asked_before_training_but_swallowed_still_stops_before_the_first_step() -> None:
     """A signal handled inside a finalizer (a worker pool's, as data preparation ends) raises
     where Python ignores exceptions; the stop is kept and happens as training would begin."""
-    from kto_lightning.runs.interrupts import BeforeTraining, StoppedAtOnce, _enter_stage
+    from kto_lightning.runs.run_stages import BeforeTraining, StoppedAtOnce, _enter_stage
 
     class SignalsWhileCollected:
         def __del__(self) -> None:

@@ -22,13 +22,13 @@ from kto_lightning.data import KTODataModule
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import TinyLlama, reference_cache
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
+from kto_lightning.models.cache_key import cache_key
 from kto_lightning.models.reference import (
     CachedReference,
     CopyReference,
     ReferenceSpec,
     build_provider,
 )
-from kto_lightning.models.reference_cache import cache_key
 from kto_lightning.training.module import KTOModule
 
 

@@ -9,12 +9,12 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_lightning.core.logprobs import (
+from kto_lightning.core.chunked_head import (
     GPU_CHUNK_LOGITS,
     resolve_chunk_size,
-    sequence_logprobs,
     token_logprobs_chunked,
 )
+from kto_lightning.core.logprobs import sequence_logprobs
 from kto_lightning.errors import ConfigError
 from naive_logprobs import compute_logprobs, naive_sequence_logprobs
 

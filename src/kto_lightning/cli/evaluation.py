@@ -52,7 +52,7 @@ from kto_lightning.cli.scoring import (
     plot_reward_distributions,
 )
 from kto_lightning.common.security import scrub_hydra_record
-from kto_lightning.core.logprobs import resolve_chunk_size
+from kto_lightning.core.chunked_head import resolve_chunk_size
 from kto_lightning.core.losses import KTOLoss, KTOLossConfig
 from kto_lightning.data.config import Source, as_group
 from kto_lightning.errors import ConfigError, user_error

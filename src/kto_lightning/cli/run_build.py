@@ -32,10 +32,12 @@ from kto_lightning.cli.lifecycle import (
     ValidateAtLastStep,
 )
 from kto_lightning.common.security import redact_secrets
-from kto_lightning.core.logprobs import CausalLM, resolve_chunk_size
+from kto_lightning.core.chunked_head import resolve_chunk_size
+from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.core.losses import KTOLoss, KTOLossConfig
 from kto_lightning.data import KTODataModule
-from kto_lightning.data.datamodule import DATA_FILES_KEY, DROPPED_UNDESIRABLE, data_files
+from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
+from kto_lightning.data.kept_rows import DROPPED_UNDESIRABLE
 from kto_lightning.models import ModelSource, check_context_window
 from kto_lightning.models.reference import CopyReference, ReferenceProvider, build_provider
 from kto_lightning.reporting.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers

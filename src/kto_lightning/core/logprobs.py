@@ -24,10 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kto_lightning.core.chunked_head import (
-    CPU_CHUNK_ROWS,
-    GPU_CHUNK_LOGITS,
     is_plain_linear,
-    resolve_chunk_size,
     token_logprobs_chunked,
     token_logprobs_via_head,
 )
@@ -39,17 +36,12 @@ CausalLM = Any
 
 # Names other modules import from here (the head's kernels live in chunked_head.py).
 __all__ = [
-    "CPU_CHUNK_ROWS",
-    "GPU_CHUNK_LOGITS",
     "SHARDED_ENTRY",
     "CausalLM",
     "batch_logprobs",
     "eval_mode",
-    "resolve_chunk_size",
     "rows_logprobs",
     "sequence_logprobs",
-    "token_logprobs_chunked",
-    "token_logprobs_via_head",
     "unsharded_sequence_logprobs",
 ]
 

@@ -35,11 +35,8 @@ from kto_lightning.data.config import (
     Source,
     as_group,
 )
-from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.data.dataset import BatchesOf, KTODataset
 from kto_lightning.data.kept_rows import (
-    DROPPED_EMPTY,
-    DROPPED_UNDESIRABLE,
     check_splits,
     keep_and_pair,
 )
@@ -60,12 +57,7 @@ log = logging.getLogger(__name__)
 
 # Names other modules import from here.
 __all__ = [
-    "DATA_FILES_KEY",
-    "DROPPED_EMPTY",
-    "DROPPED_UNDESIRABLE",
     "KTODataModule",
-    "data_files",
-    "preparing",
 ]
 
 

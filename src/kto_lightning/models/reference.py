@@ -25,7 +25,8 @@ from kto_lightning.core.logprobs import CausalLM, batch_logprobs, eval_mode
 from kto_lightning.core.packing import Packing
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import make_reference
-from kto_lightning.models.reference_cache import CachePlan, cache_plan, trainer_precision
+from kto_lightning.models.cache_key import trainer_precision
+from kto_lightning.models.reference_cache import CachePlan, cache_plan
 
 KINDS = ("copy", "adapter", "cache")
 # The dtype each mixed precision computes matrix products in.

@@ -31,16 +31,13 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.common import distributed
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.core.logprobs import batch_logprobs, eval_mode
-from kto_lightning.models.cache_file import CHECKSUM, read_table, table_checksum, write_table
+from kto_lightning.models.cache_file import read_table, write_table
 from kto_lightning.models.cache_key import (
     AUTOCAST_DTYPES,
-    CACHE_VERSION,
     CAST_DTYPES,
     Rows,
     cache_key,
-    data_fingerprint,
     trainer_precision,
-    weights_fingerprint,
 )
 
 
@@ -62,20 +59,11 @@ log = logging.getLogger(__name__)
 
 # Names other modules import from here (the key and the file format have their own modules).
 __all__ = [
-    "CACHE_VERSION",
-    "CHECKSUM",
     "CachePlan",
     "CacheSettings",
-    "cache_key",
     "cache_plan",
-    "data_fingerprint",
     "fill_cache",
     "load_or_fill_cache",
-    "read_table",
-    "table_checksum",
-    "trainer_precision",
-    "weights_fingerprint",
-    "write_table",
 ]
 
 

@@ -42,8 +42,6 @@ from kto_lightning.runs.checkpointing import (
     save_rng_states,
 )
 from kto_lightning.runs.run_stages import (
-    NOTHING_TRAINED,
-    BeforeTraining,
     RunInterrupted,
     StoppedAtOnce,
     _enter_stage,
@@ -54,12 +52,7 @@ log = logging.getLogger("kto_lightning")
 
 # Names other modules import from here (the stops outside the training loop are in run_stages).
 __all__ = [
-    "NOTHING_TRAINED",
-    "BeforeTraining",
-    "RunInterrupted",
     "SaveOnInterrupt",
-    "StoppedAtOnce",
-    "_enter_stage",
     "stop_requested",
 ]
 
