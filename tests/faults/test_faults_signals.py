@@ -50,15 +50,15 @@ class SignalAt(L.Callback):
             export.on_train_end = _on_train_end
         if self.moment != "generations":
             return
-        # Inside the generations table: as its first prompt starts.
+        # Inside the generations table: as its generation starts.
         [table] = [c for c in trainer.callbacks if type(c).__name__ == "GenerationsTable"]
-        row = table._row
+        completions = table._completions
 
-        def _row(trainer, *args):
+        def _completions(trainer, *args):
             self._send(trainer, "generations")
-            return row(trainer, *args)
+            return completions(trainer, *args)
 
-        table._row = _row
+        table._completions = _completions
 
     def on_validation_batch_start(self, trainer, *args):
         if trainer.state.fn == TrainerFn.FITTING:

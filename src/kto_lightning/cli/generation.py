@@ -27,6 +27,7 @@ from kto_lightning.cli.rebuilding import seeded_policy
 from kto_lightning.cli.sampling import Sampling
 from kto_lightning.common.hub import looks_local
 from kto_lightning.core.logprobs import CausalLM
+from kto_lightning.data.collate import left_padded
 from kto_lightning.data.prompts import gather_prompts, prompt_ids
 from kto_lightning.errors import ConfigError, ModelLoadError, user_error
 from kto_lightning.models import Pretrained, learned_positions
@@ -147,12 +148,8 @@ def generate(
     completions: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_padded(batch, tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

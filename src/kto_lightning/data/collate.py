@@ -1,4 +1,5 @@
-"""Batches: dynamic right padding, main rows and KL rows padded to one common length.
+"""Batches: dynamic right padding, main rows and KL rows padded to one common length; and prompts
+padded on the left for generation (`left_padded`).
 
 One common length lets the module run the reference model over main and KL rows in one forward.
 """
@@ -38,6 +39,19 @@ def _pad(sequences: list[tuple[list[int], list[int]]], length: int, pad_id: int)
         "completion_mask": completion_mask,
         "completion_index": completion_index,
     }
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts (token ids) as one generation batch: input_ids and attention_mask (B, L), each row
+    padded on the left, so that every row's new tokens start at column L."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 class KTOCollator:

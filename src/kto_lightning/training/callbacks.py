@@ -13,6 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.core.logprobs import CausalLM
+from kto_lightning.data.collate import left_padded
 from kto_lightning.runs.interrupts import stop_requested
 
 log = logging.getLogger(__name__)
@@ -50,21 +51,29 @@ class GenerationsTable(L.Callback):
         """The table's rows; None when a stop was asked for meanwhile (the table is not kept)."""
         datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit
         tokenizer, dataset = datamodule.tokenizer, datamodule.val_set
+        prompts = [dataset[i].prompt_ids for i in range(min(self.num_prompts, len(dataset)))]
+        if not prompts or self._cut_short(trainer):
+            return None
         policy: CausalLM = pl_module.policy
         was_training = policy.training
         policy.eval()
-        rows = []
         # Eager under compile.enabled: generating with a KV cache would compile every layer anew
         # and fill the layers' shared compile cache (see kto_lightning.common.compile_stance.eager).
         try:
             with eager():
-                for index in range(min(self.num_prompts, len(dataset))):
-                    if self._cut_short(trainer):
-                        return None
-                    rows.append(self._row(trainer, pl_module, tokenizer, dataset[index]))
+                completions = self._completions(trainer, pl_module, prompts)
         finally:
             policy.train(was_training)
-        return None if self._cut_short(trainer) else rows
+        if self._cut_short(trainer):
+            return None
+        return [
+            {
+                "step": trainer.global_step,
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                "generation": completion,
+            }
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]
 
     @staticmethod
     def _cut_short(trainer: L.Trainer) -> bool:
@@ -72,24 +81,27 @@ class GenerationsTable(L.Callback):
         # alone would leave the others waiting.
         return trainer.world_size == 1 and stop_requested(trainer)
 
-    def _row(self, trainer: L.Trainer, pl_module: L.LightningModule, tokenizer, example) -> dict:
-        """One prompt's greedy completion, as a table row."""
-        prompt = torch.tensor([example.prompt_ids], device=pl_module.device)
+    def _completions(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[list[int]]
+    ) -> list[str]:
+        """The greedy completions of `prompts`, generated as one batch (left-padded): one decoding
+        loop for the table, not one per prompt."""
+        tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
+        input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
         policy: CausalLM = pl_module.policy
         output = policy.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
+            input_ids=input_ids.to(pl_module.device),
+            attention_mask=attention_mask.to(pl_module.device),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             stopping_criteria=StoppingCriteriaList([_UntilStopRequested(trainer)]),
         )
-        return {
-            "step": trainer.global_step,
-            "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
-            "generation": tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True),
-        }
+        # A row that ended early is padded after its EOS (the pad token may be EOS itself).
+        stop, new_tokens = tokenizer.eos_token_id, output[:, input_ids.shape[1] :].tolist()
+        rows = [row[: row.index(stop)] if stop in row else row for row in new_tokens]
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.num_prompts < 1:
