@@ -1,5 +1,5 @@
-"""The training entry point as a user runs it: a subprocess, offline, with its own HF cache; or,
-where the process itself is not what a test checks, the same entry point run in this process."""
+"""The entry points as a user runs them: a subprocess, offline, with its own HF cache; or, where
+the process itself is not what a test checks, the same command run in this process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,9 +27,12 @@ def train_cli(
 
 
 @contextlib.contextmanager
-def offline_env(cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def offline_env(
+    cwd: Path, env: dict[str, str] | None = None, unset: Sequence[str] = ()
+) -> Iterator[None]:
     """The environment `train_cli` gives its process, also for a module-scoped fixture (which
-    runs before the per-test one of conftest.py): offline, caches under `cwd`; `env` adds to it."""
+    runs before the per-test one of conftest.py): offline, caches under `cwd`; `env` adds to it,
+    and the variables named in `unset` are removed."""
     import datasets
 
     with pytest.MonkeyPatch.context() as patch:
@@ -38,6 +41,8 @@ def offline_env(cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
         patch.setenv("WANDB_MODE", "offline")
         for name, value in (env or {}).items():
             patch.setenv(name, value)
+        for name in unset:
+            patch.delenv(name, raising=False)
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cwd / "datasets_cache"))
         yield
 
@@ -45,20 +50,32 @@ def offline_env(cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
 def train_in_process(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """What `train_cli` returns, from the entry point run in this process: the same `__main__`
-    path (`run_explained(main)`), its exit status and what it printed, without the ~8 s of CPU a
-    new interpreter spends importing torch, transformers and Lightning.
+    """What `train_cli` returns, from the entry point run in this process (`command_in_process`)."""
+    return command_in_process("train", *args, cwd=cwd, env=env)
 
-    For tests of what the entry point says and writes; signals, exit by a signal, child processes
-    and environment read at import still need `train_cli`. Hydra's logging handlers (which write
-    to the captured streams and the run's log file) and the config Hydra keeps of its last job
-    are removed afterwards, so later tests log, and run, as before.
+
+def command_in_process(
+    command: str,
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    unset: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """What `python -m kto_lightning.<command> ARGS` returns, from the same path run in this
+    process (`kto-lightning <command> ARGS`, kto_lightning.__main__): its exit status and what it
+    printed, without the ~8 s of CPU a new interpreter spends importing torch, transformers and
+    Lightning.
+
+    For tests of what a command says and writes; signals, exit by a signal, child processes,
+    what a fresh process imports and environment read at import still need a subprocess.
+    Hydra's logging handlers (which write to the captured streams and the run's log file) and
+    the config Hydra keeps of its last job are removed afterwards, so later tests log, and run,
+    as before.
     """
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from kto_lightning.cli.guards import run_explained
-    from kto_lightning.train import main
+    from kto_lightning.__main__ import main
 
     root = logging.getLogger()
     kept_handlers, kept_level = list(root.handlers), root.level
@@ -68,16 +85,15 @@ def train_in_process(
     kept_full_error = os.environ.get("HYDRA_FULL_ERROR")
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    sys.argv = ["kto_lightning.train", *args]
     os.chdir(cwd)
     try:
         with (
-            offline_env(cwd, env),
+            offline_env(cwd, env, unset),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
         ):
             try:
-                run_explained(main)
+                code = main([command, *args])
             except SystemExit as stopped:
                 code = stopped.code if isinstance(stopped.code, int) else (stopped.code is not None)
     finally:
@@ -100,5 +116,5 @@ def train_in_process(
             loggers[name].setLevel(level)
             loggers[name].propagate = propagate
     return subprocess.CompletedProcess(
-        ["kto_lightning.train", *args], int(code), out.getvalue(), err.getvalue()
+        [f"kto_lightning.{command}", *args], int(code), out.getvalue(), err.getvalue()
     )

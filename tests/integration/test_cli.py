@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cli import command_in_process
 from conftest import FAST
 from kto_lightning import __main__ as console
 from kto_lightning import export, generate, plot
@@ -144,13 +145,14 @@ def test_console_script_lists_and_dispatches_the_commands(capsys) -> None:
 
 
 def test_console_script_runs_a_hydra_sweep_and_refuses_an_unknown_key(tmp_path) -> None:
-    # One process for both Hydra apps' paths through the console script: `python -m
-    # kto_lightning train -m ...` (a two-job sweep) and an unknown key of evaluate.
+    # Both Hydra apps' paths through the console script: `kto-lightning train -m ...` (a
+    # two-job sweep, run in this process as the console script's function runs it) and, in a
+    # process of its own, `python -m kto_lightning evaluate` with an unknown key.
     sweep = tmp_path / "sweep"
-    result = _run(
-        "-m", "kto_lightning", "train", "-m", "loss.beta=0.1,0.2", *FAST,
+    result = command_in_process(
+        "train", "-m", "loss.beta=0.1,0.2", *FAST,
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "export.enabled=false",
-        "validate_before_training=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600,
+        "validate_before_training=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())

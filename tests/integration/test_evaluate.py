@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from cli import train_cli
+from cli import command_in_process, train_in_process
 from conftest import FAST
 from kto_lightning.cli.config_files import config_dir
 from kto_lightning.cli.evaluation import evaluate
@@ -34,19 +32,15 @@ TEST_ROWS = [
 
 
 def evaluate_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m kto_lightning.evaluate ARGS` in `cwd`, offline, as tests/cli.py runs training."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")}
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.evaluate", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    """`python -m kto_lightning.evaluate ARGS` in `cwd`, offline, run in this process."""
+    return command_in_process("evaluate", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run: checkpoints/last.ckpt, hf_model/, csv/metrics.csv, .hydra/."""
     cwd = tmp_path_factory.mktemp("evaluate")
-    result = train_cli(*FAST, f"hydra.run.dir={cwd}/run", cwd=cwd)
+    result = train_in_process(*FAST, f"hydra.run.dir={cwd}/run", cwd=cwd)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return cwd / "run"
 

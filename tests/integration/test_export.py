@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli import command_in_process
 from kto_lightning.cli.hf_export import export_checkpoint
 from kto_lightning.cli.run_build import build
 from kto_lightning.cli.run_fit import train
@@ -42,14 +41,9 @@ def _trained(make_config, tmp_path: Path, *overrides: str):
     return run, tokenizer, batch, expected, tmp_path / "checkpoints" / "last.ckpt"
 
 
-def _cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.export", *map(str, args)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m kto_lightning.export ARGS`, offline, run in this process."""
+    return command_in_process("export", *map(str, args), cwd=cwd)
 
 
 def _assert_hf_folder(out: Path, tokenizer) -> None:
@@ -71,7 +65,7 @@ def test_full_fine_tune_exports_a_folder_that_reproduces_the_policy(make_config,
         if out.name == "api":
             assert export_checkpoint(ckpt, out) == out
         else:
-            result = _cli(f"ckpt_path={ckpt}", f"out={out}")
+            result = _cli(f"ckpt_path={ckpt}", f"out={out}", cwd=tmp_path)
             assert result.returncode == 0, result.stderr[-3000:]
         _assert_hf_folder(out, tokenizer)
         model = AutoModelForCausalLM.from_pretrained(out)
@@ -92,7 +86,9 @@ def test_lora_exports_merged_and_as_adapter(make_config, tmp_path) -> None:
     assert not any("lora_" in k for k in model.state_dict())
     torch.testing.assert_close(_logps(model, batch), expected, rtol=0, atol=1e-4)
 
-    result = _cli(f"ckpt_path={ckpt}", f"out={tmp_path / 'adapter'}", "keep_adapter=true")
+    result = _cli(
+        f"ckpt_path={ckpt}", f"out={tmp_path / 'adapter'}", "keep_adapter=true", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").is_file()
@@ -154,12 +150,12 @@ def test_checkpoints_that_cannot_be_exported_say_why(make_config, tmp_path) -> N
 
 
 def test_command_line_errors_are_one_line(tmp_path) -> None:
-    result = _cli(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'out'}")
+    result = _cli(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: no checkpoint file at {str(tmp_path / 'missing.ckpt')!r}"
     ]
 
-    help_text = _cli("--help").stdout
+    help_text = _cli("--help", cwd=tmp_path).stdout
     assert "keep_adapter=bool" in help_text and "checkpoint" in help_text

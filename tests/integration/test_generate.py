@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from cli import command_in_process
 from kto_lightning.cli.hf_export import export_policy
 from kto_lightning.cli.run_build import build
 from kto_lightning.generate import main
@@ -59,14 +58,9 @@ def _direct(model: torch.nn.Module, rendered: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def _cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kto_lightning.generate", *map(str, args)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m kto_lightning.generate ARGS`, offline, run in this process."""
+    return command_in_process("generate", *map(str, args), cwd=cwd)
 
 
 def _rows(text: str) -> list[dict]:
@@ -115,6 +109,35 @@ def test_greedy_rows_equal_direct_generation(model_dir, tmp_path, capsys) -> Non
     assert plain[2]["completion"] == completions[2], "greedy: the same text, run after run"
 
 
+def test_the_validation_table_generates_its_prompts_as_one_batch_with_their_own_text(
+    model_dir, tmp_path
+) -> None:
+    # The table's prompts, of different lengths, left-padded into one generate call: each row's
+    # text is what the model generates for that prompt alone, unpadded.
+    from types import SimpleNamespace
+
+    from kto_lightning.training.callbacks import GenerationsTable
+
+    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = byte_level_tokenizer()
+    texts = ["Hi", "Tell me about the moon, please.", "Why is the sky blue?"]
+    dataset = [SimpleNamespace(prompt_ids=tokenizer(t)["input_ids"]) for t in texts] * 2
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(tokenizer=tokenizer, val_set=dataset), callbacks=[],
+        received_sigterm=False, world_size=1, global_step=3,
+    )  # fmt: skip
+    module = SimpleNamespace(policy=policy, device=torch.device("cpu"))
+    calls = []
+    generate = policy.generate
+    policy.generate = lambda **kwargs: calls.append(kwargs) or generate(**kwargs)
+    rows = GenerationsTable(num_prompts=3, max_new_tokens=12).generate(trainer, module)
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 3, "one batch of 3 prompts"
+    assert [row["prompt"] for row in rows] == texts and {row["step"] for row in rows} == {3}
+    expected = [_direct(policy, text, 12) for text in texts]
+    assert [row["generation"] for row in rows] == expected
+    assert len(set(expected)) == 3, "the prompts tell apart: a mix-up would show"
+
+
 def test_sampling_gives_each_prompt_its_samples_under_the_seed(model_dir, tmp_path, capsys) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")  # the blank line is skipped
@@ -158,7 +181,7 @@ def test_compare_puts_the_runs_step_zero_policy_beside_its_policy(
     # The toy task's prompts are text: chat_template=false renders them as training did.
     args = [f"prompt={p}" for p in prompts]  # the key repeated: both prompts
     args += ["max_new_tokens=24", "chat_template=false", "compare=true"]
-    result = _cli(f"ckpt_path={tmp_path}", *args)
+    result = _cli(f"ckpt_path={tmp_path}", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows((tmp_path / "generations.jsonl").read_text())  # a run's default output
     rendered = [f"{BOS}{p}" for p in prompts]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import train_cli, train_in_process
+from cli import train_in_process
 from kto_lightning.cli.run_build import build
 from kto_lightning.cli.run_fit import train
 from kto_lightning.errors import ConfigError
@@ -180,7 +180,7 @@ def test_command_line_runs_and_prints_the_summary(tmp_path) -> None:
 
 
 def test_unreachable_hub_model_stops_with_one_clear_message(tmp_path) -> None:
-    result = train_cli(
+    result = train_in_process(
         "model=llama1b", "loss.beta=0.1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
     )
     assert result.returncode == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from wandb.proto import wandb_internal_pb2
 
-from cli import train_cli
+from cli import command_in_process, train_cli
 from conftest import FAST
 
 SECRETS = ("abc123xyz", "12345678")
@@ -30,8 +30,11 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wandb_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
-    """train_cli without the caller's WANDB_* variables (WANDB_MODE, a key) or its HOME."""
+def _wandb_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, in_process: bool = False
+) -> tuple[subprocess.CompletedProcess, float]:
+    """train_cli (or, `in_process`, train_in_process) without the caller's WANDB_* variables
+    (WANDB_MODE, a key) or its HOME; and the seconds it took."""
     home = cwd / "home"
     isolated = {
         "HOME": str(home),
@@ -43,7 +46,10 @@ def _wandb_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
         for name in [name for name in os.environ if name.startswith("WANDB_")]:
             patch.delenv(name)
         start = time.monotonic()
-        result = train_cli(*args, cwd=cwd, env=isolated, timeout=240)
+        if in_process:
+            result = command_in_process("train", *args, cwd=cwd, env=isolated, unset=["WANDB_MODE"])
+        else:
+            result = train_cli(*args, cwd=cwd, env=isolated, timeout=240)
     return result, time.monotonic() - start
 
 
@@ -143,7 +149,7 @@ def test_no_secret_reaches_wandbs_files_or_the_output(sweep) -> None:
 
 def test_online_without_a_login_fails_at_once_naming_both_fixes(tmp_path) -> None:
     result, seconds = _wandb_cli(
-        "logger=wandb", *FAST, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+        "logger=wandb", *FAST, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, in_process=True
     )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -159,16 +165,19 @@ def test_unreachable_server_logs_offline_and_a_failing_job_still_finishes_its_ru
     tmp_path,
 ) -> None:
     # A key of the right shape, and a server on a closed port: wandb alone would wait 90 s (and
-    # ~10 s more) before failing; bounded, the wait is ~25 s. The rest is start-up and training,
-    # 15-35 s on a busy 2-core machine. `objective` names a metric the run never logs (outside
-    # train/ and val/, as a callback's would be: only warned about at the start), so the job
-    # fails after training.
+    # ~10 s more) before failing. The run bounds the wait (15 s unless the user sets it:
+    # test_the_wait_for_the_server_is_bounded_unless_the_user_chose_one); set here to 3 s through
+    # the logger's `settings`, the wait is ~12 s. The rest is start-up and training, 10-30 s on a
+    # busy 2-core machine. `objective` names a metric the run never logs (outside train/ and
+    # val/, as a callback's would be: only warned about at the start), so the job fails after
+    # training.
     result, seconds = _wandb_cli(
-        "logger=wandb", *FAST, "validate_before_training=false", "export.enabled=false",
+        "logger=wandb", "+logger.wandb.settings={init_timeout: 3}", *FAST,
+        "validate_before_training=false", "export.enabled=false",
         "objective=my_callback_metric", f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path, env={"WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567"},
     )  # fmt: skip
-    assert seconds < 90, f"{seconds:.0f} s: the wait for the W&B server is not bounded"
+    assert seconds < 75, f"{seconds:.0f} s: the wait for the W&B server is not bounded"
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert "the server did not answer" in output and "wandb sync " in output, output[-3000:]
@@ -176,3 +185,18 @@ def test_unreachable_server_logs_offline_and_a_failing_job_still_finishes_its_ru
     run = _offline_run(tmp_path / "run")
     assert run["config"]["loss"]["beta"] == 0.1
     assert run["exit_code"] == 1, "the run is finished, marked failed"
+
+
+def test_the_wait_for_the_server_is_bounded_unless_the_user_chose_one(monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    from kto_lightning.reporting.wandb_logging import INIT_TIMEOUT_S, _init_arguments
+
+    cfg = OmegaConf.create({"task_name": "kto"})
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    default = _init_arguments(OmegaConf.create({"project": "p"}), cfg)
+    assert default["settings"] == {"init_timeout": INIT_TIMEOUT_S} and INIT_TIMEOUT_S < 90
+    chosen = OmegaConf.create({"settings": {"init_timeout": 3, "quiet": True}})
+    assert _init_arguments(chosen, cfg)["settings"] == {"init_timeout": 3, "quiet": True}
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "40")  # wandb reads it: the run adds no bound
+    assert _init_arguments(OmegaConf.create({}), cfg)["settings"] == {}
