@@ -277,58 +277,60 @@ def test_a_signal_in_data_preparation_ends_its_workers_and_says_so(
 
 
 # A datasets.map whose workers are busy for a minute, in a process the test then SIGKILLs: with
-# `bind` the preparation's guard is entered first, as the entry point does.
+# `bind` the preparation's guard is entered first, as the entry point does (the control imports
+# none of kto_lightning).
 BUSY_MAP = """
 import sys, time
 import datasets
-from kto_lightning.runs.run_stages import BeforeTraining
 
 def slow(row):
     time.sleep(60)
     return row
 
-guard = BeforeTraining()
 if sys.argv[1] == "bind":
-    guard.__enter__()
+    from kto_lightning.runs.run_stages import BeforeTraining
+
+    BeforeTraining().__enter__()
 datasets.Dataset.from_dict({"x": list(range(4))}).map(slow, num_proc=2)
 """
 
 
-def _busy_workers(tmp_path: Path, mode: str) -> set[int]:
-    """Start BUSY_MAP, wait for its two workers, SIGKILL it: the workers that are still alive
-    two seconds later."""
+def _busy_workers(tmp_path: Path, modes: tuple[str, ...]) -> dict[str, set[int]]:
+    """Start BUSY_MAP once per mode, side by side; wait for each one's two workers, SIGKILL it:
+    per mode, the workers that are still alive two seconds later."""
     script = tmp_path / "busy_map.py"
     script.write_text(BUSY_MAP)
-    env = {**_env(tmp_path), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen([sys.executable, str(script), mode], cwd=tmp_path, env=env)
+    processes = {}
+    for mode in modes:
+        env = {**_env(tmp_path), "HF_DATASETS_CACHE": str(tmp_path / f"cache_{mode}")}
+        processes[mode] = subprocess.Popen(
+            [sys.executable, str(script), mode], cwd=tmp_path, env=env
+        )
     deadline = time.monotonic() + 120
-    workers: set[int] = set()
-    while len(workers) < 2:  # two map workers, and datasets' queue manager
-        assert process.poll() is None, "the script ended before its workers started"
+    workers: dict[str, set[int]] = {mode: set() for mode in modes}
+    while any(len(found) < 2 for found in workers.values()):  # two map workers (and a manager)
+        for mode, process in processes.items():
+            assert process.poll() is None, f"{mode}: the script ended before its workers started"
+            workers[mode] = _children(process.pid)
         assert time.monotonic() < deadline, "no worker started"
-        workers = _children(process.pid)
         time.sleep(0.05)
     time.sleep(1.0)  # inside `slow`
-    workers |= _children(process.pid)  # every child, the queue manager included
-    process.kill()
-    process.wait()
+    for mode, process in processes.items():
+        workers[mode] |= _children(process.pid)  # every child, the queue manager included
+        process.kill()
+        process.wait()
     time.sleep(2.0)
-    return _alive(workers)
+    return {mode: _alive(found) for mode, found in workers.items()}
 
 
 def test_a_sigkill_in_data_preparation_takes_the_busy_workers_with_it(tmp_path: Path) -> None:
     """A worker busy in its shard outlives a SIGKILLed parent unless bound to it: the control
     shows that the orphans this test looks for do arise; the entry point's guard ends them."""
-    orphans = _busy_workers(tmp_path, "control")
-    try:
-        assert orphans, "without the guard the busy workers outlive their parent"
-    finally:
-        for pid in orphans:
-            os.kill(pid, signal.SIGKILL)
-    orphans = _busy_workers(tmp_path, "bind")
-    for pid in orphans:  # none should be left; a failing run leaves none behind either
+    orphans = _busy_workers(tmp_path, ("control", "bind"))
+    for pid in orphans["control"] | orphans["bind"]:  # a failing run leaves none behind either
         os.kill(pid, signal.SIGKILL)
-    assert not orphans, "a worker outlived the SIGKILLed run"
+    assert orphans["control"], "without the guard the busy workers outlive their parent"
+    assert not orphans["bind"], f"workers {orphans['bind']} outlived their SIGKILLed parent"
 
 
 def test_a_stop_asked_before_training_but_swallowed_still_stops_before_the_first_step() -> None:

@@ -4,7 +4,9 @@ with one line, and are reachable through one console script (`kto-lightning <com
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from kto_lightning import __main__ as console
 from kto_lightning import export, generate, plot
 from kto_lightning.cli.app_help import app_help, schema_docs
 
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ("train", "evaluate", "generate", "export", "plot")
 
 
@@ -167,3 +170,45 @@ def test_console_script_runs_a_hydra_sweep_and_refuses_an_unknown_key(tmp_path) 
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "ckpt_pth" in lines[0], lines
     assert not (tmp_path / "outputs").exists(), "a refused command writes no run folder"
+
+
+def _documented_examples() -> list[list[str]]:
+    """docs/cli.md's "One example each" block, one argument list per line (comments dropped)."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    block = text.split("## One example each", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_the_documented_example_of_each_command_runs_as_written(tmp_path: Path) -> None:
+    # Each line of the page, run as the console script runs it, in a fresh folder. Training is
+    # cut to two steps (the only additions); `outputs/kto/runs/<time>` is the folder the first
+    # line's run made.
+    quick = [
+        "data.source.toy_rows=64", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "callbacks.generations.max_new_tokens=4", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    examples = _documented_examples()
+    assert [args[:2] for args in examples] == [["kto-lightning", name] for name in (
+        "train", "train", "evaluate", "generate", "export", "plot")]  # fmt: skip
+    run_dir = None
+    for program, command, *args in examples:
+        if command == "train":
+            args += quick
+        else:
+            assert run_dir is not None
+            args = [arg.replace("outputs/kto/runs/<time>", str(run_dir)) for arg in args]
+        result = command_in_process(command, *args, cwd=tmp_path)
+        assert result.returncode == 0, (program, command, args, result.stderr[-3000:])
+        if command == "train" and run_dir is None:
+            (run_dir,) = (tmp_path / "outputs" / "kto" / "runs").iterdir()
+            run_dir = run_dir.relative_to(tmp_path)
+    sweep_jobs = [p for p in (tmp_path / "outputs" / "kto" / "multiruns").glob("*/*") if p.is_dir()]
+    assert len(sweep_jobs) == 2, sweep_jobs
+    run = tmp_path / run_dir
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    (evaluation,) = (tmp_path / "outputs" / "eval" / "runs").iterdir()
+    assert json.loads((evaluation / "eval.json").read_text())["data"]["split"] == "validation"
+    [row] = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert row["prompt"] == "Tell me about bees." and "reference" in row
+    assert (tmp_path / "my_model" / "model.safetensors").is_file()
+    assert (run / "training_curves.png").is_file()

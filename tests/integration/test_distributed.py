@@ -85,18 +85,21 @@ def _results(
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, sharded: bool) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Both layouts in one pair of processes (one start-up of each): plain DDP, then FSDP2."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        module = _module()
-        if sharded:
-            shard_models(module, init_device_mesh("cpu", (world,)))
-            assert isinstance(module.policy, FSDPModule)
-            assert isinstance(module.reference.model, FSDPModule)
-            head = module.policy.get_output_embeddings().weight
-            assert head.to_local().shape[0] < head.shape[0], "the LM head must be sharded"
-        results = _results(module, _batch(SPLIT[rank]), sharded)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        for kind in KINDS:
+            module = _module()
+            sharded = kind == "fsdp2"
+            if sharded:
+                shard_models(module, init_device_mesh("cpu", (world,)))
+                assert isinstance(module.policy, FSDPModule)
+                assert isinstance(module.reference.model, FSDPModule)
+                head = module.policy.get_output_embeddings().weight
+                assert head.to_local().shape[0] < head.shape[0], "the LM head must be sharded"
+            results = _results(module, _batch(SPLIT[rank]), sharded)
+            torch.save(results, Path(out_dir) / f"{kind}_rank{rank}.pt")
         # Both ranks done with every collective before either tears gloo down: a rank that
         # destroys the group while its peer still waits on one can abort the peer.
         dist.barrier()
@@ -104,12 +107,19 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, sharded: bool) 
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def two_ranks(request, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    folder = tmp_path_factory.mktemp(request.param)
-    sharded = request.param == "fsdp2"
-    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder), sharded), nprocs=2, join=True)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+KINDS = ("ddp", "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    return folder
+
+
+@pytest.fixture(params=KINDS)
+def two_ranks(request, spawned: Path) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(spawned / f"{request.param}_rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_every_rank_sees_the_same_numbers(two_ranks) -> None:

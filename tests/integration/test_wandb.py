@@ -97,7 +97,8 @@ def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("wandb_sweep")
     result, _ = _wandb_cli(
         "-m", "loss.beta=0.1,0.2", "logger=wandb", "logger.wandb.offline=true",
-        "+foo_token=abc123xyz", "+my_password=12345678", *FAST,
+        "+foo_token=abc123xyz", "+my_password=12345678", *FAST, "trainer.limit_train_batches=2",
+        "validate_before_training=false", "export.enabled=false",
         f"hydra.sweep.dir={cwd}/sweep", "hydra.sweep.subdir=${hydra.job.num}", cwd=cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
