@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import importlib.util
 import logging
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +21,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from cli import train_in_process
+from conftest import FAST
 from kto_lightning.cli.guards import (
     NonFiniteGuard,
     ZeroKLWarning,
@@ -430,3 +434,55 @@ def test_rows_longer_than_learned_positions_are_refused_naming_max_length(
         build(make_config(*local))
     # Within the window it builds; a rotary model (the tiny Llama) has no such limit.
     build(make_config(*local, "data.lengths.max_length=64", "data.lengths.max_prompt_length=32"))
+
+
+# ------------------------------------------------------------------- optional packages
+OPTIONAL = ("wandb", "tensorboard", "tensorboardX", "optuna", "deepspeed", "bitsandbytes")
+# A fresh interpreter where the optional packages cannot be imported (as in an install without
+# extras), running the train command in process.
+WITHOUT_EXTRAS = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = ["kto_lightning.train", *{args!r}]
+from kto_lightning.train import cli
+try:
+    cli()
+finally:
+    print("imported:", sorted(set(BLOCKED) & set(sys.modules)))
+"""
+
+
+def test_the_default_run_trains_without_any_optional_package(tmp_path) -> None:
+    args = [*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    script = WITHOUT_EXTRAS.format(blocked=OPTIONAL, args=[*args, f"hydra.run.dir={tmp_path}"])
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported: []" in result.stdout
+    assert "KTO training finished" in result.stdout + result.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_logger_wandb_without_wandb_stops_in_one_line_before_anything_loads(
+    tmp_path, monkeypatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    result = _cli("logger=wandb", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        'error: logger=wandb needs the wandb package, not installed: pip install -e ".[wandb]" '
+        "in the kto_lightning checkout (or: pip install wandb)"
+    )
+    assert not (tmp_path / "run").exists()  # stopped before Hydra made the run's folder

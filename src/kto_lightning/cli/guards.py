@@ -1,5 +1,5 @@
-"""Guards: stop a run at the first non-finite loss or gradient, warn when KL stays at zero, and
-explain a misspelt config key.
+"""Guards: stop a run at the first non-finite loss or gradient, warn when KL stays at zero,
+explain a misspelt config key, and stop at once when a choice needs a package not installed.
 
 Each guard is one Lightning callback (listed in conf/callbacks/default.yaml) or one pure helper.
 """
@@ -11,6 +11,7 @@ import difflib
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from kto_lightning.cli.schemas import accepted_keys
+from kto_lightning.common.extras import installed, require
 from kto_lightning.common.security import redact_text
 from kto_lightning.errors import TrainingDiverged, causes, user_error
 from kto_lightning.runs.checkpointing import LastCheckpoint
@@ -267,6 +269,7 @@ def run_explained(main: Callable[[], object]) -> None:
         if _prints_config(sys.argv[1:]):
             _run_redacted(main)
         else:
+            check_optional_packages(sys.argv[1:])
             main()
     except CompactHydraException as error:
         problem = explain_unknown_key(error)
@@ -308,3 +311,37 @@ def _run_redacted(main: Callable[[], object]) -> None:
     finally:
         sys.stdout.write(redact_text(printed.getvalue()))
         sys.stdout.flush()
+
+
+# ------------------------------------------------------------------- optional packages
+# Choices of a config group (as `group=option` on the command line) that need a package the
+# default install leaves out (an extra of pyproject.toml; common/extras.py names which).
+OPTIONAL_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "logger": {"wandb": ("wandb",), "tensorboard": ("tensorboard",)},
+    # Hydra cannot even compose the search without its sweeper plugin.
+    "hparams_search": {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna")},
+    "hydra/sweeper": {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna")},
+    "strategy": {"deepspeed_stage2": ("deepspeed",), "deepspeed_stage3": ("deepspeed",)},
+}
+
+
+def _needed(group: str, option: str) -> tuple[str, ...]:
+    """The optional packages that `group=option` needs."""
+    if group == "logger" and option == "tensorboard" and installed("tensorboardX"):
+        return ()  # Lightning's TensorBoardLogger falls back on tensorboardX
+    return OPTIONAL_CHOICES.get(group, {}).get(option, ())
+
+
+def check_optional_packages(overrides: list[str]) -> None:
+    """Raise ConfigError naming the pip command, before Hydra composes anything, when a
+    command-line choice (`logger=wandb`, also in a sweep: `logger=csv,wandb`) needs an optional
+    package that is not installed: otherwise a logger fails once the model is loaded, and a
+    missing sweeper plugin as a Hydra report that does not say what to install."""
+    for override in overrides:
+        key, is_choice, value = override.partition("=")
+        group = key.lstrip("+~")
+        if not is_choice or group not in OPTIONAL_CHOICES:
+            continue
+        for option in re.findall(r"[\w.-]+", value):  # one option, a sweep's list, [a,b]
+            for module in _needed(group, option):
+                require(module, f"{group}={option}")

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from kto_lightning.common.extras import require
 from kto_lightning.errors import ConfigError
 from kto_lightning.runs.sweeps import in_sweep, job_dirname, shown_overrides
 
@@ -65,11 +66,13 @@ def _has_credentials() -> bool:
 
 
 def check_wandb_login(cfg: DictConfig) -> None:
-    """Raise ConfigError, before any data or model is loaded, when a W&B logger that talks to
-    the server has no credentials (otherwise wandb fails only once the model is loaded)."""
+    """Raise ConfigError, before any data or model is loaded, when a W&B logger is chosen
+    without the wandb package (an extra), or talks to the server without credentials (otherwise
+    wandb fails only once the model is loaded)."""
     for name, entry in (cfg.get("logger") or {}).items():
         if not is_wandb(entry):
             continue
+        require("wandb", f"logger={name}")  # chosen in a config file, not on the command line
         if _mode(entry) not in NO_SERVER_MODES and not _has_credentials():
             raise ConfigError(
                 f"logger={name}: no W&B login (no WANDB_API_KEY, no `wandb login`). Run "

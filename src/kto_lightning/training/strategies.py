@@ -15,7 +15,6 @@ and reduce-scatters its gradient after backward.
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+from kto_lightning.common.extras import require
 from kto_lightning.core.logprobs import SHARDED_ENTRY, unsharded_sequence_logprobs
 from kto_lightning.errors import ConfigError
 
@@ -185,11 +185,7 @@ def check_deepspeed(accelerator: str) -> None:
             f"but trainer.accelerator={accelerator!r} has none here; on CPUs use strategy=ddp or "
             "strategy=fsdp"
         )
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            "the DeepSpeed strategies need DeepSpeed: pip install -e '.[deepspeed]' (or use "
-            "strategy=fsdp, which needs nothing more)"
-        )
+    require("deepspeed", "strategy=deepspeed_*")
 
 
 def keep_state_on_device(strategy: Strategy) -> None:
