@@ -79,6 +79,21 @@ def batch_sums(
     )
 
 
+def field(sums: Tensor, name: str) -> Tensor:
+    """The entry `name` (one of FIELDS) of a sums vector."""
+    return sums[_INDEX[name]]
+
+
+def kl_clamped(sums: Tensor) -> Tensor:
+    """1.0 when the KL rows' mean log-ratio is <= 0, so the loss clamped z_ref to 0; else 0.0.
+
+    Meant for one step's sums over all ranks (each step has its own z_ref). 0.0 without KL rows
+    (loss.estimator=zero, APO-zero): there z_ref is 0 by choice, not clamped.
+    """
+    count = sums[_INDEX["kl_count"]]
+    return ((count > 0) & (sums[_INDEX["kl_sum"]] <= 0)).float()
+
+
 def _ratio(sums: Tensor, num: str, den: str) -> Tensor:
     # NaN, not 0, when a batch has no row of a class: a dashboard then shows a gap, not a lie.
     count = sums[_INDEX[den]]

@@ -22,9 +22,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from kto_lightning.common.distributed import all_reduce_sum, gather_cat, world_size
+from kto_lightning.core.health import (
+    counter_metrics,
+    saturation_metrics,
+    saturation_sums,
+    update_counters,
+)
 from kto_lightning.core.logprobs import rows_logprobs
 from kto_lightning.core.losses import KTOLoss
-from kto_lightning.core.metrics import metrics_from_sums, reward_auroc
+from kto_lightning.core.metrics import FIELDS, metrics_from_sums, reward_auroc
 from kto_lightning.core.packing import Packing
 from kto_lightning.core.step import Reduction, StepLogps, StepResult, kto_step
 from kto_lightning.errors import ConfigError
@@ -87,14 +93,16 @@ class PolicyModule(L.LightningModule):
         """Means from a sums vector of this module's steps (each stage has its own fields)."""
         raise NotImplementedError
 
-    def _record_train_step(self, sums: Tensor, batch_size: int) -> None:
+    def _record_train_step(self, sums: Tensor, batch_size: int) -> Tensor:
         """Keep a training step's metric sums: in the run's totals, and over all ranks (one
-        all-reduce of a small vector) for `step_metrics`. Nothing is read on the host here."""
+        all-reduce of a small vector) for `step_metrics`, which are returned. Nothing is read on
+        the host here."""
         totals = self._train_metric_sums
         self._train_metric_sums = sums if totals is None else totals + sums
-        self._step_sums = all_reduce_sum(sums)
+        self._step_sums = step_sums = all_reduce_sum(sums)
         self._step_values = None
         self._batch_size = batch_size
+        return step_sums
 
     def step_metrics(self) -> dict[str, float]:
         """The last training step's metrics over all ranks, as `train/<name>` floats.
@@ -104,26 +112,38 @@ class PolicyModule(L.LightningModule):
         other step leaves its metrics on the device, so the host never waits for them.
         """
         if self._step_values is None and self._step_sums is not None:
-            metrics = self.metrics_of(self._step_sums)
+            metrics = self.step_tensors(self._step_sums)
             values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one sync
             names = [f"train/{name}" for name in metrics]
             self._step_values = dict(zip(names, values, strict=True))
         return dict(self._step_values or {})
 
+    def step_tensors(self, step_sums: Tensor) -> dict[str, Tensor]:
+        """What `step_metrics` reads of a step, by name without `train/`: its metrics."""
+        return self.metrics_of(step_sums)
+
+    def logs_this_step(self) -> bool:
+        """Whether the training step that just ended is one whose metrics go to the loggers.
+
+        Lightning writes step metrics every `trainer.log_every_n_steps` optimizer steps and at a
+        stop (the rule of its logger connector); logged anywhere else, a metric would only be
+        converted, one sync per value, and dropped. False in the middle of gradient accumulation.
+        A callback may read `step_metrics` at these steps at no cost: the module reads them then.
+        """
+        trainer = self.trainer
+        if trainer.global_step == self._step_at_batch_start or self._step_sums is None:
+            return False
+        every = int(getattr(trainer, "log_every_n_steps", 0))  # set by its logger connector
+        written = bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
+        return written or bool(getattr(trainer, "fast_dev_run", False))
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = self.trainer.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Lightning writes step metrics to the loggers every `trainer.log_every_n_steps` optimizer
-        # steps and at a stop (the rule of its logger connector, which runs right after this
-        # hook); logged anywhere else, a metric would only be converted, one sync per value, and
-        # dropped. So they are logged here, at those steps, as host tensors read in one copy.
-        trainer = self.trainer
-        if trainer.global_step == self._step_at_batch_start or self._step_sums is None:
-            return  # in the middle of gradient accumulation
-        every = int(getattr(trainer, "log_every_n_steps", 0))  # set by its logger connector
-        written = bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
-        if not (written or getattr(trainer, "fast_dev_run", False)):
+        # Logged at the steps Lightning writes (its logger connector runs right after this hook),
+        # as host tensors read in one copy.
+        if not self.logs_this_step():
             return
         values = self.step_metrics()
         for name, value in values.items():
@@ -230,8 +250,8 @@ class KTOModule(PolicyModule):
         self.loss = loss
         self._val_rewards: list[Tensor] = []
         self._val_labels: list[Tensor] = []
-        # The last training step's z_ref over all ranks, on the device (guards.ZeroKLWarning).
-        self.reference_point: Tensor | None = None
+        # The run's health counters over all ranks, on the device (core.health.COUNTERS).
+        self._health: Tensor | None = None
 
     def train(self, mode: bool = True) -> KTOModule:
         # Lightning puts the whole module in train mode at the start of fit; the reference stays
@@ -241,7 +261,16 @@ class KTOModule(PolicyModule):
         return self
 
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
-        return metrics_from_sums(sums)
+        # A training step's sums carry the saturated rows after the metric sums (core.health).
+        metrics = metrics_from_sums(sums[: len(FIELDS)])
+        if len(sums) > len(FIELDS):
+            metrics.update(saturation_metrics(sums))
+        return metrics
+
+    def step_tensors(self, step_sums: Tensor) -> dict[str, Tensor]:
+        # The run's health counters are read with the step's metrics: one copy for both.
+        counters = {} if self._health is None else counter_metrics(self._health)
+        return {**self.metrics_of(step_sums), **counters}
 
     def setup(self, stage: str) -> None:
         # Lightning calls this on every rank once the process group exists, before the model is
@@ -284,8 +313,10 @@ class KTOModule(PolicyModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         result = self._step(batch, "train")
-        self._record_train_step(result.metric_sums, batch_size=len(batch["labels"]))
-        self.reference_point = result.output.reference_point.detach()
+        output, labels = result.output, batch["labels"]
+        saturated = saturation_sums(output.rewards, labels, self.loss.beta * output.reference_point)
+        step_sums = self._record_train_step(torch.cat([result.metric_sums, saturated]), len(labels))
+        self._health = update_counters(self._health, step_sums)  # on the device, no read
         return result.loss
 
     # ---------------------------------------------------------------- validation
