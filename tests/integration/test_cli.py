@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from cli import command_in_process
-from conftest import FAST
 from kto_lightning import __main__ as console
 from kto_lightning import export, generate, plot
 from kto_lightning.cli.app_help import app_help, schema_docs
@@ -147,29 +146,16 @@ def test_console_script_lists_and_dispatches_the_commands(capsys) -> None:
         sys.argv = kept
 
 
-def test_console_script_runs_a_hydra_sweep_and_refuses_an_unknown_key(tmp_path) -> None:
-    # Both Hydra apps' paths through the console script: `kto-lightning train -m ...` (a
-    # two-job sweep, run in this process as the console script's function runs it) and, in a
-    # process of its own, `python -m kto_lightning evaluate` with an unknown key.
-    sweep = tmp_path / "sweep"
-    result = command_in_process(
-        "train", "-m", "loss.beta=0.1,0.2", *FAST,
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "export.enabled=false",
-        "validate_before_training=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
-    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_"), jobs
-    assert "loss.beta=0.1" in jobs[0] and "loss.beta=0.2" in jobs[1], jobs
-    for job in jobs:
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-        assert (sweep / job / "train.log").is_file(), "Hydra names the job as python -m does"
-
-    refused = _run("-m", "kto_lightning", "evaluate", "ckpt_pth=x", cwd=tmp_path)
+def test_python_dash_m_of_the_package_dispatches_in_a_process_of_its_own(tmp_path) -> None:
+    # `python -m kto_lightning <command>` (kto_lightning/__main__.py run as a program): the
+    # command's one-line refusal, and its exit status, reach the shell. The console script's
+    # Hydra path (a sweep) runs in test_the_documented_example_of_each_command_runs_as_written.
+    refused = _run("-m", "kto_lightning", "plot", "ckpt_pth=x", cwd=tmp_path)
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "ckpt_pth" in lines[0], lines
-    assert not (tmp_path / "outputs").exists(), "a refused command writes no run folder"
+    assert "did you mean ckpt_path?" in lines[0]
+    assert not list(tmp_path.iterdir()), "a refused command writes nothing"
 
 
 def _documented_examples() -> list[list[str]]:
@@ -202,8 +188,14 @@ def test_the_documented_example_of_each_command_runs_as_written(tmp_path: Path) 
         if command == "train" and run_dir is None:
             (run_dir,) = (tmp_path / "outputs" / "kto" / "runs").iterdir()
             run_dir = run_dir.relative_to(tmp_path)
-    sweep_jobs = [p for p in (tmp_path / "outputs" / "kto" / "multiruns").glob("*/*") if p.is_dir()]
-    assert len(sweep_jobs) == 2, sweep_jobs
+    # The sweep: one job per value, named by its number and override, each a whole run whose log
+    # Hydra names as `python -m kto_lightning.train` does.
+    (sweep,) = (tmp_path / "outputs" / "kto" / "multiruns").iterdir()
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert [job.name[:2] for job in jobs] == ["0_", "1_"], jobs
+    assert "loss.beta=0.05" in jobs[0].name and "loss.beta=0.1" in jobs[1].name, jobs
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "train.log").is_file()
     run = tmp_path / run_dir
     assert (run / "checkpoints" / "last.ckpt").is_file()
     (evaluation,) = (tmp_path / "outputs" / "eval" / "runs").iterdir()
