@@ -9,6 +9,8 @@ the tokenizer (with its chat template), a generation_config.json whose pad/eos/b
 tokenizer, and a model card (README.md, reporting/model_card.py). A LoRA policy is merged into
 plain weights (loadable by AutoModelForCausalLM) unless `keep_adapter=true`, which saves the
 adapter alone (loadable by peft.PeftModel.from_pretrained on the base model).
+`push_to_hub=user/name` then uploads the folder to that hub repo (private=true, revision=<branch>),
+with the token of HF_TOKEN or `hf auth login` (kto_lightning.cli.hub_push).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class ExportOptions:
     overwrite: bool = doc(
         "export into a folder that holds files, replacing those of the same names", False
     )
+    push_to_hub: str | None = doc(
+        "a hub repo id (user/name) to upload the folder to; the token comes from HF_TOKEN or "
+        "`hf auth login`, never from an option",
+        None,
+    )
+    private: bool = doc("create the hub repo private (an existing repo keeps its own)", False)
+    revision: str | None = doc("the hub branch to upload to (created if needed); null: main", None)
+    commit_message: str | None = doc("the hub commit's message; null: a default one", None)
 
 
 def _checkpoint(ckpt_path: str) -> Path:
@@ -57,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         COMMAND,
         "Export the policy of a kto_lightning checkpoint as a Hugging Face folder (safetensors "
         "weights, config, tokenizer, generation_config.json, and a model card, README.md).",
-        [f"{COMMAND} ckpt_path=outputs/kto/runs/<time> out=hf_model"],
+        [
+            f"{COMMAND} ckpt_path=outputs/kto/runs/<time> out=hf_model",
+            f"{COMMAND} ckpt_path=outputs/kto/runs/<time> out=hf_model push_to_hub=me/my-kto "
+            "private=true",
+        ],
     )
     if isinstance(options, int):
         return options
     try:
         from kto_lightning.cli.hf_export import export_checkpoint  # torch: not for --help
+        from kto_lightning.cli.hub_push import PUSH_KEYS, check_push, push_folder
 
+        # The push checked (repo id, token, not offline) before the checkpoint is read.
+        push = check_push({key: getattr(options, key) for key in PUSH_KEYS})
         checkpoint = _checkpoint(options.ckpt_path)
         out = export_checkpoint(
             checkpoint,
@@ -71,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             merge_lora=not options.keep_adapter,
             overwrite=options.overwrite,
         )
+        print(f"exported {checkpoint} -> {out}")
+        if push is not None:
+            print(f"pushed {out} -> {push_folder(out, push)}")
     except KTOError as error:
         # A problem the user can fix: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"exported {checkpoint} -> {out}")
     return 0
 
 

@@ -159,3 +159,5 @@ def test_command_line_errors_are_one_line(tmp_path) -> None:
 
     help_text = _cli("--help", cwd=tmp_path).stdout
     assert "keep_adapter=bool" in help_text and "checkpoint" in help_text
+    for key in ("push_to_hub=str | null", "private=bool", "revision=str | null"):
+        assert key in help_text, help_text

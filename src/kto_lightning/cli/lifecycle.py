@@ -5,7 +5,8 @@
 - `RunSummary`: the closing summary, each validation metric before -> after training, and what
   the end of the run did, timed.
 - `TrainingCurves`: the training-curves PNG of the run.
-- `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`, with its card.
+- `HuggingFaceExport`: the policy as a Hugging Face folder, `<run dir>/hf_model`, with its card,
+  pushed to the hub when `export.push_to_hub` names a repo.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.cli.hf_export import export_policy
+from kto_lightning.cli.hub_push import HubTarget, check_run_push, push_folder
 from kto_lightning.errors import KTOError
 from kto_lightning.models import EXPORT_DIR
 from kto_lightning.reporting.model_card import write_model_card
@@ -199,7 +202,8 @@ class TrainingCurves(L.Callback):
 
 class HuggingFaceExport(L.Callback):
     """The trained policy as a Hugging Face folder, `<run dir>/hf_model`, at the end of the fit,
-    with its model card (README.md, kto_lightning.reporting.model_card).
+    with its model card (README.md, kto_lightning.reporting.model_card), then uploaded to the
+    hub when the run config's `export.push_to_hub` names a repo (cli/hub_push.py).
 
     Args:
         tokenizer: saved beside the weights.
@@ -209,17 +213,26 @@ class HuggingFaceExport(L.Callback):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, merge_lora: bool = True) -> None:
         self.tokenizer = tokenizer
         self.merge_lora = merge_lora
+        self.push: HubTarget | None = None
         self.end_of_run: tuple[str, float] | None = None  # for the summary
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Read from the run config, as the card is; checked (a repo id, a token, not offline)
+        # before the first validation or step, not after hours of training.
+        run_config = getattr(pl_module, "run_config", None) or {}
+        self.push = check_run_push(run_config.get("export") or {})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         if isinstance(trainer.strategy, FSDP2Strategy | DeepSpeedStrategy):
             log.warning(
-                "  Hugging Face export skipped: under %s the policy's weights are sharded across "
+                "  Hugging Face export%s skipped: under %s the policy's weights are sharded across "
                 "ranks; save full checkpoints (strategy.save_distributed_checkpoint=false) and run "
-                "python -m kto_lightning.export ckpt_path=CKPT out=OUT",
+                "python -m kto_lightning.export ckpt_path=CKPT out=OUT%s",
+                " (and its push to the hub)" if self.push else "",
                 type(trainer.strategy).__name__,
+                " " + " ".join(self.push.arguments()) if self.push else "",
             )
             return
         run_dir = Path(trainer.default_root_dir)
@@ -237,4 +250,27 @@ class HuggingFaceExport(L.Callback):
             validation_metrics(scalar_metrics(trainer.callback_metrics)),
             merge_lora=self.merge_lora,
         )
-        self.end_of_run = (f"Hugging Face model: {exported}", time.perf_counter() - start)
+        line = f"Hugging Face model: {exported}"
+        if self.push is not None:
+            line += self._pushed(exported, run_dir)
+        self.end_of_run = (line, time.perf_counter() - start)
+
+    def _pushed(self, folder: Path, run_dir: Path) -> str:
+        """Push `folder`; the summary's words on it. A failed upload loses nothing: the run
+        ends as it would have, its folder kept, and the error says how to push it later."""
+        assert self.push is not None
+        try:
+            url = push_folder(folder, self.push)
+        except KTOError as error:
+            again = ["python", "-m", "kto_lightning.export", f"ckpt_path={run_dir}"]
+            again += [f"out={folder}", "overwrite=true", *self.push.arguments()]
+            if not self.merge_lora:
+                again.append("keep_adapter=true")
+            log.error(
+                "%s; the run and %s are kept: push them later with\n  %s",
+                error,
+                folder,
+                shlex.join(again),
+            )
+            return ", not pushed to the hub (the error above says why)"
+        return f", pushed to {url}"
