@@ -45,6 +45,12 @@ def test_a_trained_run_exports_a_card_with_its_settings_metrics_and_command(
     train(make_config(*overrides), run=run)
 
     card = (tmp_path / "hf_model" / CARD_FILE).read_text()
+    # The title names what the model is and what it learned, not one of our classes.
+    title = re.search(r"^# (.*)$", card, re.MULTILINE)
+    assert title and "TinyLlama" not in title.group(1), card[:500]
+    assert title.group(1).startswith("A 2-layer Llama-architecture model")
+    assert title.group(1).endswith("trained with KTO on kto_lightning's bundled toy task")
+    assert "## Run health" not in card, "no health report in the run: no section"
     header = _front_matter(card)
     assert header["library_name"] == "transformers"
     assert header["tags"][:2] == ["kto", "kto_lightning"]
@@ -114,3 +120,81 @@ def test_card_front_matter_names_hub_models_and_datasets_and_adapters(tmp_path) 
     assert "base_model" not in header and "datasets" not in header
     assert f"the local model folder `{tmp_path}`" in local and "`train.jsonl`" in local
     assert _table_value(local, "val/loss") == 0.5
+
+
+def _title(card: str) -> str:
+    match = re.search(r"^# (.*)$", card, re.MULTILINE)
+    assert match, card[:300]
+    return match.group(1)
+
+
+def test_card_title_names_the_base_model_and_the_task() -> None:
+    tiny = {"_target_": "kto_lightning.models.TinyLlama", "num_layers": 1}
+    cases = [
+        (
+            {"model": tiny, "data": {"source": {"path": "toy"}}},
+            "A 1-layer Llama-architecture model initialised at random in kto_lightning, trained "
+            "with KTO on kto_lightning's bundled toy task",
+        ),
+        (
+            {"model": {**tiny, "weights": "bundled"}, "data": {"source": {"path": "toy"}}},
+            "A 1-layer Llama-architecture model that kto_lightning ships, pretrained on its toy "
+            "task, trained with KTO on kto_lightning's bundled toy task",
+        ),
+        (
+            {
+                "model": {"name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"},
+                "data": {"source": {"path": "trl-lib/kto-mix-14k"}},
+                "resolved_loss": {"loss_type": "apo_zero_unpaired"},
+            },
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0 trained with APO-zero (unpaired) on "
+            "trl-lib/kto-mix-14k",
+        ),
+        (
+            {
+                "model": {"name_or_path": "./models/my-llama"},
+                "data": {"source": {"path": "data/feedback.jsonl"}},
+            },
+            "The local model `my-llama`, trained with KTO on `feedback.jsonl`",
+        ),
+        (
+            {"model": {"run_dir": "outputs/sft/runs/t1"}},
+            "The model of the kto_lightning run `t1`, trained with KTO",
+        ),
+    ]
+    for config, expected in cases:
+        assert _title(model_card(config, None, 1, {}, adapter=False)) == expected
+
+
+def test_card_shows_the_run_health_report_when_the_run_wrote_one(tmp_path) -> None:
+    config = {"model": {"_target_": "kto_lightning.models.TinyLlama"}}
+    health = {
+        "summary": "1 problem, 1 warning",
+        "checks": [
+            {"name": "KL clamped to 0", "value": "0% of steps", "status": "ok",
+             "meaning": "unused", "try": "unused"},
+            {"name": "saturated rows", "value": "40% | 90%", "status": "warn",
+             "meaning": "the sigmoid is flat for many rows", "try": "lower loss.beta"},
+            {"name": "class balance", "value": "9.0", "status": "bad",
+             "meaning": "outside eq. 8's range", "try": "set the class weights to auto"},
+        ],
+    }  # fmt: skip
+    (tmp_path / "health.json").write_text(json.dumps(health))
+    card = model_card(config, tmp_path, 1, {}, adapter=False)
+    section = card.split("## Run health\n\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    assert section == [
+        "1 problem, 1 warning",
+        "",
+        "| check | value | status |",
+        "|---|---|---|",
+        "| KL clamped to 0 | 0% of steps | ok |",
+        "| saturated rows | 40% \\| 90% | warn |",
+        "| class balance | 9.0 | bad |",
+        "",
+        "- saturated rows: the sigmoid is flat for many rows - lower loss.beta",
+        "- class balance: outside eq. 8's range - set the class weights to auto",
+    ]
+    # Between the metrics and the command that reproduces the run.
+    assert card.index("## Final metrics") < card.index("## Run health") < card.index("## Reproduce")
+    (tmp_path / "health.json").unlink()
+    assert "## Run health" not in model_card(config, tmp_path, 1, {}, adapter=False)

@@ -1,9 +1,11 @@
 """The model card (`README.md`) written beside an exported policy, in the Hugging Face convention.
 
-A YAML front matter that the hub reads (library_name, base_model, tags, datasets), then what a
-reader needs to trust and reuse the weights: the base model, the data, the loss settings as
-trained (the run config's `resolved_loss`: an `auto` class weight as the number it became), the
-final validation metrics, the command that reproduces the run, and how to load the folder.
+A YAML front matter that the hub reads (library_name, base_model, tags, datasets), a title that
+names the base model and the task (reporting/card_title.py), then what a reader needs to trust
+and reuse the weights: the base model, the data, the loss settings as trained (the run config's
+`resolved_loss`: an `auto` class weight as the number it became), the final validation metrics,
+the run's health report when it wrote one (reporting/card_health.py), the command that
+reproduces the run, and how to load the folder.
 
 Both exports write it: kto_lightning.export from a checkpoint, and the end-of-training
 HuggingFaceExport callback. They read the same facts (the run config a checkpoint stores, the run
@@ -19,9 +21,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from kto_lightning.common.hub import looks_local
 from kto_lightning.core.losses import LOSS_TYPES
-from kto_lightning.data.sources import BUILDERS
+from kto_lightning.reporting.card_health import health_text
+from kto_lightning.reporting.card_title import (
+    built_in_model,
+    card_title,
+    is_hub_dataset,
+    is_hub_id,
+    section,
+    target_name,
+)
 from kto_lightning.runs.run_record import export_folder
 from kto_lightning.runs.run_records import DATA_COUNTS_KEY, OVERRIDES_FILE, recorded_overrides
 from kto_lightning.runs.sweeps import shown_overrides
@@ -57,30 +66,9 @@ def data_counts(datamodule: object) -> dict[str, dict[str, int]] | None:
     }
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether `name` is a hub id rather than a local path (`models.Pretrained`'s rule)."""
-    return not looks_local(name) and not Path(name).expanduser().exists()
-
-
-def _is_hub_dataset(path: str) -> bool:
-    """Whether `data.source.path` names a hub dataset (`data.sources.load_source`'s rule)."""
-    return path != "toy" and Path(path).suffix.lower() not in BUILDERS and _is_hub_id(path)
-
-
-def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
-    value = config.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _target_name(section: dict[str, Any]) -> str:
-    return str(section.get("_target_", "")).rsplit(".", 1)[-1]
-
-
-def _arguments(section: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+def _arguments(node: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
     return ", ".join(
-        f"{k}={v}"
-        for k, v in section.items()
-        if k != "_target_" and k not in skip and v is not None
+        f"{k}={v}" for k, v in node.items() if k != "_target_" and k not in skip and v is not None
     )
 
 
@@ -91,11 +79,11 @@ def _number(value: Any) -> str:
 def front_matter(config: dict[str, Any], adapter: bool) -> dict[str, Any]:
     """The card's YAML header: what the hub indexes the model by. No license: the run does not
     know the base model's or the data's; the uploader adds it."""
-    model, source = _section(config, "model"), _section(_section(config, "data"), "source")
+    model, source = section(config, "model"), section(section(config, "data"), "source")
     loss_type = _loss_settings(config).get("loss_type", "kto")
     header: dict[str, Any] = {"library_name": "peft" if adapter else "transformers"}
     name = model.get("name_or_path")
-    if isinstance(name, str) and _is_hub_id(name):
+    if isinstance(name, str) and is_hub_id(name):
         # The hub refuses a base_model that is no model id: a local path stays in the text.
         header["base_model"] = name
     tags = ["kto", "kto_lightning"] if loss_type in LOSS_TYPES else ["kto_lightning"]
@@ -107,7 +95,7 @@ def front_matter(config: dict[str, Any], adapter: bool) -> dict[str, Any]:
     datasets = [
         path
         for path in (source.get("path"), source.get("val_path"))
-        if isinstance(path, str) and _is_hub_dataset(path)
+        if isinstance(path, str) and is_hub_dataset(path)
     ]
     if datasets:
         header["datasets"] = list(dict.fromkeys(datasets))
@@ -120,20 +108,20 @@ def _loss_settings(config: dict[str, Any]) -> dict[str, Any]:
     resolved = config.get("resolved_loss")
     if isinstance(resolved, dict) and resolved:
         return resolved
-    loss = _section(config, "loss")
+    loss = section(config, "loss")
     settings = {k: v for k, v in loss.items() if k != "_target_"}
-    if "loss_type" not in settings and _target_name(loss) == "SFTLoss":
+    if "loss_type" not in settings and target_name(loss) == "SFTLoss":
         settings["loss_type"] = "sft"
     return settings
 
 
 def _base_model_text(config: dict[str, Any], adapter: bool) -> list[str]:
-    model = _section(config, "model")
+    model = section(config, "model")
     if not model:
         return [f"{NOT_RECORDED} (the checkpoint holds no model config)."]
     name = model.get("name_or_path")
     if isinstance(name, str):
-        where = "the Hugging Face hub model" if _is_hub_id(name) else "the local model folder"
+        where = "the Hugging Face hub model" if is_hub_id(name) else "the local model folder"
         revision = f" at revision `{model['revision']}`" if model.get("revision") else ""
         lines = [f"{where} `{name}`{revision}."]
     elif isinstance(model.get("run_dir"), str):  # models.FromRun: an earlier run's export
@@ -142,11 +130,10 @@ def _base_model_text(config: dict[str, Any], adapter: bool) -> list[str]:
             f"the model an earlier kto_lightning run exported, `{folder}` (e.g. its SFT stage); "
             f"its own card, `{folder / CARD_FILE}`, describes it."
         ]
-    elif _target_name(model) == "TinyLlama":
+    elif target_name(model) == "TinyLlama":
         lines = [
-            "none: a Llama-architecture model initialised at random (kto_lightning's TinyLlama: "
-            f"{_arguments(model, skip=('lora',))}), with kto_lightning's byte-level tokenizer, "
-            f"under seed {config.get('seed')}."
+            f"{built_in_model(model)} ({_arguments(model, skip=('lora',))}), with kto_lightning's "
+            f"byte-level tokenizer, under seed {config.get('seed')}."
         ]
     else:
         lines = [f"`{model.get('_target_')}` ({_arguments(model, skip=('lora',))})."]
@@ -163,13 +150,13 @@ def _base_model_text(config: dict[str, Any], adapter: bool) -> list[str]:
 
 
 def _data_text(config: dict[str, Any]) -> list[str]:
-    source = _section(_section(config, "data"), "source")
+    source = section(section(config, "data"), "source")
     path = source.get("path")
     if not path:
         return [f"Source: {NOT_RECORDED}."]
     if path == "toy":
         lines = [f"Source: kto_lightning's bundled toy task, {source.get('toy_rows')} rows."]
-    elif _is_hub_dataset(str(path)):
+    elif is_hub_dataset(str(path)):
         details = _arguments(source, skip=("path", "cache_dir", "num_proc", "toy_rows"))
         lines = [f"Source: the Hugging Face dataset `{path}` ({details})."]
     else:
@@ -192,7 +179,7 @@ def _loss_text(config: dict[str, Any]) -> list[str]:
     settings = _loss_settings(config)
     if not settings:
         return [f"{NOT_RECORDED}."]
-    written = _section(config, "loss")
+    written = section(config, "loss")
     lines = ["| setting | value |", "|---|---|"]
     first = [key for key in LOSS_ORDER if key in settings]
     for key in first + [key for key in settings if key not in LOSS_ORDER]:
@@ -200,13 +187,13 @@ def _loss_text(config: dict[str, Any]) -> list[str]:
         if key in written and written[key] != value and isinstance(written[key], str):
             note = f" (`{written[key]}` in the config)"  # e.g. an `auto` class weight
         lines.append(f"| {key} | {_number(value)}{note} |")
-    reference = _section(config, "reference").get("kind")
+    reference = section(config, "reference").get("kind")
     if reference and settings.get("loss_type") in LOSS_TYPES:
         lines.append(f"| reference model | {reference} |")
-    optimizer = _section(config, "optimizer")
+    optimizer = section(config, "optimizer")
     if "lr" in optimizer:
         lines.append(f"| learning rate | {_number(optimizer['lr'])} |")
-    batching = _section(_section(config, "data"), "batching")
+    batching = section(section(config, "data"), "batching")
     if "batch_size" in batching:
         lines.append(f"| batch size (per device) | {batching['batch_size']} |")
     if "seed" in config:
@@ -265,7 +252,7 @@ def _load_text(config: dict[str, Any], adapter: bool) -> list[str]:
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
             "```",
         ]
-    model = _section(config, "model")
+    model = section(config, "model")
     name = model.get("name_or_path")
     if not isinstance(name, str) and isinstance(model.get("run_dir"), str):
         name = str(export_folder(model["run_dir"]))
@@ -305,26 +292,26 @@ def model_card(
         adapter: the folder holds a LoRA adapter alone (not merged weights).
     """
     loss_type = str(_loss_settings(config).get("loss_type", "kto"))
-    model = _section(config, "model")
-    base = model.get("name_or_path") or _target_name(model) or "a causal LM"
     header = OmegaConf.to_yaml(front_matter(config, adapter))
-    sections = [
+    sections: list[tuple[str, list[str] | None]] = [
         ("Base model", _base_model_text(config, adapter)),
         ("Data", _data_text(config)),
         ("Loss settings", _loss_text(config)),
         ("Final metrics", _metrics_text(step, metrics, config.get("objective"))),
+        ("Run health", health_text(run_dir)),
         ("Reproduce", _reproduce_text(run_dir)),
         ("Load", _load_text(config, adapter)),
     ]
     parts = [
         f"---\n{header}---",
-        f"# {base} trained with {LOSS_TITLES.get(loss_type, loss_type)}",
+        f"# {card_title(config, LOSS_TITLES.get(loss_type, loss_type))}",
         "Trained with kto_lightning (KTO: Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306)."
         if loss_type != "sft"
         else "Trained with kto_lightning's supervised fine-tuning stage.",
     ]
     for title, lines in sections:
-        parts.append(f"## {title}\n\n" + "\n".join(lines))
+        if lines is not None:  # None: a section the run has nothing for (no health report)
+            parts.append(f"## {title}\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
@@ -339,7 +326,7 @@ def write_model_card(
     """Write `<out_dir>/README.md` (see `model_card`); returns its path. `merge_lora`: as the
     export was asked, so a LoRA policy's folder holds an adapter when it is false."""
     config = config or {}
-    adapter = bool(_section(config, "model").get("lora")) and not merge_lora
+    adapter = bool(section(config, "model").get("lora")) and not merge_lora
     path = Path(out_dir) / CARD_FILE
     path.write_text(model_card(config, run_dir, step, metrics, adapter))
     return path
