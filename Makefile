@@ -45,6 +45,10 @@ bench-data: ## Time data preparation alone: ours and TRL's, cold and warm cache;
 	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/data_prep.py $(ARGS)
 
+.PHONY: tiny-weights
+tiny-weights: ## Retrain the default's bundled tiny model: SFT on the toy task, seeded (~4 min, CPU)
+	$(PYTHON) scripts/tiny_weights.py $(ARGS)
+
 clean: ## Remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
