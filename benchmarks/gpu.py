@@ -1,4 +1,4 @@
-"""kto_lightning against TRL 1.16's KTOTrainer on one large GPU: one command, under 6 minutes.
+"""kto_lightning against TRL 1.16's KTOTrainer on one large GPU: one command, under 8 minutes.
 
     python benchmarks/gpu.py                      # on the GPU machine (sized for an H200)
     python benchmarks/gpu.py --out $OUT/gpu.md    # the report (and its logs) where you want them
@@ -24,9 +24,15 @@ Rows, each in a fresh child process (its own CUDA context, so its peak memory is
   live reference, batch 8     ours reference=copy (default)  vs TRL with a ref_model
   cached reference, batch 8   ours reference=cache           vs TRL precompute_ref_log_probs=True
                               (ours fills its cache in a first, separately timed run)
+  FSDP2, one device, batch 8  ours strategy=fsdp trainer.devices=1 (the sharding path, on one GPU)
+  packing, batch 8            ours data.batching.packing=true, packs of 2 x max_length tokens (sdpa:
+                              a block mask keeps the rows of a pack apart)
+  packing, varlen kernel      the same with model.attn_implementation=flash_attention_2 (or _3,
+                              _4, --varlen-attn), only when one is installed; else one line says so
   live reference, batch 16    ours                           vs TRL
-  packing, batch 8            ours data.batching.packing=true
   compile, batch 8            ours compile.enabled=true
+Rows run in that order (live, cache, FSDP2, packing, live 16, compile); past --budget the rest is
+skipped, so what is cut is what matters least.
 Both: AdamW lr 1e-6 (linear decay, no warmup), beta 0.1, KTO with mismatched KL rows, gradient
 clipping 1.0, gradient checkpointing off, no evaluation, checkpoints, export or loggers. ours
 trainer.accelerator=gpu trainer.precision=bf16-mixed (as trainer=gpu); TRL bf16=True.
@@ -35,7 +41,10 @@ Per row: s/step (the device synchronised at a batch's start and after its optimi
 first --warmup steps dropped), tokens/s and MFU over the real tokens of the batch's own rows,
 peak GPU memory (max_memory_allocated and max_memory_reserved), seconds from the child's launch
 to its first step and from the end of its last step to its exit (Lightning's teardown included),
-and host synchronisations per step (torch.cuda.set_sync_debug_mode("warn") on two warm-up steps).
+and host synchronisations per step (torch.cuda.set_sync_debug_mode("warn") on two warm-up steps),
+the attention implementation transformers resolved for each row's model, and for packed rows how
+they were kept apart: by the kernel (flash attention's variable-length path, row bounds read from
+the position ids) or by the block mask transformers builds from them (counted in the child).
 MFU = F x N x tokens/s / peak, N the model's matmul weights (every nn.Linear, LM head included,
 embeddings not), F = 12 with a live reference (policy forward + backward 6N, policy forward on
 the KL rows 2N, reference forward on both 4N) and 8 with a cached one; peak --peak-tflops.
@@ -136,7 +145,12 @@ class Mode:
     compile_overrides: tuple[str, ...] = ()
 
 
-GPU = Mode("gpu", GPU_FIXTURE, 1024, 512, "gpu", "bf16-mixed", 3, 10, budget_s=345.0)
+# The budget, from the first H200 run's figures (benchmarks/RESULTS.md, GPU): a child's launch
+# (imports, CUDA context, the 1.1B model loaded) ~30 s for ours, ~23 s for TRL; ~0.55 s a step,
+# ~1.1 s at batch 16. With 3 + 8 steps: ~40 s an ours row, ~30 s a TRL row; the fixture ~40 s on a
+# fresh machine (not measured). Live, cache, FSDP2 and both packing rows: ~355 s; live 16 ~80 s
+# more; compile, last, is cut. Stopping at 450 s keeps the script under 8 minutes, report included.
+GPU = Mode("gpu", GPU_FIXTURE, 1024, 512, "gpu", "bf16-mixed", 3, 8, budget_s=450.0)
 # Inductor on CPU compiled the tiny model's layer (C++ codegen, forward, backward and no-grad
 # graphs) took 46 s for the first step and ~20 s more for the dynamic-shape recompile of the
 # second, on 2 cores: 76 s for that one row. The smoke row uses the eager backend, which still runs
@@ -262,6 +276,41 @@ class Plan:
     log_dir: Path
     trl_note: str | None = None
     notes: list[str] = field(default_factory=list)
+    varlen: str | None = None  # the packing-varlen row's model.attn_implementation; None: no row
+    varlen_note: str = ""  # which variable-length kernel was found, or that none is installed
+
+
+# transformers' names of the attention implementations with a variable-length kernel, each with
+# the function of transformers.utils that says whether its package is installed (CUDA included).
+VARLEN_KERNELS = {
+    "flash_attention_2": "is_flash_attn_2_available",
+    "flash_attention_3": "is_flash_attn_3_available",
+    "flash_attention_4": "is_flash_attn_4_available",
+}
+
+
+def varlen_attention(chosen: str | None) -> tuple[str | None, str]:
+    """(implementation for the packing-varlen row or None, one line for the report).
+
+    `chosen` (--varlen-attn) wins; "none" runs no such row. Otherwise the first of VARLEN_KERNELS
+    whose package transformers finds, never its hub-kernel fallback (that would download)."""
+    if chosen == "none":
+        return None, "variable-length attention: not run (--varlen-attn none)"
+    if chosen:
+        return chosen, f"variable-length attention: {chosen} (--varlen-attn)"
+    import transformers.utils as hf_utils
+
+    for name, check in VARLEN_KERNELS.items():
+        if getattr(hf_utils, check, lambda: False)():
+            return name, f"variable-length attention: {name}, installed (the packing-varlen row)"
+    return None, (
+        "variable-length attention: none installed (no flash-attn 2, 3 or 4 package with CUDA "
+        "here): packed rows are kept apart by transformers' block mask only"
+    )
+
+
+# The --only names, in the order the rows run: what the budget cuts comes last.
+ROW_GROUPS = ["live", "cache", "fsdp", "packing", "live16", "compile"]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -381,14 +430,28 @@ def plan_rows(plan: Plan, model_dir: Path, cache_dir: Path) -> list[Row]:
         if with_trl:
             label = "TRL KTOTrainer, precompute_ref_log_probs, batch 8"
             add("cache/trl", label, replace(trl, reference="cache"), flops_factor=8)
+    if "fsdp" in plan.only:
+        sharded = (*ours.ours_overrides, "strategy=fsdp", "trainer.devices=1")
+        spec = replace(ours, ours_overrides=sharded)
+        add("fsdp/ours", "kto_lightning, FSDP2 on one device, batch 8", spec)
+    if "packing" in plan.only:
+        # Packs of two rows' length: rows share packs, so how they are kept apart is exercised.
+        packed = (
+            *ours.ours_overrides,
+            "data.batching.packing=true",
+            f"data.batching.max_tokens_per_pack={2 * mode.max_length}",
+        )
+        spec = replace(ours, ours_overrides=packed, watch_packing=True)
+        add("packing/ours", "kto_lightning, packing, batch 8", spec)
+        if plan.varlen:
+            varlen = (*packed, f"model.attn_implementation={plan.varlen}")
+            label = f"kto_lightning, packing, {plan.varlen}, batch 8"
+            add("varlen/ours", label, replace(spec, ours_overrides=varlen))
     if "live16" in plan.only:
         label = "kto_lightning, live reference (copy), batch 16"
         add("live16/ours", label, replace(ours, batch_size=16))
         if with_trl:
             add("live16/trl", "TRL KTOTrainer, ref_model, batch 16", replace(trl, batch_size=16))
-    if "packing" in plan.only:
-        packed = (*ours.ours_overrides, "data.batching.packing=true")
-        add("packing/ours", "kto_lightning, packing, batch 8", replace(ours, ours_overrides=packed))
     if "compile" in plan.only:
         compiled = (*ours.ours_overrides, "compile.enabled=true", *plan.compile_overrides)
         spec = replace(ours, ours_overrides=compiled)
@@ -530,6 +593,7 @@ def _x(value: float | None) -> str:
 
 COLUMNS = (
     "configuration",
+    "attention",
     "s/step",
     "median",
     "step 1 (s)",
@@ -553,6 +617,7 @@ def _table_row(row: Row | None, label: str, peak_tflops: float) -> str:
     mfu = row.mfu(peak_tflops)
     cells = [
         label,
+        str((row.result or {}).get("attn_implementation") or "n/a"),
         _f(row.mean_s, ".3f"),
         _f(row.median_s, ".3f"),
         _f(row.first_step_s, ".2f"),
@@ -573,6 +638,7 @@ def _ratio_row(ours: Row | None, theirs: Row | None) -> str:
         return ""
     cells = [
         "**ours / TRL**",
+        "",
         f"{_x(_ratio(ours.steps_per_s, theirs.steps_per_s))} steps/s",
         "",
         "",
@@ -674,7 +740,9 @@ ROW_ORDER = (
     "cache/trl",
     "live16/ours",
     "live16/trl",
+    "fsdp/ours",
     "packing/ours",
+    "varlen/ours",
     "compile/ours",
 )
 LABELS = {
@@ -684,7 +752,9 @@ LABELS = {
     "cache/trl": "TRL, precompute_ref_log_probs, batch 8",
     "live16/ours": "ours, live reference (copy), batch 16",
     "live16/trl": "TRL, ref_model, batch 16",
-    "packing/ours": "ours, packing=true, batch 8",
+    "fsdp/ours": "ours, strategy=fsdp trainer.devices=1, batch 8",
+    "packing/ours": "ours, packing=true (packs of 2 rows' length), batch 8",
+    "varlen/ours": "ours, packing=true, varlen kernel, batch 8",
     "compile/ours": "ours, compile.enabled=true, batch 8",
 }
 
@@ -767,11 +837,13 @@ def report(plan: Plan, rows: list[Row], header: dict, facts: dict) -> str:
         "of fit, Lightning's teardown, interpreter exit)",
         "- host syncs/step: warnings of torch.cuda.set_sync_debug_mode('warn') on warm-up steps "
         f"{', '.join(str(s + 1) for s in row_sync_steps(rows)) or 'none'} (CUDA only)",
+        "- attention: the implementation transformers resolved for the row's model; "
+        + plan.varlen_note,
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * (len(COLUMNS) - 1),
     ]
-    for group in (("live8",), ("cache",), ("live16",), ("packing", "compile")):
+    for group in (("live8",), ("cache",), ("live16",), ("fsdp", "packing", "varlen", "compile")):
         for key in ROW_ORDER:
             if key.split("/")[0] in group and (get(key) or _wanted(plan, key)):
                 lines.append(_table_row(get(key), LABELS[key], plan.peak_tflops))
@@ -797,7 +869,12 @@ def report(plan: Plan, rows: list[Row], header: dict, facts: dict) -> str:
             f"{cache_trl.result['precompute_s']:.1f} s"
         )
     base = get("live8/ours")
-    for key, name in (("packing/ours", "packing"), ("compile/ours", "compile.enabled")):
+    for key, name in (
+        ("fsdp/ours", "FSDP2 on one device"),
+        ("packing/ours", "packing"),
+        ("varlen/ours", f"packing with {plan.varlen}"),
+        ("compile/ours", "compile.enabled"),
+    ):
         row = get(key)
         if row and row.ok and base and base.ok:
             lines.append(
@@ -805,6 +882,8 @@ def report(plan: Plan, rows: list[Row], header: dict, facts: dict) -> str:
                 f"{_x(_ratio(row.memory_gib, base.memory_gib))} the peak memory of ours, live "
                 f"reference, batch 8; its first step {_f(row.first_step_s, '.1f')} s"
             )
+        if row and row.ok and row.spec.watch_packing:
+            lines.append(f"- {name}, packed rows kept apart: {isolation(row)}")
     for row in rows:
         if row.ok and row.result and row.result.get("sync_error"):
             lines.append(f"- {row.key}: host syncs not counted ({row.result['sync_error']})")
@@ -819,13 +898,49 @@ def report(plan: Plan, rows: list[Row], header: dict, facts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def isolation(row: Row) -> str:
+    """How `row`'s packed rows were kept from attending to each other, from the child's counts
+    (runners._watch_packing): by the kernel, by the block mask, or (a bug) not at all."""
+    result = row.result or {}
+    c, attn = result.get("packing") or {}, result.get("attn_implementation") or "?"
+    if not c.get("forwards"):
+        return "no packed forward counted"
+    held = f"{c['rows']} rows in {c['packs']} packs over {c['forwards']} packed forwards"
+    shared = c["rows"] > c["packs"]  # some pack held two rows or more
+    flash = c["varlen_calls"] + c["plain_calls"]
+    if flash and not c["plain_calls"]:
+        return (
+            f"by the kernel: {attn}'s variable-length path, row bounds from the position ids, "
+            f"in all {flash} attention calls ({held})"
+        )
+    if flash and shared:
+        return (
+            f"NOT ISOLATED: {attn} ran its plain causal kernel in {c['plain_calls']} of {flash} "
+            "attention calls over packs of several rows (transformers reads row bounds from the "
+            f"position ids only for a batch of one sequence), so those rows' log-probs are wrong "
+            f"({held})"
+        )
+    if flash:
+        return f"one row per pack: {attn}'s plain causal kernel needs no bounds ({held})"
+    if c["mask_packed"]:
+        dense = "; dense, attention still costs T^2 per pack" if attn in ("sdpa", "eager") else ""
+        return (
+            f"by the block mask: {attn} with the block-diagonal mask transformers built from the "
+            f"position ids in {c['mask_packed']} forwards{dense} ({held})"
+        )
+    what = "NOT ISOLATED: no block mask" if shared else "one row per pack: nothing to keep apart"
+    return f"{what} ({held})"
+
+
 def row_sync_steps(rows: list[Row]) -> list[int]:
     return sorted({s for row in rows if row.spec.cuda for s in row.spec.sync_steps})
 
 
 def _wanted(plan: Plan, key: str) -> bool:
     group, impl = key.split("/")
-    only = {"live8": "live"}.get(group, group)  # the --only name of the row's group
+    if group == "varlen" and not plan.varlen:
+        return False
+    only = {"live8": "live", "varlen": "packing"}.get(group, group)  # the row's --only name
     return only in plan.only and not (impl == "trl" and plan.skip_trl)
 
 
@@ -853,10 +968,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["live", "cache", "live16", "packing", "compile"],
+        choices=ROW_GROUPS,
         help="run only these rows (repeatable); default: all",
     )
     parser.add_argument("--skip-trl", action="store_true", help="run kto_lightning only")
+    parser.add_argument(
+        "--varlen-attn",
+        metavar="IMPL",
+        help="model.attn_implementation of the packing-varlen row (default: the first installed "
+        "of flash_attention_2, _3, _4; e.g. flex_attention; none: no such row)",
+    )
     parser.add_argument(
         "--ours-override",
         action="append",
@@ -882,7 +1003,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget",
         type=float,
         help="seconds for the whole script: rows that would start later are skipped and a row "
-        "running past it is stopped (default: 345 on a GPU, none for --smoke; 0: none)",
+        "running past it is stopped (default: 450 on a GPU, none for --smoke; 0: none)",
     )
     parser.add_argument("--timeout", type=int, default=600, help="seconds per child run")
     parser.add_argument(
@@ -941,12 +1062,13 @@ def main(argv: list[str] | None = None) -> int:
         print("--jobs > 1 only with --smoke: on one GPU the runs would share it", file=sys.stderr)
         return 2
     budget = mode.budget_s if args.budget is None else (args.budget or None)
+    varlen, varlen_note = varlen_attention(args.varlen_attn)
     out = (args.out or HERE / ".gpu" / f"{'smoke' if args.smoke else 'gpu'}.md").resolve()
     plan = Plan(
         mode=mode,
         warmup=mode.warmup if args.warmup is None else args.warmup,
         steps=mode.steps if args.steps is None else args.steps,
-        only=set(args.only or ["live", "cache", "live16", "packing", "compile"]),
+        only=set(args.only or ROW_GROUPS),
         skip_trl=skip_trl,
         ours_overrides=tuple(args.ours_override),
         compile_overrides=(*mode.compile_overrides, *args.compile_override),
@@ -960,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
         out=out,
         log_dir=out.parent / "logs",
         trl_note=trl_note,
+        varlen=varlen,
+        varlen_note=varlen_note,
     )
     if plan.steps < 1 or plan.warmup < 0:
         print("--steps must be >= 1 and --warmup >= 0", file=sys.stderr)

@@ -48,6 +48,7 @@ class ChildSpec:
     accelerator: str = "cpu"  # Lightning's trainer.accelerator: "cpu" or "gpu" (TRL: use_cpu)
     precision: str = "32-true"  # Lightning's trainer.precision; TRL runs bf16=True for "bf16-*"
     sync_steps: tuple[int, ...] = ()  # steps (from 0) whose host syncs are counted (CUDA only)
+    watch_packing: bool = False  # count how packed rows were kept apart (`_watch_packing`)
 
     @property
     def cuda(self) -> bool:
@@ -212,6 +213,56 @@ def first_param_dtype(model: Any) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation transformers resolved for `model` (sdpa, flash_attention_2,
+    ...), read from its config: what ran, not what was asked for."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _watch_packing() -> dict[str, int]:
+    """Count, in this process, how packed rows were kept apart (kto_lightning.core.packing).
+
+    forwards / rows / packs: packed forwards and the rows and packs (sequences) they held (shapes
+    only: no device read). mask_packed: attention masks transformers built with a block per row
+    (find_packed_sequence_indices found row boundaries in the position ids; sdpa, eager and flex
+    apply it, flash attention ignores it). varlen_calls / plain_calls: flash attention calls that
+    took the variable-length kernel with bounds from the position ids, and calls that ran the plain
+    causal kernel across the whole sequence instead (transformers reads bounds from position ids
+    only for a batch of one sequence).
+    """
+    from transformers import masking_utils
+    from transformers import modeling_flash_attention_utils as flash_utils
+
+    from kto_lightning.core import logprobs
+
+    counts = dict(forwards=0, rows=0, packs=0, mask_packed=0, varlen_calls=0, plain_calls=0)
+    pack_rows, find_packed = logprobs.pack_rows, masking_utils.find_packed_sequence_indices
+    is_packed = flash_utils._is_packed_sequence
+
+    def counted_pack_rows(input_ids, *args, **kwargs):
+        packed = pack_rows(input_ids, *args, **kwargs)
+        counts["forwards"] += 1
+        counts["rows"] += input_ids.shape[0]
+        counts["packs"] += packed.input_ids.shape[0]
+        return packed
+
+    def counted_find_packed(*args, **kwargs):
+        found = find_packed(*args, **kwargs)
+        counts["mask_packed"] += found is not None
+        return found
+
+    def counted_is_packed(position_ids, batch_size):
+        # Its caller branches on the answer (a device read there); read here instead, once.
+        varlen = bool(is_packed(position_ids, batch_size))
+        counts["varlen_calls" if varlen else "plain_calls"] += position_ids is not None
+        return varlen
+
+    logprobs.pack_rows = counted_pack_rows
+    masking_utils.find_packed_sequence_indices = counted_find_packed
+    flash_utils._is_packed_sequence = counted_is_packed
+    return counts
+
+
 def _result(clock: _Clock, t0: float, **extra: Any) -> dict[str, Any]:
     import torch
 
@@ -308,6 +359,7 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
 
     overrides = ours_overrides(spec, workdir)
     fill_s = _time_cache_fill()
+    packing = _watch_packing() if spec.watch_packing else None
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     build_start = time.perf_counter()
@@ -324,6 +376,8 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         precompute_s=fill_s["seconds"] if fill_s["calls"] else None,
         global_step=run.trainer.global_step,
         matmul_params=matmul_params(run.module.policy),
+        attn_implementation=attn_implementation(run.module.policy),
+        packing=packing,
         **dtypes,
     )
 
@@ -435,6 +489,7 @@ def run_trl(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         global_step=trainer.state.global_step,
         optim=getattr(args.optim, "value", str(args.optim)),
         matmul_params=n_params,
+        attn_implementation=attn_implementation(policy),
         **dtypes,
     )
 
