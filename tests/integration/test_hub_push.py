@@ -24,7 +24,7 @@ from kto_lightning.errors import ConfigError
 
 TOKEN = "hf_" + "kTOlightningTestToken" * 2
 ONLINE = ("HF_HUB_OFFLINE",)  # unset: the hub is allowed (its network calls are fakes)
-QUICK = [*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+QUICK = [*FAST, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
 QUICK += ["validate_before_training=false", "~callbacks.generations"]
 EXPECTED_FILES = {"README.md", "config.json", "model.safetensors", "generation_config.json"}
 
