@@ -14,6 +14,9 @@ from kto_lightning.reporting.health import RunHealth
 from kto_lightning.reporting.health_checks import margin_trend
 from kto_lightning.runs.run_records import read_metric_rows, read_metrics
 
+# What these runs do not need: the export, the generations table, the validation before training.
+LEAN = ["export.enabled=false", "~callbacks.generations", "validate_before_training=false"]
+
 
 def _longest_run(flags: list[float]) -> int:
     longest = run = 0
@@ -25,7 +28,7 @@ def _longest_run(flags: list[float]) -> int:
 
 def test_health_report_of_a_run_equals_its_logged_steps(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    result = train_in_process(*FAST, f"paths.output_dir={run_dir}", cwd=tmp_path)
+    result = train_in_process(*FAST, *LEAN, f"paths.output_dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "health.json").read_text())
     checks = {check["name"]: check for check in report["checks"]}
@@ -73,7 +76,9 @@ def test_health_report_of_a_run_equals_its_logged_steps(tmp_path) -> None:
 
 def test_a_stuck_kl_reference_point_stops_the_run(make_config, tmp_path) -> None:
     # At the first step the policy equals its reference: z_ref is exactly 0, a clamped step.
-    cfg = make_config("callbacks.health.clamped_kl_patience=1", "callbacks.health.action=stop")
+    cfg = make_config(
+        *LEAN, "callbacks.health.clamped_kl_patience=1", "callbacks.health.action=stop"
+    )
     run = build(cfg)
     [health] = [c for c in run.trainer.callbacks if isinstance(c, RunHealth)]
     assert not any(type(c).__name__ == "ZeroKLWarning" for c in run.trainer.callbacks)
