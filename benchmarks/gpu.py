@@ -882,6 +882,9 @@ def report(plan: Plan, rows: list[Row], header: dict, facts: dict) -> str:
                 f"{_x(_ratio(row.memory_gib, base.memory_gib))} the peak memory of ours, live "
                 f"reference, batch 8; its first step {_f(row.first_step_s, '.1f')} s"
             )
+        if row and row.ok and key == "fsdp/ours" and row.result:
+            sharded = "sharded" if row.result.get("sharded") else "NOT sharded"
+            lines.append(f"- {name}: strategy {row.result.get('strategy')}, policy {sharded}")
         if row and row.ok and row.spec.watch_packing:
             lines.append(f"- {name}, packed rows kept apart: {isolation(row)}")
     for row in rows:

@@ -341,6 +341,7 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     import lightning as L
     from hydra import compose, initialize_config_dir
+    from torch.distributed.fsdp import FSDPModule
 
     from kto_lightning.cli.config_files import config_dir
     from kto_lightning.cli.run_build import build
@@ -378,6 +379,9 @@ def run_ours(spec: ChildSpec, workdir: Path) -> dict[str, Any]:
         matmul_params=matmul_params(run.module.policy),
         attn_implementation=attn_implementation(run.module.policy),
         packing=packing,
+        strategy=type(run.trainer.strategy).__name__,
+        # fully_shard makes each module it shards an FSDPModule: proof the sharding path ran.
+        sharded=any(isinstance(m, FSDPModule) for m in run.module.policy.modules()),
         **dtypes,
     )
 
