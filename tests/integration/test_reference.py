@@ -1,4 +1,5 @@
-"""Reference providers: the cache equals the live reference, is reused, and misses on any change."""
+"""Reference providers: the cache equals the live reference, is reused, and misses on any change;
+the default (`auto`) is the disabled adapters with LoRA and the frozen copy without."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import copy
 import csv
 import functools
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -24,10 +26,12 @@ from kto_lightning.models import TinyLlama, reference_cache
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.models.cache_key import cache_key
 from kto_lightning.models.reference import (
+    AdapterReference,
     CachedReference,
     CopyReference,
     ReferenceSpec,
     build_provider,
+    configured_kind,
 )
 from kto_lightning.training.module import KTOModule
 
@@ -281,3 +285,67 @@ def test_bf16_mixed_copy_holds_linear_weights_in_bf16_and_scores_the_same(
         held = batch_logprobs(model, batch, 64, needs_kl_rows=True)
         full = batch_logprobs(fp32_copy, batch, 64, needs_kl_rows=True)
     assert torch.equal(held[0], full[0]) and torch.equal(held[1], full[1])
+
+
+# ------------------------------------------------------------------- the default: reference=auto
+
+LORA = "+model.lora={r: 4, lora_alpha: 8, target_modules: all-linear}"
+
+
+def test_lora_with_no_reference_chosen_uses_the_disabled_adapters(make_config, caplog) -> None:
+    cfg = make_config(LORA)
+    assert cfg.reference.kind == "auto"
+    with caplog.at_level(logging.INFO, logger="kto_lightning"):
+        run = build(cfg)
+    assert isinstance(run.module.reference, AdapterReference)
+    # No second model: every weight the module holds is the policy's.
+    assert list(run.module.parameters()) == list(run.module.policy.parameters())
+    assert "reference: adapter (reference=auto: the policy has LoRA adapters)" in caplog.text
+    assert run.module.run_config["resolved_reference"] == "adapter"  # for the model card
+
+
+def test_no_lora_and_no_reference_chosen_is_the_copy_it_always_was(make_config, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="kto_lightning"):
+        auto = build(make_config())
+    assert "reference: copy (reference=auto: the policy has no LoRA adapters)" in caplog.text
+    explicit = build(make_config("reference=copy"))
+    assert isinstance(auto.module.reference, CopyReference)
+    batch = next(iter(auto.datamodule.train_dataloader()))
+    with torch.no_grad():
+        a, b = (
+            auto.module.forward_logps(batch, "train"),
+            explicit.module.forward_logps(batch, "train"),
+        )
+    assert torch.equal(a.reference, b.reference) and torch.equal(a.kl_reference, b.kl_reference)
+
+
+def test_an_explicit_copy_with_lora_is_honoured_and_says_what_it_costs(make_config, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="kto_lightning"):
+        run = build(make_config(LORA, "reference=copy"))
+    reference = run.module.reference
+    assert isinstance(reference, CopyReference)
+    count = sum(p.numel() for p in reference.model.parameters())
+    size = sum(p.numel() * p.element_size() for p in reference.model.parameters())
+    assert count > 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reference:")]
+    assert lines == [
+        f"reference: copy, a frozen copy of the initial policy: {count:,} parameters, "
+        f"{size / 2**20:,.1f} MiB beside the policy; reference=adapter (the default with "
+        "model.lora) gives the same log-probs from the policy with its adapters disabled, at no "
+        "extra memory"
+    ]
+
+
+def test_a_run_config_that_says_auto_rebuilds_the_reference_it_trained_with() -> None:
+    # evaluate and generate rebuild the reference from the run's config (kind: auto) and the
+    # policy rebuilt from its model config: with LoRA the adapters, without them a copy.
+    tokenizer = byte_level_tokenizer()
+    spec = ReferenceSpec(kind="auto")
+    plain = TinyLlama(hidden_size=32, num_layers=1).load_policy()
+    lora = TinyLlama(hidden_size=32, num_layers=1, lora={"r": 4, "target_modules": "all-linear"})
+    adapted = lora.load_policy()
+    assert isinstance(build_provider(spec, plain, tokenizer, None, 64, True), CopyReference)
+    assert isinstance(build_provider(spec, adapted, tokenizer, None, 64, True), AdapterReference)
+    # The same answer from the config's values alone, for code that compares run configs.
+    assert configured_kind("auto", {"r": 4}) == "adapter"
+    assert configured_kind("auto", None) == configured_kind("copy", {"r": 4}) == "copy"

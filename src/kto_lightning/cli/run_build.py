@@ -39,7 +39,14 @@ from kto_lightning.data import KTODataModule
 from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
 from kto_lightning.data.kept_rows import DROPPED_UNDESIRABLE
 from kto_lightning.models import ModelSource, check_context_window
-from kto_lightning.models.reference import CopyReference, ReferenceProvider, build_provider
+from kto_lightning.models.quantizing import check_trainable
+from kto_lightning.models.reference import (
+    CopyReference,
+    ReferenceProvider,
+    build_provider,
+    reference_note,
+    resolved_kind,
+)
 from kto_lightning.reporting.csv_logger import ContinuingCSVLogger, OptimizerStepNumbers
 from kto_lightning.reporting.model_card import data_counts
 from kto_lightning.reporting.progress import console_callbacks, log_config, quiet_library_noise
@@ -113,6 +120,8 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     check_wandb_login(cfg)  # W&B without a login fails here, not once the model is loaded
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
+    # Quantized weights cannot train: refused before the data is read.
+    check_trainable(getattr(source, "quantization", None), getattr(source, "lora", None))
     # As YAML says (a KTO weight may be "auto"); SFTLoss with loss=sft.
     loss_config: KTOLossConfig | SFTLoss = instantiate(cfg.loss)
     check_objective(cfg.get("objective"), sft_stage=isinstance(loss_config, SFTLoss))
@@ -184,6 +193,8 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     assert isinstance(composed, dict)
     hparams = redact_secrets(composed)
     hparams["resolved_loss"] = asdict(loss)
+    if isinstance(module, KTOModule):  # `auto` as the provider it became: adapter or copy
+        hparams["resolved_reference"] = resolved_kind(cfg.reference.kind, policy)
     hparams[DATA_COUNTS_KEY] = data_counts(datamodule)  # the rows trained on, for the model card
     # What each local data file held: a resume checks that the rows at that path are the same.
     hparams[DATA_FILES_KEY] = data_files(datamodule.source)
@@ -248,8 +259,9 @@ def _module(
         return SFTModule(
             policy, optimizer, scheduler, cfg.logprob_chunk_size, datamodule.batching.packed
         )
+    spec = instantiate(cfg.reference)
     reference = build_provider(
-        instantiate(cfg.reference),
+        spec,
         policy,
         tokenizer,
         datamodule,
@@ -259,6 +271,7 @@ def _module(
         deferred=True,  # a cache is filled in KTOModule.setup, where every DDP rank takes a shard
         sharded=_sharded(cfg),
     )
+    log.info("%s", reference_note(spec.kind, reference, policy))
     if cfg.compile.enabled:
         compile_backbones(policy, reference, cfg.compile)
     return KTOModule(

@@ -16,6 +16,14 @@ from kto_lightning.common.hub import looks_local, unavailable_reason
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.models.adapting import apply_lora, disable_dropout
+from kto_lightning.models.quantizing import (
+    Quantization,
+    cannot_quantize,
+    loading_kwargs,
+    parse_quantization,
+    prepare_for_training,
+    require_bitsandbytes,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +62,8 @@ class Pretrained:
         attn_implementation: "sdpa", "eager", "flash_attention_2", or None for the default.
         lora: peft.LoraConfig arguments to train LoRA adapters only; None trains every weight.
         disable_dropout: set every dropout probability to 0 (see `disable_dropout`).
+        quantization: load the weights in 4 or 8 bits through bitsandbytes (QLoRA, with `lora`):
+            None, a preset ("nf4", "fp4", "int8") or a mapping of `Quantization`'s keys.
     """
 
     name_or_path: str
@@ -64,12 +74,17 @@ class Pretrained:
     attn_implementation: str | None = None
     lora: dict | None = None
     disable_dropout: bool = True
+    quantization: dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(
                 f"model.dtype must be one of {[*_DTYPES, 'auto']}, got {self.dtype!r}"
             )
+        # Checked here, when the config is built: before any data or weights are read.
+        self._quantized: Quantization | None = parse_quantization(self.quantization)
+        if self._quantized is not None:
+            require_bitsandbytes(self.quantization)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         source = self.tokenizer_name_or_path or self.name_or_path
@@ -96,12 +111,22 @@ class Pretrained:
         }
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
+        if self._quantized is not None:
+            kwargs |= loading_kwargs(self._quantized)
         try:
             model = AutoModelForCausalLM.from_pretrained(self.name_or_path, **kwargs)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"could not load the model from model.name_or_path={self.name_or_path!r}: {error}"
             ) from None
+        except (ImportError, RuntimeError, NotImplementedError) as error:
+            # bitsandbytes without a backend for this device; out of memory is not that.
+            if self._quantized is None or isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise cannot_quantize(self._quantized, error) from None
+        if self._quantized is not None and self.lora:
+            # A quantized base for training (inference, e.g. `generate compare=true`, needs none).
+            model = prepare_for_training(model)
         policy = apply_lora(model, self.lora)
         return disable_dropout(policy) if self.disable_dropout else policy
 
@@ -119,7 +144,7 @@ class FromRun:
 
     Args:
         run_dir: the earlier run's directory (it holds `hf_model/`, `checkpoints/`, `csv/`).
-        dtype, attn_implementation, lora, disable_dropout: as `Pretrained`'s.
+        dtype, attn_implementation, lora, disable_dropout, quantization: as `Pretrained`'s.
     """
 
     run_dir: str
@@ -127,6 +152,7 @@ class FromRun:
     attn_implementation: str | None = None
     lora: dict | None = None
     disable_dropout: bool = True
+    quantization: dict | str | None = None
 
     def __post_init__(self) -> None:
         folder = Path(self.run_dir).expanduser() / EXPORT_DIR
@@ -144,6 +170,7 @@ class FromRun:
             attn_implementation=self.attn_implementation,
             lora=self.lora,
             disable_dropout=self.disable_dropout,
+            quantization=self.quantization,
         )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:

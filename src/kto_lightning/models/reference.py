@@ -1,6 +1,9 @@
 """Reference log-probs: one interface, three providers.
 
-- `copy` (default): a separate frozen copy of the initial policy, run under no_grad.
+- `auto` (default) is not a provider of its own: `adapter` when the policy has LoRA adapters (as
+  TRL does), else `copy`; `resolved_kind` picks, from the policy, at every build (training,
+  evaluate), so a run config that says `auto` rebuilds the reference it trained with.
+- `copy`: a separate frozen copy of the initial policy, run under no_grad.
 - `adapter`: the policy itself with its LoRA adapters disabled; no second copy of the weights.
 - `cache`: log-probs of every main row and KL row, computed once before training and stored on
   disk under a content hash of (initial weights, tokenizer, tokenized data with its KL pairing,
@@ -26,9 +29,10 @@ from kto_lightning.core.packing import Packing
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import make_reference
 from kto_lightning.models.cache_key import trainer_precision
+from kto_lightning.models.quantizing import is_quantized
 from kto_lightning.models.reference_cache import CachePlan, cache_plan
 
-KINDS = ("copy", "adapter", "cache")
+KINDS = ("auto", "copy", "adapter", "cache")
 # The dtype each mixed precision computes matrix products in.
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # A cached table is kept as raw bits in an integer buffer (see CachedReference).
@@ -40,12 +44,12 @@ class ReferenceSpec:
     """The `reference` config group.
 
     Args:
-        kind: "copy", "adapter" or "cache".
+        kind: "auto" (`adapter` with LoRA, else `copy`), "copy", "adapter" or "cache".
         cache_dir: where `cache` files live.
         batch_size: rows per forward pass while the cache is being filled.
     """
 
-    kind: str = "copy"
+    kind: str = "auto"
     cache_dir: str = "outputs/reference_cache"
     batch_size: int = 16
 
@@ -168,12 +172,20 @@ def build_provider(
     dtypes, which the sharding expects uniform; otherwise, under mixed precision, its linear
     weights are held in the autocast dtype (`models.hold_linear_weights_in`).
     """
-    if spec.kind == "copy":
+    kind = resolved_kind(spec.kind, policy)
+    if kind == "copy":
+        if is_quantized(policy):
+            raise ConfigError(
+                "reference=copy with model.quantization: a frozen copy of the quantized weights "
+                "costs a second model's memory for the log-probs that reference=adapter gives "
+                "from the policy itself (its adapters start at zero): use reference=adapter (the "
+                "default with model.lora), or reference=cache"
+            )
         mixed = _AUTOCAST_DTYPES.get(str(precision))
         reference = make_reference(policy, None if sharded else mixed)
         return CopyReference(reference)
-    if spec.kind == "adapter":
-        if not hasattr(policy, "disable_adapter"):
+    if kind == "adapter":
+        if not has_adapters(policy):
             raise ConfigError(
                 "reference=adapter uses the policy with its LoRA adapters disabled, but the policy "
                 "has none: set model.lora (e.g. +model.lora.r=16 "
@@ -187,3 +199,54 @@ def build_provider(
     if not deferred:
         reference.prepare(policy)
     return reference
+
+
+def has_adapters(policy: nn.Module) -> bool:
+    """Whether `policy` is wrapped with (peft) adapters that can be switched off."""
+    return hasattr(policy, "disable_adapter")
+
+
+def resolved_kind(kind: str, policy: nn.Module) -> str:
+    """The provider `kind` names: `auto` is `adapter` for a policy with LoRA adapters (no second
+    copy of the weights, the same log-probs: the adapters start at zero), else `copy`."""
+    return configured_kind(kind, has_adapters(policy))
+
+
+def configured_kind(kind: str, lora: object) -> str:
+    """`resolved_kind` from a run config's values (`reference.kind`, `model.lora`), for code that
+    compares configs without building a policy (a config that says `auto` and one that says what
+    `auto` became are the same run)."""
+    if kind != "auto":
+        return kind
+    return "adapter" if lora else "copy"
+
+
+def footprint(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) that `model`'s weights hold."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def reference_note(kind: str, provider: ReferenceProvider, policy: nn.Module) -> str:
+    """One log line: which reference the run uses (and why, for `auto`), and what a frozen copy
+    costs in memory."""
+    picked = resolved_kind(kind, policy)
+    why = ""
+    if kind == "auto":
+        has = "has" if picked == "adapter" else "has no"
+        why = f" (reference=auto: the policy {has} LoRA adapters)"
+    if isinstance(provider, CopyReference):
+        count, size = footprint(provider.model)
+        line = (
+            f"reference: copy{why}, a frozen copy of the initial policy: {count:,} parameters, "
+            f"{size / 2**20:,.1f} MiB"
+        )
+        if has_adapters(policy):
+            line += (
+                " beside the policy; reference=adapter (the default with model.lora) gives the "
+                "same log-probs from the policy with its adapters disabled, at no extra memory"
+            )
+        return line
+    if isinstance(provider, AdapterReference):
+        return f"reference: adapter{why}, the policy with its LoRA adapters disabled (no copy)"
+    return f"reference: {picked}{why}, log-probs read from a table, no reference model"
