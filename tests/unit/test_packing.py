@@ -119,6 +119,38 @@ def test_packed_logprobs_equal_padded(
         assert not torch.allclose(torch.cat([leaky_main, leaky_kl]), torch.cat([main, kl]))
 
 
+def test_packs_go_to_a_flash_kernel_laid_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers' flash attention reads packed rows' bounds from the position ids only for a
+    # batch of one sequence (_is_packed_sequence); given (P, T) it runs plain causal attention
+    # across the rows of a pack. Under a flash implementation the packs go as (1, P * T): here the
+    # model runs sdpa (no flash kernel on a CPU) while the code sees "flash_attention_2", and the
+    # numbers must still equal the padded ones (so the flat indices fit the end-to-end layout).
+    from kto_lightning.core import logprobs
+
+    torch.manual_seed(0)
+    model = TinyLlama(hidden_size=32, num_layers=2).load_policy().eval()
+    batch = _batch()
+    with torch.no_grad():
+        main, kl = batch_logprobs(model, batch, 7, needs_kl_rows=True)
+    backbone, shapes = logprobs._backbone(model), []
+
+    def as_sdpa(**kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        model.config._attn_implementation = "sdpa"
+        try:
+            return backbone(**kwargs)
+        finally:
+            model.config._attn_implementation = "flash_attention_2"
+
+    monkeypatch.setattr(logprobs, "_backbone", lambda _: as_sdpa)
+    model.config._attn_implementation = "flash_attention_2"
+    with torch.no_grad():
+        packed_main, packed_kl = batch_logprobs(model, batch, 7, True, Packing(64))
+    assert shapes and all(shape[0] == 1 for shape in shapes), shapes
+    assert_close(packed_main, main, rtol=1e-5, atol=1e-5)
+    assert_close(packed_kl, kl, rtol=1e-5, atol=1e-5)
+
+
 def _module(reference: str, packing: Packing | None, moved: bool = True) -> KTOModule:
     torch.manual_seed(0)
     lora = LORA if reference == "adapter" else None

@@ -111,9 +111,13 @@ def unsharded_sequence_logprobs(
         packed = pack_rows(input_ids, attention_mask, completion_mask, packing.max_tokens)
         # No attention mask: the model reads the row boundaries from the restarting position ids
         # and keeps attention block-diagonal (transformers' find_packed_sequence_indices).
-        out = _backbone(model)(
-            input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
-        )
+        ids, positions = packed.input_ids, packed.position_ids
+        if "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "")):
+            # transformers' flash path reads row bounds from the position ids of a batch of ONE
+            # sequence only (_is_packed_sequence): the packs laid end to end keep every row apart
+            # in its varlen kernel, where (P, T) would run plain causal attention across rows.
+            ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+        out = _backbone(model)(input_ids=ids, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (P, T, H)
         hidden_sel = hidden.flatten(0, 1)[packed.hidden_index]  # (N, H)
         targets, row = packed.targets, packed.row  # (N,), (N,)
