@@ -7,10 +7,12 @@ and hub names are tried with HF_HUB_OFFLINE=1 or with `hub.can_connect` replaced
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.testing import assert_close
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -24,6 +26,7 @@ from kto_lightning.errors import ConfigError, ModelLoadError
 from kto_lightning.models import Pretrained, TinyLlama, ensure_pad_token, make_reference
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.models.reference import CopyReference
+from kto_lightning.models.tiny import BUNDLED, BUNDLED_WEIGHTS
 from kto_lightning.training.module import KTOModule
 
 TEXTS = [
@@ -296,6 +299,80 @@ def test_every_model_file_sets_disable_dropout(make_config, name):
     cfg = make_config(f"model={name}", fast=False)
     assert "disable_dropout" in cfg.model
     assert cfg.model.disable_dropout is True
+
+
+# ---------------------------------------------------------------------------- TinyLlama weights
+
+# The bundled file's SHA-256: `make tiny-weights` on a CPU with the pinned torch writes these bytes
+# again; a new file is a deliberate change, to be recorded here.
+BUNDLED_SHA256 = "5adf6af6b3157b40492cf034c19dc1f1ab1b6f8908cf6d1bd40a742c6f2b7941"
+
+
+def test_bundled_weights_are_small_and_the_recorded_file():
+    data = BUNDLED_WEIGHTS.read_bytes()
+    assert len(data) < 5 * 1024 * 1024
+    assert hashlib.sha256(data).hexdigest() == BUNDLED_SHA256
+
+
+def test_tiny_model_file_ships_the_bundled_weights(make_config):
+    model = make_config(fast=False).model
+    assert model.weights == BUNDLED
+    assert TinyLlama(**{k: v for k, v in model.items() if k != "_target_"}).weights_path() == (
+        BUNDLED_WEIGHTS
+    )
+
+
+def test_bundled_weights_are_what_the_policy_loads():
+    policy = TinyLlama(weights=BUNDLED).load_policy()
+    shipped = load_file(BUNDLED_WEIGHTS)
+    state = policy.state_dict()
+    assert state.keys() == shipped.keys()
+    for name, tensor in shipped.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_null_weights_are_the_seeded_random_init():
+    torch.manual_seed(0)
+    first = TinyLlama().load_policy().state_dict()
+    torch.manual_seed(0)
+    again = TinyLlama(weights=None).load_policy().state_dict()
+    shipped = load_file(BUNDLED_WEIGHTS)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], shipped[n]) for n in first if "norm" not in n)
+
+
+def test_weights_from_a_path_with_lora_on_top(tmp_path):
+    torch.manual_seed(1)
+    source = TinyLlama(**TINY).load_policy()
+    path = tmp_path / "mine.safetensors"
+    save_file(source.state_dict(), path)
+    torch.manual_seed(2)
+    policy = TinyLlama(**TINY, weights=str(path), lora=LORA).load_policy()
+    merged = policy.merge_and_unload().state_dict()  # LoRA's B starts at 0: the file's weights
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_weights_of_other_sizes_name_the_key_that_differs():
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=64 there, 32 here.*weights=null"):
+        TinyLlama(hidden_size=32, weights=BUNDLED).load_policy()
+
+
+def test_weights_file_without_sizes_names_the_tensor(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file(TinyLlama(**{**TINY, "num_layers": 2}).load_policy().state_dict(), path)
+    with pytest.raises(ConfigError, match=r"tensor model\.layers\.1\..*there, None here"):
+        TinyLlama(**TINY, weights=str(path)).load_policy()
+
+
+def test_missing_or_unreadable_weights_file_names_the_key(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ConfigError, match=r"model\.weights=.*missing\.safetensors: no such file"):
+        TinyLlama(weights=str(missing))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"model\.weights=.*not a readable safetensors file"):
+        TinyLlama(weights=str(junk)).load_policy()
 
 
 # ------------------------------------------------------------------------------------ Pretrained
