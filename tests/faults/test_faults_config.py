@@ -134,6 +134,13 @@ def test_an_objective_a_callback_may_log_is_only_warned_about(caplog) -> None:
     config_values.check_objective("val/perplexity", sft_stage=True)
     with pytest.raises(ConfigError, match="not a metric loss=sft logs"):
         config_values.check_objective("val/rewards/auroc", sft_stage=True)
+    # The run health counts are KTO training metrics: no warning, and not for loss=sft.
+    caplog.clear()
+    config_values.check_objective("train/health/run/kl_clamped_longest", sft_stage=False)
+    config_values.check_objective("train/health/saturated/desirable", sft_stage=False)
+    assert not caplog.text
+    with pytest.raises(ConfigError, match="not a metric loss=sft logs"):
+        config_values.check_objective("train/health/kl_clamped", sft_stage=True)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])

@@ -19,6 +19,7 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf
 
 from kto_lightning.core import metrics
+from kto_lightning.core.health import COUNTERS
 from kto_lightning.errors import ConfigError
 from kto_lightning.training import sft
 
@@ -102,6 +103,10 @@ def logged_metrics(sft_stage: bool) -> list[str]:
     else:
         names = list(metrics.metrics_from_sums(torch.zeros(len(metrics.FIELDS))))
         extra = ["val/rewards/auroc", "val_auroc"]  # over the whole validation set only
+        # The run health counts, of training batches only (kto_lightning.core.health).
+        health = ["kl_clamped", "saturated/desirable", "saturated/undesirable"]
+        extra += [f"train/health/{name}" for name in health]
+        extra += [f"train/health/run/{counter}" for counter in COUNTERS]
     return [f"{stage}/{name}" for stage in ("val", "train") for name in names] + extra
 
 
