@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -187,7 +187,7 @@ def prepare_for_training(model: Model) -> Model:
     # frozen base would drift through the run. One format throughout: the repacking off.
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            cast(Any, module).support_avx512bf16_for_cpu = False  # bnb.nn.Linear4bit's flag
     return model
 
 
