@@ -71,8 +71,7 @@ class _Snapshot(L.Callback):
 
 def test_guard_is_in_the_default_callbacks(make_config) -> None:
     run = build(make_config())
-    kinds = {type(c) for c in run.trainer.callbacks}
-    assert {NonFiniteGuard, ZeroKLWarning} <= kinds
+    assert NonFiniteGuard in {type(c) for c in run.trainer.callbacks}
 
 
 def test_non_finite_loss_stops_with_step_and_last_checkpoint(make_config, tmp_path) -> None:
@@ -441,7 +440,7 @@ OPTIONAL = ("wandb", "tensorboard", "tensorboardX", "optuna", "deepspeed", "bits
 # A fresh interpreter where the optional packages cannot be imported (as in an install without
 # extras), running the train command in process.
 WITHOUT_EXTRAS = """
-import importlib.abc, sys
+import importlib.abc, importlib.util, sys
 BLOCKED = {blocked!r}
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -449,6 +448,11 @@ class NotInstalled(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 sys.meta_path.insert(0, NotInstalled())
+# Asked without importing (transformers, extras.installed): not there.
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: (
+    None if name.split(".")[0] in BLOCKED else find_spec(name, *a)
+)
 sys.argv = ["kto_lightning.train", *{args!r}]
 from kto_lightning.train import cli
 try:
@@ -459,7 +463,8 @@ finally:
 
 
 def test_the_default_run_trains_without_any_optional_package(tmp_path) -> None:
-    args = [*FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    args = [*FAST, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
+    args += ["validate_before_training=false"]  # ~13 s of CPU, 8 of them importing torch
     script = WITHOUT_EXTRAS.format(blocked=OPTIONAL, args=[*args, f"hydra.run.dir={tmp_path}"])
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -479,7 +484,7 @@ def test_logger_wandb_without_wandb_stops_in_one_line_before_anything_loads(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
-    result = _cli("logger=wandb", cwd=tmp_path)
+    result = _cli("logger=wandb", *FAST, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         'error: logger=wandb needs the wandb package, not installed: pip install -e ".[wandb]" '
