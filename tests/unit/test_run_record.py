@@ -116,3 +116,18 @@ def test_the_newest_checkpoint_is_the_one_written_last(tmp_path: Path) -> None:
 
     assert newest_checkpoint(run) == best
     assert newest_checkpoint(tmp_path / "no run") is None
+
+
+def test_a_reference_saved_as_copy_is_the_same_run_as_auto_without_lora() -> None:
+    # Checkpoints written before `reference: auto` became the default say `copy`: resuming one
+    # under the default must not be refused as another run; with LoRA, auto is the adapters.
+    from kto_lightning.runs.run_identity import differences
+
+    def config(kind: str, lora: dict | None = None) -> dict:
+        return {"reference": {"kind": kind}, "model": {"lora": lora}}
+
+    assert differences(config("auto"), config("copy"), ("reference",)) == []
+    assert differences(config("auto", {"r": 4}), config("adapter", {"r": 4}), ("reference",)) == []
+    assert differences(config("auto", {"r": 4}), config("copy", {"r": 4}), ("reference",)) == [
+        "reference.kind: 'copy' -> 'adapter'"
+    ]

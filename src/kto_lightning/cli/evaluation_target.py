@@ -33,6 +33,7 @@ from kto_lightning.models.reference import (
     ReferenceProvider,
     ReferenceSpec,
     build_provider,
+    resolved_kind,
 )
 from kto_lightning.runs.run_record import RunRecord, resolve_run
 
@@ -190,10 +191,13 @@ def build_models(
         policy = seeded_policy(build_source(run["model"], f"ckpt_path={target.path}"), seed)
         if reference is None:  # from the initial weights, before the checkpoint's are loaded
             spec: ReferenceSpec = instantiate(run["reference"])
-            kind = "copy" if spec.kind == "cache" else spec.kind
+            # A cached run is scored live: by what `auto` picks (the adapters under LoRA, which a
+            # quantized policy needs), as the cache was filled.
+            kind = "auto" if spec.kind == "cache" else spec.kind
             spec = dataclasses.replace(spec, kind=kind)
             reference = build_provider(spec, policy, tokenizer, None, chunk_size, needs_kl_rows)
-            identity |= {"base_model": model_name(run["model"]), "reference": kind}
+            resolved = resolved_kind(kind, policy)
+            identity |= {"base_model": model_name(run["model"]), "reference": resolved}
         state = {
             key[len(POLICY_PREFIX) :]: value
             for key, value in target.checkpoint.get("state_dict", {}).items()

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from kto_lightning.cli import schemas
 from kto_lightning.cli.config_files import config_dir, on_gpu
 from kto_lightning.cli.config_values import check_objective, check_values
+from kto_lightning.cli.hub_push import check_run_push
 from kto_lightning.cli.lifecycle import (
     HuggingFaceExport,
     ReleaseHostMemory,
@@ -118,6 +119,7 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     if "DeepSpeedStrategy" in str(cfg.strategy.get("_target_")):
         check_deepspeed(cfg.trainer.accelerator)  # before any data or model is loaded
     check_wandb_login(cfg)  # W&B without a login fails here, not once the model is loaded
+    check_run_push(cfg.export)  # a hub push without a token, or offline, stops here, not at the end
     L.seed_everything(cfg.seed, workers=True)
     source: ModelSource = instantiate(cfg.model)
     # Quantized weights cannot train: refused before the data is read.

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from kto_lightning.core.losses import LOSS_TYPES
+from kto_lightning.models.reference import configured_kind
 from kto_lightning.reporting.card_health import health_text
 from kto_lightning.reporting.card_title import (
     built_in_model,
@@ -187,7 +188,8 @@ def _loss_text(config: dict[str, Any]) -> list[str]:
         if key in written and written[key] != value and isinstance(written[key], str):
             note = f" (`{written[key]}` in the config)"  # e.g. an `auto` class weight
         lines.append(f"| {key} | {_number(value)}{note} |")
-    reference = section(config, "reference").get("kind")
+    kind = section(config, "reference").get("kind")
+    reference = kind and configured_kind(str(kind), section(config, "model").get("lora"))
     if reference and settings.get("loss_type") in LOSS_TYPES:
         lines.append(f"| reference model | {reference} |")
     optimizer = section(config, "optimizer")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kto_lightning.common.security import REDACTED, is_secret_key
 from kto_lightning.data.config import Source, as_group
 from kto_lightning.data.data_files import DATA_FILES_KEY, data_files
+from kto_lightning.models.reference import configured_kind
 from kto_lightning.runs.run_records import DATA_COUNTS_KEY
 
 # What makes two runs the same run (dotted config keys).
@@ -75,8 +76,20 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _with_resolved_reference(config: dict[str, Any]) -> dict[str, Any]:
+    """`reference.kind: auto` as what it became (adapter with model.lora, else copy): a run saved
+    with `copy` and the same run under the `auto` default are one run."""
+    reference = config.get("reference")
+    if not isinstance(reference, dict) or "kind" not in reference:
+        return config
+    lora = (config.get("model") or {}).get("lora")
+    kind = configured_kind(str(reference["kind"]), lora)
+    return {**config, "reference": {**reference, "kind": kind}}
+
+
 def differences(current: dict[str, Any], saved: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     """The dotted keys under `keys` whose values differ, as `key: saved -> current`."""
+    current, saved = _with_resolved_reference(current), _with_resolved_reference(saved)
     changed = []
     for key in keys:
         now, then = _flat(config_value(current, key), key), _flat(config_value(saved, key), key)
