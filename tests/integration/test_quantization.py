@@ -217,7 +217,11 @@ def test_qlora_trains_the_adapters_on_frozen_4bit_weights(
     # reference computes what it computed before training, checkpoints taken between.
     torch.testing.assert_close(end.reference, start.reference, rtol=0, atol=0)
     assert not torch.allclose(end.policy, end.reference)
-    assert (tmp_path / "hf_model" / "config.json").is_file(), "the run's export ran"
+    # A quantized base is exported as its adapter (merge_lora is on by default): merged, the
+    # adapters would be rounded into 4-bit weights.
+    exported = tmp_path / "hf_model"
+    assert (exported / "adapter_config.json").is_file(), "the run's export saved the adapter"
+    assert not (exported / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(

@@ -12,6 +12,7 @@ model).
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -23,11 +24,15 @@ from kto_lightning.cli.rebuilding import seeded_policy
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.errors import ConfigError, ModelLoadError, user_error
 from kto_lightning.models import ModelSource
+from kto_lightning.models.quantizing import is_quantized
 from kto_lightning.reporting.model_card import write_model_card
 from kto_lightning.runs.run_record import CHECKPOINTS, RunRecord, resolve_run
 from kto_lightning.runs.run_records import final_metrics
 
 POLICY_PREFIX = "policy."
+
+
+log = logging.getLogger("kto_lightning")
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -47,6 +52,22 @@ def _generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
         if value is not None:
             setattr(config, name, value)
     return config
+
+
+def merges(policy: nn.Module, merge_lora: bool) -> bool:
+    """Whether exporting `policy` merges its adapters: asked for, and the base not quantized. A
+    quantized (QLoRA) base is saved as its adapter: merged into 4-bit weights the adapters would
+    be rounded away, and the folder would need bitsandbytes to load."""
+    if not (_is_peft(policy) and merge_lora):
+        return False
+    if is_quantized(policy):
+        log.warning(
+            "export: the policy's base is quantized (model.quantization); its LoRA adapter is "
+            "saved alone (merging would round it into 4-/8-bit weights): load it with "
+            "peft.PeftModel.from_pretrained on the base model"
+        )
+        return False
+    return True
 
 
 def export_policy(
@@ -209,6 +230,7 @@ def export_record(record: RunRecord, out_dir: str | Path, merge_lora: bool = Tru
         raise ConfigError(f"the checkpoint {str(ckpt_path)!r} holds no 'policy.*' weights")
     load_policy_weights(policy, state, f"the checkpoint {str(ckpt_path)!r}")
     policy.eval()
+    merge_lora = merges(policy, merge_lora)
     out = export_policy(policy, tokenizer, out_dir, merge_lora=merge_lora)
     step = checkpoint.get("global_step")
     run_dir = run_dir_of(record)

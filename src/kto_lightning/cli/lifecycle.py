@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.cli.hf_export import export_policy
+from kto_lightning.cli.hf_export import export_policy, merges
 from kto_lightning.cli.hub_push import HubTarget, check_run_push, push_folder
 from kto_lightning.errors import KTOError
 from kto_lightning.models import EXPORT_DIR
@@ -237,6 +237,7 @@ class HuggingFaceExport(L.Callback):
             return
         run_dir = Path(trainer.default_root_dir)
         start = time.perf_counter()
+        self.merge_lora = merges(pl_module.policy, self.merge_lora)
         exported = export_policy(
             pl_module.policy, self.tokenizer, run_dir / EXPORT_DIR, merge_lora=self.merge_lora
         )
