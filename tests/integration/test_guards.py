@@ -6,13 +6,11 @@ import copy
 import csv
 import dataclasses
 import importlib.util
-import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -24,7 +22,6 @@ from cli import train_in_process
 from conftest import FAST
 from kto_lightning.cli.guards import (
     NonFiniteGuard,
-    ZeroKLWarning,
     explain_missing_value,
     explain_unknown_key,
 )
@@ -121,57 +118,6 @@ def test_guard_passes_a_healthy_run(make_config) -> None:
 
 
 # ------------------------------------------------------------------- zero KL
-def _zero_kl_steps(callback: ZeroKLWarning, values: list[float]) -> None:
-    module = SimpleNamespace(reference_point=None)  # as KTOModule holds it after each step
-    for step, value in enumerate(values):
-        module.reference_point = torch.tensor(value)
-        callback.on_train_batch_end(SimpleNamespace(), module, None, None, step)
-
-
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-def test_zero_kl_warns_once_after_patience_steps(caplog) -> None:
-    callback = ZeroKLWarning(patience=50)
-    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        _zero_kl_steps(callback, [0.0] * 49)
-        assert _warnings(caplog) == []
-        _zero_kl_steps(callback, [0.0] * 100)
-    [message] = _warnings(caplog)
-    assert "train/kl has been exactly 0 for 50 consecutive steps" in message
-    assert "z_ref is clamped at 0" in message
-    assert "loss.estimator=mismatched" in message and "loss.estimator=batch" in message
-
-
-def test_zero_kl_counter_resets_on_a_non_zero_step(caplog) -> None:
-    callback = ZeroKLWarning(patience=50)
-    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        _zero_kl_steps(callback, [0.0] * 49 + [0.01] + [0.0] * 49)
-        assert _warnings(caplog) == []
-        _zero_kl_steps(callback, [0.0])
-    assert len(_warnings(caplog)) == 1
-
-
-def test_zero_kl_run_between_two_reads_is_still_caught(caplog) -> None:
-    # The counter is read every `patience` steps; a run of zeros that starts after one read and
-    # ends before the next is caught by the longest run kept on the device.
-    callback = ZeroKLWarning(patience=50)
-    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        _zero_kl_steps(callback, [0.5] * 30 + [0.0] * 55 + [0.5] * 14)
-        assert _warnings(caplog) == []  # 99 steps: one read so far, at step 50 (a run of 20)
-        _zero_kl_steps(callback, [0.5])
-    assert len(_warnings(caplog)) == 1
-
-
-def test_zero_kl_ignores_a_run_that_does_not_log_kl(caplog) -> None:
-    callback = ZeroKLWarning(patience=1)
-    sft_module = SimpleNamespace()  # no reference point
-    with caplog.at_level(logging.WARNING, logger="kto_lightning"):
-        callback.on_train_batch_end(SimpleNamespace(), sft_module, None, None, 0)
-    assert _warnings(caplog) == []
-
-
 # ------------------------------------------------------------------- unknown keys
 def test_unknown_data_key_is_explained(make_config) -> None:
     with pytest.raises(Exception) as caught:

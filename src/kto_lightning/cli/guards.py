@@ -1,5 +1,5 @@
-"""Guards: stop a run at the first non-finite loss or gradient, warn when KL stays at zero,
-explain a misspelt config key, and stop at once when a choice needs a package not installed.
+"""Guards: stop a run at the first non-finite loss or gradient, explain a misspelt config key,
+and stop at once when a choice needs a package not installed.
 
 Each guard is one Lightning callback (listed in conf/callbacks/default.yaml) or one pure helper.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
-import logging
 import os
 import re
 import sys
@@ -37,8 +36,6 @@ from kto_lightning.common.security import redact_text
 from kto_lightning.errors import TrainingDiverged, causes, user_error
 from kto_lightning.runs.checkpointing import LastCheckpoint
 from kto_lightning.runs.sweeps import explain_failed_sweep
-
-log = logging.getLogger("kto_lightning")
 
 
 def last_good_checkpoint(trainer: L.Trainer) -> str | None:
@@ -144,53 +141,6 @@ class NonFiniteGuard(L.Callback):
                 )
         bad = next(loss for loss in losses if not bool(torch.isfinite(loss).all()))
         raise self._stop(trainer, f"non-finite loss ({_describe(bad)})")
-
-
-class ZeroKLWarning(L.Callback):
-    """Warn once when the KL reference point of training steps stays exactly 0.
-
-    The count of consecutive steps at 0, and its longest run, are kept on the device from the
-    module's `reference_point` (KTOModule), and read every `patience` steps: the warning comes
-    at most `patience` steps late, and no step waits for the device on its account.
-
-    Args:
-        patience: consecutive training steps at exactly 0 before the warning.
-    """
-
-    def __init__(self, patience: int = 50) -> None:
-        self.patience = patience
-        self._seen = 0  # steps counted so far
-        self._run: Tensor | None = None  # consecutive steps at 0 up to the last one
-        self._longest: Tensor | None = None  # the longest such run
-        self._warned = False
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        kl = getattr(pl_module, "reference_point", None)
-        if kl is None or self._warned:
-            return  # a run without a reference point (SFT), or warned already
-        zero = (kl == 0).long()
-        self._run = zero if self._run is None else (self._run + 1) * zero
-        longest = self._longest
-        self._longest = self._run if longest is None else torch.maximum(longest, self._run)
-        self._seen += 1
-        if self._seen % self.patience != 0 or int(self._longest) < self.patience:
-            return
-        self._warned = True
-        log.warning(
-            "train/kl has been exactly 0 for %d consecutive steps: the KL reference point "
-            "z_ref is clamped at 0 (the policy's log-ratio on unrelated completions is "
-            "negative), so KTO is running without its reference point. This is usual early "
-            "with loss.estimator=mismatched or with a tiny loss.beta; consider "
-            "loss.estimator=batch, or check that the data's KL rows differ from the main rows.",
-            self.patience,
-        )
 
 
 # ------------------------------------------------------------------- unknown config keys

@@ -54,7 +54,7 @@ def _generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
     return config
 
 
-def merges(policy: nn.Module, merge_lora: bool) -> bool:
+def merges(policy: CausalLM, merge_lora: bool) -> bool:
     """Whether exporting `policy` merges its adapters: asked for, and the base not quantized. A
     quantized (QLoRA) base is saved as its adapter: merged into 4-bit weights the adapters would
     be rounded away, and the folder would need bitsandbytes to load."""
