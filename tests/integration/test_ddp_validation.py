@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 COMMON = [
-    "data.source.toy_rows=150", "trainer.accelerator=cpu", "callbacks=none", "~logger",
+    "data.source.toy_rows=150", "model.weights=null", "trainer.accelerator=cpu", "callbacks=none",
+    "~logger",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
 ]  # fmt: skip
 SINGLE = ["trainer.devices=1", "data.batching.eval_batch_size=6"]

@@ -102,7 +102,7 @@ def test_sft_learns_the_desirable_completions_without_a_reference(sft: SFTRun) -
     train_rows = datamodule.summaries["train"]
     assert train_rows.undesirable == 0 and train_rows.dropped["undesirable (loss=sft)"] > 0
     assert "dropped: undesirable (loss=sft)" in sft.log
-    assert "no reference model: loss=sft needs none (reference=copy is not used)" in sft.log
+    assert "no reference model: loss=sft needs none (reference=auto is not used)" in sft.log
 
     # The mean token NLL falls, and is what the objective and the best checkpoint follow.
     losses = _column(sft.run_dir, "train/loss")

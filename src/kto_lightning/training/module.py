@@ -22,12 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from kto_lightning.common.distributed import all_reduce_sum, gather_cat, world_size
-from kto_lightning.core.health import (
-    counter_metrics,
-    saturation_metrics,
-    saturation_sums,
-    update_counters,
-)
+from kto_lightning.core import health
 from kto_lightning.core.logprobs import rows_logprobs
 from kto_lightning.core.losses import KTOLoss
 from kto_lightning.core.metrics import FIELDS, metrics_from_sums, reward_auroc
@@ -253,6 +248,15 @@ class KTOModule(PolicyModule):
         # The run's health counters over all ranks, on the device (core.health.COUNTERS).
         self._health: Tensor | None = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["health_counters"] = self._health  # a resumed run counts on from here
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        counters = checkpoint.get("health_counters")
+        self._health = None if counters is None else counters.to(self.device)
+
     def train(self, mode: bool = True) -> KTOModule:
         # Lightning puts the whole module in train mode at the start of fit; the reference stays
         # in eval mode so that its dropout never fires.
@@ -264,12 +268,12 @@ class KTOModule(PolicyModule):
         # A training step's sums carry the saturated rows after the metric sums (core.health).
         metrics = metrics_from_sums(sums[: len(FIELDS)])
         if len(sums) > len(FIELDS):
-            metrics.update(saturation_metrics(sums))
+            metrics.update(health.saturation_metrics(sums))
         return metrics
 
     def step_tensors(self, step_sums: Tensor) -> dict[str, Tensor]:
         # The run's health counters are read with the step's metrics: one copy for both.
-        counters = {} if self._health is None else counter_metrics(self._health)
+        counters = {} if self._health is None else health.counter_metrics(self._health)
         return {**self.metrics_of(step_sums), **counters}
 
     def setup(self, stage: str) -> None:
@@ -314,9 +318,11 @@ class KTOModule(PolicyModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         result = self._step(batch, "train")
         output, labels = result.output, batch["labels"]
-        saturated = saturation_sums(output.rewards, labels, self.loss.beta * output.reference_point)
+        saturated = health.saturation_sums(
+            output.rewards, labels, self.loss.beta * output.reference_point
+        )
         step_sums = self._record_train_step(torch.cat([result.metric_sums, saturated]), len(labels))
-        self._health = update_counters(self._health, step_sums)  # on the device, no read
+        self._health = health.update_counters(self._health, step_sums)  # on the device, no read
         return result.loss
 
     # ---------------------------------------------------------------- validation
