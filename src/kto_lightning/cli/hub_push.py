@@ -10,13 +10,13 @@ any work, so that a run does not train for an hour to fail at its upload.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kto_lightning.common.hub import offline
 from kto_lightning.common.security import is_secret_key
 from kto_lightning.errors import ConfigError, KTOError
 
@@ -106,11 +106,6 @@ def hub_target(values: Mapping[str, Any], prefix: str = "") -> HubTarget | None:
         str(revision) if revision is not None else None,
         str(message) if message else None,
     )
-
-
-def offline() -> bool:
-    """Whether HF_HUB_OFFLINE forbids the hub (as the hub client reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_token(key: str = "push_to_hub") -> str:

@@ -30,9 +30,14 @@ def can_connect(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids the hub (read as the hub client reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def unavailable_reason() -> str | None:
     """Why the hub cannot be used right now, or None when it can."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if offline():
         return "HF_HUB_OFFLINE is set"
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     host = host or "huggingface.co"

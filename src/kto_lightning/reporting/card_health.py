@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-HEALTH_FILE = "health.json"
+from kto_lightning.runs.run_records import HEALTH_FILE
 
 
 def _cell(value: Any) -> str:

@@ -13,10 +13,10 @@ from typing import Any
 
 from kto_lightning.common.hub import looks_local
 from kto_lightning.data.sources import BUILDERS
+from kto_lightning.models.tiny import BUNDLED
 
 TOY_TASK = "kto_lightning's bundled toy task"
 # `model.weights` of the built-in model that names the weights the package ships.
-BUNDLED = "bundled"
 
 
 def is_hub_id(name: str) -> bool:

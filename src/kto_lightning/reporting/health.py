@@ -28,11 +28,11 @@ from kto_lightning.reporting.health_checks import (
     health_report,
     stuck_states,
 )
+from kto_lightning.runs.run_records import HEALTH_FILE
 from kto_lightning.training.module import KTOModule
 
 log = logging.getLogger("kto_lightning")
 
-HEALTH_FILE = "health.json"
 ACTIONS = ("warn", "stop")
 
 

@@ -22,6 +22,7 @@ from kto_lightning.errors import KTOError
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 OBJECTIVE_FILE = Path("objective.json")
+HEALTH_FILE = Path("health.json")  # the run health report (reporting/health.py)
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 # Where the run config keeps the rows the data module kept, per split and label (run_build.build).
 DATA_COUNTS_KEY = "data_counts"
