@@ -237,3 +237,14 @@ def test_errors_are_one_line(model_dir, tmp_path, capsys) -> None:
     # The old flag style names the new form; an unknown key lists the valid ones.
     assert "(here: chat_template=false)" in error(model_dir, "--no-chat-template")
     assert "valid keys: ckpt_path, prompt, prompts" in error(model_dir, "promt=Hi")
+
+
+def test_the_base_model_is_named_by_where_its_weights_came_from() -> None:
+    from kto_lightning.cli.generation import base_name
+
+    tiny = {"_target_": "kto_lightning.models.TinyLlama"}
+    assert base_name({"model": {**tiny, "weights": "bundled"}, "seed": 42}) == (
+        "TinyLlama (weights: bundled)"
+    )
+    assert base_name({"model": {**tiny, "weights": None}, "seed": 7}) == "TinyLlama (seed 7)"
+    assert base_name({"model": {"name_or_path": "org/model"}}) == "org/model"

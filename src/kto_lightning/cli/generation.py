@@ -120,12 +120,16 @@ def load_base(config: dict[str, Any], where: str) -> CausalLM:
 
 def base_name(config: dict[str, Any]) -> str:
     """How the output names a run's base model: a hub id or folder (model=from_run: the earlier
-    run), else the class that built it at random and the seed (`TinyLlama (seed 42)`)."""
+    run), else the class that built it and where its weights came from: a weights file
+    (`TinyLlama (weights: bundled)`) or the seed of its random init (`TinyLlama (seed 42)`)."""
     model = config["model"]
     name = model.get("name_or_path") or model.get("run_dir")
     if name:
         return str(name)
-    return f"{str(model.get('_target_')).rsplit('.', 1)[-1]} (seed {config.get('seed') or 0})"
+    kind = str(model.get("_target_")).rsplit(".", 1)[-1]
+    if model.get("weights"):
+        return f"{kind} (weights: {model['weights']})"
+    return f"{kind} (seed {config.get('seed') or 0})"
 
 
 @torch.no_grad()
