@@ -17,6 +17,24 @@ from kto_lightning.cli.config_files import config_dir
 # Lightning from source again: about 3 s a start. Let them cache bytecode (git ignores it).
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
+# The suite runs in parallel (pyproject's `-n auto`): one test process a core, at most
+# MAX_WORKERS. Each then computes on its share of the cores, and so does every process it starts
+# (OMP_NUM_THREADS is inherited): two processes of two threads each on two cores run slower than
+# one alone, as their threads wait on each other.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
 # A few steps on a small slice of the toy task: seconds on a CPU.
 FAST = [
     "data.source.toy_rows=160",
