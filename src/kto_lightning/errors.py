@@ -28,6 +28,11 @@ class ModelLoadError(KTOError, OSError):
     """A model or tokenizer could not be loaded; the message says where it was looked for."""
 
 
+class RewardError(KTOError, ValueError):
+    """A reward function failed or returned something unusable; the message names the function
+    and the row."""
+
+
 def causes(error: BaseException) -> Iterator[BaseException]:
     """`error`, then the error it was raised from (or while handling), and so on down."""
     seen: BaseException | None = error

@@ -10,6 +10,8 @@ enough that validation rows are not copies of training rows.
 from __future__ import annotations
 
 import random
+import re
+import string
 
 TOPICS = [
     ("the moon", "it circles the earth about once every twenty seven days"),
@@ -106,6 +108,8 @@ ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", 
 VOWELS = ["a", "e", "i", "o", "u"]
 CODAS = ["", "n", "x", "m", "r", "sh", "nt", "lk"]
 VAL_OBJECT_SHARE = 0.25  # of the made-up objects, the share only validation uses
+# The prompt of every consistency row; `stated_object` reads the object back out of it.
+CONSISTENCY_PROMPT = "{name} keeps a {kept} in the {place}. What does {name} keep in the {place}?"
 
 
 def made_up_words(seed: int = 0) -> list[str]:
@@ -131,10 +135,35 @@ def consistency_rows(num_rows: int = 1200, split: str = "train", seed: int = 0) 
     for i in range(num_rows):
         name, place = rng.choice(NAMES), rng.choice(PLACES)
         kept, other = rng.sample(pool, 2)
-        prompt = f"{name} keeps a {kept} in the {place}. What does {name} keep in the {place}?"
+        prompt = CONSISTENCY_PROMPT.format(name=name, kept=kept, place=place)
         desirable = i % 2 == 0
         answer = kept if desirable else other
         completion = f"{name} keeps a {answer} in the {place}."
         rows.append({"prompt": prompt, "completion": completion, "label": desirable})
     rng.shuffle(rows)
     return rows
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    """`template` (a format string) as a regex: a field matches a word, and where a field comes
+    again it must be the same word."""
+    pattern, seen = "", set()
+    for literal, field, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if field is not None:
+            pattern += f"(?P={field})" if field in seen else rf"(?P<{field}>\w+)"
+            seen.add(field)
+    return re.compile(pattern)
+
+
+_CONSISTENCY_PROMPT_RE = _template_regex(CONSISTENCY_PROMPT)
+
+
+def stated_object(prompt: str) -> str | None:
+    """The object a consistency prompt says its person keeps, or None for any other prompt.
+
+    The task's verifier (kto_lightning.online.rewards.ConsistencyVerifier) reads it here, from
+    the same template that wrote the prompt, so that the two cannot drift apart.
+    """
+    found = _CONSISTENCY_PROMPT_RE.fullmatch(prompt.strip())
+    return found["kept"] if found else None
