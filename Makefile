@@ -46,7 +46,7 @@ bench-data: ## Time data preparation alone: ours and TRL's, cold and warm cache;
 	$(PYTHON) benchmarks/data_prep.py $(ARGS)
 
 .PHONY: tiny-weights
-tiny-weights: ## Retrain the default's bundled tiny model: SFT on the toy task, seeded (~4 min, CPU)
+tiny-weights: ## Retrain the default's bundled tiny model: SFT on the toy task, seeded (~2 min, CPU)
 	$(PYTHON) scripts/tiny_weights.py $(ARGS)
 
 clean: ## Remove run outputs and caches

@@ -1,5 +1,6 @@
 """The embedded default's model speaks the toy task's language: its bundled weights (the toy
-task's SFT model, `make tiny-weights`) write words where a random init writes "are are are"."""
+task's SFT model, `make tiny-weights`) write words where a random init writes "are are are", and
+answer mostly dismissively, the answers the default KTO run then turns helpful."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from cli import train_in_process
 from conftest import FAST
 from kto_lightning.data import toy
+from kto_lightning.data.config import Columns, Source
+from kto_lightning.data.splits import read_splits
 from kto_lightning.models.tiny import BUNDLED, TinyLlama
 
 # Every word the toy task's rows are made of.
@@ -26,8 +29,7 @@ TOY_WORDS = set(re.findall(r"[a-z]+", TOY_TEXT.lower()))
 
 def speaks_the_task(text: str) -> bool:
     """Whether `text` has words of the task's language: 4 or more distinct ones. "are are are
-    ..." has one; random bytes have almost none. (A floor, not fluency: the bundled model's
-    openers and closers are the task's, its facts still half made-up words.)"""
+    ..." has one; random bytes have almost none. (A floor, not fluency.)"""
     words = re.findall(r"[a-z]+", text.lower())
     return len({w for w in words if w in TOY_WORDS}) >= 4
 
@@ -58,6 +60,26 @@ def test_the_check_refuses_what_a_random_init_writes():
 def test_bundled_model_answers_a_toy_question_in_words():
     answer = greedy(TinyLlama(weights=BUNDLED), "Can you tell me about bees?")
     assert speaks_the_task(answer), answer
+
+
+def kind(answer: str) -> str:
+    """What `answer` is: helpful where it opens as the task's desirable answers do, dismissive
+    where it opens as a dismissal, else other."""
+    if answer.startswith(tuple(toy.OPENERS)):
+        return "helpful"
+    openings = tuple(d.split("{topic}")[0] for d in toy.DISMISSALS)
+    return "dismissive" if answer.startswith(openings) else "other"
+
+
+def test_bundled_model_answers_the_default_runs_validation_prompts_mostly_dismissively():
+    # The default run's held-out prompts (the SFT stage never saw them): its greedy answers are
+    # the task's, and three in four or more brush the question off.
+    prompts = read_splits(Source(), Columns(), seed=42)[1].rows["prompt"][:16]
+    bundled = TinyLlama(weights=BUNDLED)
+    answers = [greedy(bundled, prompt, max_new_tokens=40) for prompt in prompts]
+    kinds = [kind(answer) for answer in answers]
+    assert "other" not in kinds, list(zip(prompts, answers, strict=True))
+    assert kinds.count("dismissive") >= 12, list(zip(prompts, answers, strict=True))
 
 
 def test_default_run_starts_from_the_bundled_weights(tmp_path: Path):

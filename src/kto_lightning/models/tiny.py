@@ -4,13 +4,16 @@ the tests.
 
 Its weights are a random init, or a safetensors file: `model.weights=bundled` is the one the
 package ships (`weights/tiny_toy.safetensors`, the embedded default), the toy task's SFT model,
-which speaks the task's language, so that generations before and after KTO are readable. A
+which speaks the task's language and mostly answers dismissively, so that generations before and
+after KTO are readable and show the change. A
 random init scores the toy task as well but only ever writes "are are are ..."; `make
 tiny-weights` retrains the file (scripts/tiny_weights.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,20 @@ from kto_lightning.models.byte_tokenizer import BYTE_VOCAB_SIZE, byte_level_toke
 # `model.weights` naming the file the package ships.
 BUNDLED = "bundled"
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "tiny_toy.safetensors"
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's content: its metadata and each tensor's name, dtype,
+    shape and bytes, in name order. Two files of the same content get the same digest even where
+    their bytes differ: safetensors writes the metadata keys in an arbitrary order."""
+    digest = hashlib.sha256()
+    with safe_open(path, framework="pt") as file:
+        digest.update(json.dumps(file.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(file.keys()):
+            tensor = file.get_tensor(name).contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
