@@ -203,3 +203,38 @@ def class_weights(
             "groups), so class weights cannot be resolved"
         )
     return resolve_class_weights(desirable_weight, undesirable_weight, n_desirable, n_undesirable)
+
+
+THRESHOLD, GROUP = "threshold", "group"
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How a draw's rewards become labels (`online.labelling`).
+
+    Args:
+        rule: "threshold" (`threshold_labels`) or "group" (`group_labels`).
+        threshold: the threshold rule's bar: a reward at or above it is desirable.
+        ties: the group rule's ties: "drop" or "keep" (as undesirable).
+        equal_groups: the group rule's all-equal groups: "drop" or "keep" (as ties).
+    """
+
+    rule: str = THRESHOLD
+    threshold: float = 0.5
+    ties: str = DROP
+    equal_groups: str = DROP
+
+    def __post_init__(self) -> None:
+        if self.rule not in (THRESHOLD, GROUP):
+            raise ConfigError(
+                f"online.labelling.rule must be {THRESHOLD} or {GROUP}, got {self.rule!r}"
+            )
+        check_number("online.labelling.threshold", self.threshold)
+        _check_option("online.labelling.ties", self.ties)
+        _check_option("online.labelling.equal_groups", self.equal_groups)
+
+    def __call__(self, rewards: Tensor | Sequence[float], k: int) -> Labels:
+        """The labels of one draw's rewards, the k completions of a prompt together."""
+        if self.rule == THRESHOLD:
+            return threshold_labels(rewards, self.threshold)
+        return group_labels(rewards, k, self.ties, self.equal_groups)
