@@ -79,7 +79,7 @@ def _shown(path: DataPath) -> str:
     return f"<{len(path)} rows in memory>" if is_in_memory(path) else repr(path)
 
 
-def _refuse_training_rows_as_validation(source: Source) -> None:
+def refuse_training_rows_as_validation(source: Source) -> None:
     """ConfigError when the named validation data is the training data itself: validation would
     score the rows it trains on, and its metrics would say nothing of unseen rows."""
     if source.holds_out or source.val_split not in (None, source.split):
@@ -99,23 +99,42 @@ def _refuse_training_rows_as_validation(source: Source) -> None:
         )
 
 
+def validation_data(source: Source) -> tuple[DataPath, str, str]:
+    """(path, split, the data.source key naming the path) of the validation rows `source` names;
+    only when it names them (not `source.holds_out`)."""
+    key = "path" if source.val_path is None else "val_path"
+    return _or_path(source.val_path, source.path), source.val_split or source.split, key
+
+
+def read_source(
+    source: Source, path: DataPath, split: str, seed: int, key: str = "path"
+) -> tuple[datasets.Dataset, str]:
+    """One source's rows as read, before any normalising, and its name for messages.
+
+    `path` is a bundled task, rows in memory, a local file or a hub dataset; `key` is the
+    data.source key that names it.
+    """
+    name = _name(path, split, key)
+    if is_in_memory(path):
+        return load_memory(path, name), name  # type: ignore[arg-type]
+    if path == TOY:
+        return datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed)), name
+    if path == CONSISTENCY:  # its validation split: an eighth as many rows, unseen objects
+        n_rows = source.toy_rows if split == source.split else max(16, source.toy_rows // 8)
+        return datasets.Dataset.from_list(consistency_rows(n_rows, split, seed=seed)), name
+    assert isinstance(path, str)
+    raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
+    return raw, name
+
+
 def _read(
     source: Source, columns: Columns, path: DataPath, split: str, seed: int, key: str = "path"
 ) -> tuple[datasets.Dataset, str, bool, int, np.ndarray]:
     """Load and normalise one source (`key`: the data.source key that names it); returns (rows,
     format, conversational, rows read, the indices of the source rows dropped)."""
-    if is_in_memory(path):
-        raw = load_memory(path, _name(path, split, key))  # type: ignore[arg-type]
-    elif path == TOY:
-        raw = datasets.Dataset.from_list(toy_rows(source.toy_rows, seed=seed))
-    elif path == CONSISTENCY:  # its validation split: an eighth as many rows, unseen objects
-        n_rows = source.toy_rows if split == source.split else max(16, source.toy_rows // 8)
-        raw = datasets.Dataset.from_list(consistency_rows(n_rows, split, seed=seed))
-    else:
-        assert isinstance(path, str)
-        raw = load_source(path, source.subset, split, source.revision, source.cache_dir)
+    raw, name = read_source(source, path, split, seed, key)
     num_proc = source.processes_for(len(raw))
-    rows, fmt, chat = normalise(raw, columns, _name(path, split, key), seed, num_proc)
+    rows, fmt, chat = normalise(raw, columns, name, seed, num_proc)
     return rows, fmt, chat, len(raw), dropped_rows(rows, len(raw))
 
 
@@ -123,15 +142,11 @@ def _dropped(count: int) -> dict[str, int]:
     return {DROPPED_SAME_PAIR: count} if count else {}
 
 
-def _hold_out(
-    rows: datasets.Dataset, n_source: int, fraction: float, seed: int, name: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training and validation row indices, and which source rows are held out (a mask).
+def held_out_rows(n_source: int, fraction: float, seed: int, name: str) -> np.ndarray:
+    """Which of `n_source` source rows are held out for validation (a mask): a seeded share.
 
-    A seeded share of the *source* rows is held out.
-
-    The split is made over source rows, after they were read and checked, so error messages
-    name rows as they stand in the file and both rows of a pair land on the same side.
+    Raises:
+        DataError: naming `name`, when too few rows would be left to train on.
     """
     order = list(range(n_source))
     random.Random(seed).shuffle(order)
@@ -145,6 +160,20 @@ def _hold_out(
         )
     held_out = np.zeros(n_source, dtype=bool)
     held_out[order[:n_val]] = True
+    return held_out
+
+
+def _hold_out(
+    rows: datasets.Dataset, n_source: int, fraction: float, seed: int, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training and validation row indices, and which source rows are held out (a mask).
+
+    A seeded share of the *source* rows is held out (`held_out_rows`).
+
+    The split is made over source rows, after they were read and checked, so error messages
+    name rows as they stand in the file and both rows of a pair land on the same side.
+    """
+    held_out = held_out_rows(n_source, fraction, seed, name)
     in_val = held_out[arrow_column(rows, "row").to_numpy()]
     # Arrays, not lists: `select` fingerprints its indices, and hashes an array's bytes at once.
     return np.flatnonzero(~in_val), np.flatnonzero(in_val), held_out
@@ -152,13 +181,11 @@ def _hold_out(
 
 def read_splits(source: Source, columns: Columns, seed: int) -> tuple[ReadSplit, ReadSplit]:
     """(training, validation) rows of `source`, read with `columns`; `seed` seeds the hold-out."""
-    _refuse_training_rows_as_validation(source)
+    refuse_training_rows_as_validation(source)
     train_name = _name(source.path, source.split)
     rows, fmt, chat, n_read, dropped = _read(source, columns, source.path, source.split, seed)
     if not source.holds_out:
-        val_key = "path" if source.val_path is None else "val_path"
-        val_path = _or_path(source.val_path, source.path)
-        val_split = source.val_split or source.split
+        val_path, val_split, val_key = validation_data(source)
         val_rows, val_fmt, val_chat, n_val_read, val_dropped = _read(
             source, columns, val_path, val_split, seed, val_key
         )
@@ -189,8 +216,8 @@ def read_evaluation_split(source: Source, columns: Columns, seed: int) -> ReadSp
         role, key = "test", "path" if source.test_path is None else "test_path"
         path, split = _or_path(source.test_path, source.path), source.test_split or source.split
     elif not source.holds_out:
-        role, key = "validation", "path" if source.val_path is None else "val_path"
-        path, split = _or_path(source.val_path, source.path), source.val_split or source.split
+        role = "validation"
+        path, split, key = validation_data(source)
     else:
         return read_splits(source, columns, seed)[1]
     rows, fmt, chat, n_read, dropped = _read(source, columns, path, split, seed, key)

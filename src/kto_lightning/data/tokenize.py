@@ -61,14 +61,28 @@ def fit_beside(prompt_length: int, completion: Sequence[int], max_length: int) -
     return list(completion[: max_length - prompt_length])
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict]) -> str:
+    """A conversation's prompt text, through the chat template with the generation prompt (the
+    assistant header), ready for the answer."""
+    # With tokenize=False, apply_chat_template returns the rendered text.
+    return cast(
+        str, tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    )
+
+
+def cut_prompt(prompt: list[int], max_prompt_length: int, bos_id: int | None) -> list[int]:
+    """`prompt` cut to its last `max_prompt_length` tokens; a leading BOS stays in front."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
+    return head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+
+
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict], where: str
 ) -> tuple[str, str]:
     """(prompt text, completion text) of a conversation, through the chat template."""
-    # With tokenize=False, apply_chat_template returns the rendered text.
-    prompt_text = cast(
-        str, tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    )
+    prompt_text = render_prompt(tokenizer, prompt)
     full_text = cast(str, tokenizer.apply_chat_template(prompt + completion, tokenize=False))
     if not full_text.startswith(prompt_text):
         raise DataError(
@@ -124,17 +138,31 @@ def encode(
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_tokens = token_ids(tokenizer, list(prompts))
     completion_tokens = token_ids(tokenizer, list(completions))
-    bos_id = tokenizer.bos_token_id
     for prompt, completion in zip(prompt_tokens, completion_tokens, strict=True):
         prompt, completion = bos + prompt, completion + eos
         out["prompt_tokens"].append(len(prompt))
         out["completion_tokens"].append(len(completion))
-        if len(prompt) > max_prompt_length:
-            head = prompt[:1] if bos_id is not None and prompt[0] == bos_id else []
-            prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+        prompt = cut_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
         out["prompt_ids"].append(prompt)
         out["completion_ids"].append(fit_beside(len(prompt), completion, max_length))
     return out
+
+
+def encode_prompts(
+    prompts: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    chat: bool,
+    max_prompt_length: int,
+) -> list[list[int]]:
+    """Token ids of prompts alone, exactly as `encode` gives a row's prompt: a text prompt is
+    [BOS] + its tokens, a conversation its rendering with the generation prompt
+    (`render_prompt`), both cut to `max_prompt_length` (`cut_prompt`)."""
+    if not prompts:  # a fast tokenizer fails on an empty batch
+        return []
+    bos_id = tokenizer.bos_token_id
+    texts = [render_prompt(tokenizer, p) for p in prompts] if chat else list(prompts)
+    bos = [bos_id] if bos_id is not None and not chat else []  # a template supplies its own
+    return [cut_prompt(bos + ids, max_prompt_length, bos_id) for ids in token_ids(tokenizer, texts)]
 
 
 def tokenize_rows(
