@@ -12,15 +12,18 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from kto_lightning.core.losses import KTOLossConfig
+from kto_lightning.data.config import Source
 from kto_lightning.data.toy import consistency_rows
 from kto_lightning.errors import ConfigError
 from kto_lightning.models import make_reference
 from kto_lightning.models.reference import CachedReference, CopyReference
 from kto_lightning.models.tiny import TinyLlama
 from kto_lightning.online.labelling import Labelling
+from kto_lightning.online.prompt_data import PromptDataModule
 from kto_lightning.online.sampler import HFSampler
 from kto_lightning.training.online import OnlineKTOModule
 
@@ -77,7 +80,7 @@ def trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> L.Trainer:
     kwargs = {"limit_val_batches": 1, **kwargs}
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=True,
         log_every_n_steps=1, num_sanity_val_steps=0, **kwargs,
     )  # fmt: skip
 
@@ -144,6 +147,31 @@ def test_training_moves_the_policy_on_its_own_samples_and_logs_the_draws(tmp_pat
         )
     logged = fit.callback_metrics
     assert {"val/online/reward_greedy", "val/online/reward_sampled"} <= set(logged)
+
+
+def prompt_data(module: OnlineKTOModule) -> PromptDataModule:
+    source = Source(path="toy_consistency", val_split="validation", toy_rows=8)
+    return PromptDataModule(module.tokenizer, source, prompts_per_step=2, seed=3)
+
+
+def test_a_run_resumed_mid_epoch_draws_again_and_ends_with_the_uninterrupted_weights(
+    tmp_path: Path,
+) -> None:
+    # 8 prompts, 2 a step: 4 steps an epoch. The run checkpoints at step 3, mid-epoch, as a
+    # run's last checkpoint does; a run resumed from it trains steps 4 to 6 again.
+    whole = make_module()
+    every_3 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path / "whole", max_steps=6, limit_val_batches=0, callbacks=[every_3]).fit(
+        whole, prompt_data(whole)
+    )
+    resumed = make_module()
+    trainer(tmp_path / "resumed", max_steps=6, limit_val_batches=0).fit(
+        resumed, prompt_data(resumed), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    )
+    assert resumed.last_draw == whole.last_draw
+    expected = whole.policy.state_dict()
+    for name, tensor in resumed.policy.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
 
 
 def test_a_cached_reference_is_refused() -> None:
