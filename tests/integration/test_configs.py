@@ -59,6 +59,12 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
         from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 
         assert instantiate(section, tokenizer=byte_level_tokenizer()) is not None
+    elif group == "reward" and any(OmegaConf.is_missing(section, k) for k in section):
+        # A key the user gives (a pattern, a model, an import path): built with one in
+        # integration/test_online_cli.py.
+        assert get_object(section._target_) is not None
+    elif group == "online":
+        assert set(section) == {"sampling", "labelling"}  # built by test_online_cli.py
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):
         assert section._target_ == "kto_lightning.models.Pretrained"
     elif group == "model" and OmegaConf.is_missing(section, "run_dir"):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from kto_lightning.core import metrics
 from kto_lightning.core.health import COUNTERS
 from kto_lightning.errors import ConfigError
-from kto_lightning.training import sft
+from kto_lightning.training import online, sft
 
 log = logging.getLogger("kto_lightning")
 
@@ -107,6 +107,9 @@ def logged_metrics(sft_stage: bool) -> list[str]:
         health = ["kl_clamped", "saturated/desirable", "saturated/undesirable"]
         extra += [f"train/health/{name}" for name in health]
         extra += [f"train/health/run/{counter}" for counter in COUNTERS]
+        # An online run's (online=step): its draws, and the held-out rewards.
+        extra += [f"train/online/{name}" for name in online.TRAIN_METRICS]
+        extra += list(online.VAL_METRICS)
     return [f"{stage}/{name}" for stage in ("val", "train") for name in names] + extra
 
 

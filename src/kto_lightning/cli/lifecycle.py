@@ -115,6 +115,8 @@ SUMMARY_ROWS = (
     ("validation KL reference point", "val/kl", "{:.4f}"),
     ("validation loss", "val/loss", "{:.4f}"),
     ("validation perplexity", "val/perplexity", "{:.3f}"),
+    ("validation greedy reward", "val/online/reward_greedy", "{:.3f}"),  # online runs'
+    ("validation sampled reward", "val/online/reward_sampled", "{:.3f}"),
 )
 
 

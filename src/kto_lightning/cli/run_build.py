@@ -13,7 +13,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from hydra.utils import instantiate
@@ -32,6 +32,7 @@ from kto_lightning.cli.lifecycle import (
     TrainingCurves,
     ValidateAtLastStep,
 )
+from kto_lightning.cli.online_run import online_datamodule, online_module
 from kto_lightning.common.security import redact_secrets
 from kto_lightning.core.chunked_head import resolve_chunk_size
 from kto_lightning.core.logprobs import CausalLM
@@ -128,11 +129,16 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     loss_config: KTOLossConfig | SFTLoss = instantiate(cfg.loss)
     check_objective(cfg.get("objective"), sft_stage=isinstance(loss_config, SFTLoss))
     tokenizer = source.load_tokenizer()
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=tokenizer,
-        needs_kl_rows=loss_config.needs_kl_rows,
-        drop_undesirable=isinstance(loss_config, SFTLoss),  # SFT learns the desirable rows only
+    online = bool(cfg.get("online"))  # online KTO: prompts, sampled and labelled during training
+    datamodule: Any = (  # a KTODataModule, or online a PromptDataModule
+        online_datamodule(cfg, tokenizer)
+        if online
+        else instantiate(
+            cfg.data,
+            tokenizer=tokenizer,
+            needs_kl_rows=loss_config.needs_kl_rows,
+            drop_undesirable=isinstance(loss_config, SFTLoss),  # SFT: the desirable rows only
+        )
     )
     # Data first: a bad row stops the run before a large model is loaded, and the class counts
     # are needed to resolve `auto` class weights.
@@ -140,17 +146,23 @@ def build(cfg: DictConfig, resumed_step: int | None = None) -> Run:
     # Here, once the config's values and the data are checked: an error in either is the first
     # thing a run prints, not a line after the whole config.
     log_config(cfg)
-    loss = _trained_loss(loss_config, datamodule)
+    # Online, each step resolves an "auto" class weight from the completions it keeps.
+    loss = loss_config if online else _trained_loss(loss_config, datamodule)
     policy = source.load_policy()
-    check_context_window(
-        policy, datamodule.lengths.max_length, "data.lengths.max_length", datamodule.longest_row
-    )
+    if not online:
+        check_context_window(
+            policy, datamodule.lengths.max_length, "data.lengths.max_length", datamodule.longest_row
+        )
     vocab_size = getattr(policy.config, "vocab_size", None) or len(tokenizer)
     cfg.logprob_chunk_size = resolve_chunk_size(cfg.logprob_chunk_size, on_gpu(cfg), vocab_size)
     if cfg.gradient_checkpointing:
         # Recompute each decoder layer in backward: activation memory for ~30% more compute.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = _module(cfg, loss, policy, tokenizer, datamodule)
+    if online:
+        module: PolicyModule = online_module(cfg, loss_config, policy, tokenizer, datamodule)
+    else:
+        loss = cast(KTOLoss | SFTLoss, loss)
+        module = _module(cfg, loss, policy, tokenizer, datamodule)
     # A W&B run starts here, one per job, its command line redacted, before anything is logged.
     loggers = [
         wandb_logger(entry, cfg) if is_wandb(entry) else instantiate(entry)

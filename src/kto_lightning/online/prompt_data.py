@@ -281,6 +281,12 @@ class PromptDataModule(L.LightningDataModule):
         )  # fmt: skip
         self.train_rows, self.val_rows = train, val
 
+    @property
+    def val_set(self) -> list[PromptRow]:
+        """The validation prompts (after setup), each with its `prompt_ids`: what the
+        generations table reads of a data module."""
+        return self.val_rows or []
+
     def _ranks(self) -> tuple[int, int]:
         """(world size, this process's rank)."""
         trainer = self.trainer

@@ -44,6 +44,12 @@ PANELS = (
         "reward AUROC and accuracy", "AUROC / accuracy (0-1)", ("rewards/auroc", "rewards/accuracy")
     ),
     Panel("perplexity", "perplexity (exp of token NLL)", ("perplexity",)),
+    # An online run's: the mean reward of each step's draw, and the held-out rewards.
+    Panel(
+        "online rewards",
+        "reward",
+        ("online/reward_mean", "online/reward_greedy", "online/reward_sampled"),
+    ),
 )
 SWEEP_PANELS = (
     Panel("validation reward AUROC", "AUROC", ("val/rewards/auroc",)),

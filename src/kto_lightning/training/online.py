@@ -40,11 +40,20 @@ from kto_lightning.data.tokenize import Example, fit_beside
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models.reference import CachedReference, ReferenceProvider
 from kto_lightning.online.labelling import Labelling, Labels
+from kto_lightning.online.reward_model import RewardModel
 from kto_lightning.online.rewards import RewardFunction, score
 from kto_lightning.online.sampler import Sampler, Samples
 from kto_lightning.training.module import KTOModule
 
 log = logging.getLogger("kto_lightning")
+
+# What an online run logs besides the KTO metrics: train/online/<name> at the logged steps (the
+# last draw's), and the held-out rewards of each validation.
+TRAIN_METRICS = (
+    "reward_mean", "reward_std", "desirable_share", "kept_share", "completion_tokens",
+    "stopped_share", "sample_seconds", "skipped_draws", "step_seconds", "sample_share",
+)  # fmt: skip
+VAL_METRICS = ("val/online/reward_greedy", "val/online/reward_sampled")
 
 # Sums a validation epoch keeps per rank: greedy reward, greedy count, sampled reward, count.
 _VAL_FIELDS = 4
@@ -153,6 +162,11 @@ class OnlineKTOModule(KTOModule):
         self._skipped = 0  # training draws with nothing to train on, this run
         self._batch_start = 0.0
         self._val_online: Tensor | None = None
+
+    def on_fit_start(self) -> None:
+        # A reward model scores on the policy's device, once the strategy has placed it.
+        if isinstance(self.reward, RewardModel) and self.reward.device is None:
+            self.reward.device = self.device
 
     # ---------------------------------------------------------------- batches
     def transfer_batch_to_device(
@@ -309,7 +323,7 @@ class OnlineKTOModule(KTOModule):
         if self._val_online is not None:
             greedy, n_greedy, sampled, n_sampled = all_reduce_sum(self._val_online).tolist()
             if n_greedy:
-                self.log("val/online/reward_greedy", greedy / n_greedy, sync_dist=False)
+                self.log(VAL_METRICS[0], greedy / n_greedy, sync_dist=False)
             if n_sampled:
-                self.log("val/online/reward_sampled", sampled / n_sampled, sync_dist=False)
+                self.log(VAL_METRICS[1], sampled / n_sampled, sync_dist=False)
         super().on_validation_epoch_end()

@@ -1,0 +1,93 @@
+"""Online KTO through the command line (`online=step reward=...`): on a prompts file of the
+user's with a reference answer column, with a reward function of the user's by import path,
+and each one-line refusal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from hydra.utils import instantiate
+
+from cli import train_in_process
+from conftest import FAST
+from kto_lightning.online.rewards import ExactMatch, RegexMatch
+
+ONLINE = [
+    *(o for o in FAST if not o.startswith("data.")),
+    "online=step",
+    "online.sampling.k=2",
+    "online.sampling.max_new_tokens=8",
+    "data.batching.batch_size=4",
+    "data.lengths.max_length=64",
+    "data.lengths.max_prompt_length=32",
+    "trainer.limit_train_batches=3",
+]
+
+
+def vowel_share(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+    """A reward of the user's, read by import path: the share of a completion's letters that
+    are vowels (a random model's samples differ in it, so the group rule labels them)."""
+    letters = [[ch for ch in c.lower() if ch.isalpha()] for c in completions]
+    return [sum(ch in "aeiou" for ch in ls) / max(len(ls), 1) for ls in letters]
+
+
+def sums(tmp_path: Path) -> list[dict]:
+    """Arithmetic prompts with their answer: data that is not a bundled task."""
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(8) for b in range(5)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def logged(run: Path) -> set[str]:
+    with (run / "csv" / "metrics.csv").open() as file:
+        return set(next(csv.reader(file)))
+
+
+def test_an_online_run_trains_on_its_own_samples_of_the_users_prompts(tmp_path: Path) -> None:
+    sums(tmp_path)
+    result = train_in_process(
+        *ONLINE, "data=local", f"data.source.path={tmp_path}/sums.jsonl",
+        "reward=function", "reward.path=test_online_cli:vowel_share",
+        f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    columns = logged(run)
+    assert {"train/online/reward_mean", "train/online/sample_share"} <= columns, columns
+    assert {"val/online/reward_greedy", "val/online/reward_sampled"} <= columns, columns
+    assert "validation greedy reward" in result.stdout + result.stderr
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "hf_model" / "model.safetensors").is_file()
+    assert f"path: {tmp_path}/sums.jsonl" in (run / ".hydra" / "config.yaml").read_text()
+
+
+def test_the_exact_and_regex_rewards_build_from_their_files(make_config, tmp_path: Path) -> None:
+    rows = sums(tmp_path)
+    exact = instantiate(make_config("online=step", "reward=exact_match").reward)
+    assert isinstance(exact, ExactMatch)
+    answers = [rows[0]["answer"], "9"]
+    assert exact([rows[0]["prompt"]] * 2, answers, [rows[0], rows[0]]) == [1.0, 0.0]
+    regex = instantiate(
+        make_config("online=step", "reward=regex_match", "reward.pattern='^[0-9]+$'").reward
+    )
+    assert isinstance(regex, RegexMatch)
+    assert regex(["p", "p"], ["12", "twelve"], [{}, {}]) == [1.0, 0.0]
+
+
+def test_online_without_a_reward_function_stops_in_one_line(tmp_path: Path) -> None:
+    result = train_in_process(*ONLINE, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "online=step needs a reward function: reward=consistency" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_online_with_a_cached_reference_stops_in_one_line(tmp_path: Path) -> None:
+    result = train_in_process(
+        *ONLINE, "reward=consistency", "data=toy_consistency", "data.source.toy_rows=32",
+        "reference=cache", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "reference=cache holds log-probs of rows known before training" in result.stderr
