@@ -91,3 +91,17 @@ def test_online_with_a_cached_reference_stops_in_one_line(tmp_path: Path) -> Non
     )  # fmt: skip
     assert result.returncode != 0
     assert "reference=cache holds log-probs of rows known before training" in result.stderr
+
+
+def test_the_documented_reward_function_trains_an_online_run(tmp_path: Path, monkeypatch) -> None:
+    # docs/online.md's Python block, as a user's module, named by its import path.
+    page = (Path(__file__).parents[2] / "docs" / "online.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_rewards.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = train_in_process(
+        *ONLINE, "reward=function", "reward.path=my_rewards:brevity", "data=toy_consistency",
+        "data.source.toy_rows=32", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/online/reward_greedy" in logged(tmp_path / "run")

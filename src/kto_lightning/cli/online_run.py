@@ -96,6 +96,8 @@ def online_module(
     # The batches are prompt rows that stay on the host (OnlineKTOModule.transfer_batch_to_device);
     # Lightning warns that the module's hook is the one used, which is the point.
     warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
+    # A step whose draw has nothing to train on returns None on purpose (skipped_draws counts it).
+    warnings.filterwarnings("ignore", message="`training_step` returned `None`")
     online = cfg.online
     sampling = _settings(online.sampling, "online.sampling")
     sampler = _sampler(tokenizer, sampling)
