@@ -241,6 +241,8 @@ class OnlineKTOModule(KTOModule):
             # skips this batch (counted in train/online/skipped_draws).
             self._skipped += 1
             self._online["skipped_draws"] = float(self._skipped)
+            # No step metrics: the logs and progress lines show no previous step's as this one's.
+            self._step_sums, self._step_values = None, None
             return None
         self.loss, notes = self.loss_config.with_class_counts(int(n_desirable), int(n_undesirable))
         for note in notes:
