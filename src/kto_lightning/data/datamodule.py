@@ -47,7 +47,11 @@ from kto_lightning.data.sampler import (
     LabelBalancedSampler,
     LengthGroupedSampler,
 )
-from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
+from kto_lightning.data.sharding import (
+    RankShard,
+    ResumableTrainOrder,
+    ShardedEvalBatches,
+)
 from kto_lightning.data.splits import ReadSplit, read_splits
 from kto_lightning.data.summary import SplitSummary, format_summary
 from kto_lightning.data.tokenize import tokenize_dataset
@@ -67,7 +71,7 @@ def _tokenization_note(cached: bool, in_memory: bool) -> str:
     return "cached" if cached else "computed"
 
 
-class KTODataModule(L.LightningDataModule):
+class KTODataModule(ResumableTrainOrder, L.LightningDataModule):
     """Binary-feedback data for KTO, from a local file, a hub dataset or the bundled toy task.
 
     Each settings group is its dataclass (kto_lightning.data.config) or a mapping of its keys,
@@ -272,28 +276,3 @@ class KTODataModule(L.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.batching.num_workers,
         )
-
-    # ------------------------------------------------------------------ resume (see the top)
-    def state_dict(self) -> dict[str, Any]:
-        """The training order's position at the last batch the train loader yielded."""
-        if self._train_loader is None:
-            return {}
-        position = shard_state(self._train_loader.state_dict())
-        return {} if position is None else {"train_order": position}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("train_order")
-        if position is None:
-            return
-        shard = self._train_shard
-        if shard is None:  # the usual case: train_dataloader() applies it
-            self._restored_position = dict(position)
-            return
-        if shard.drawn:
-            raise ConfigError(
-                "cannot resume mid-epoch: the training loader's worker processes began drawing "
-                "the epoch before the checkpoint was restored (this strategy restores after its "
-                "setup, which built the loader for the LR schedule's length); resume with "
-                "data.batching.num_workers=0, which does not change the order"
-            )
-        shard.load_state_dict(position)

@@ -103,6 +103,47 @@ def shard_state(loader_state: Any) -> dict[str, int] | None:
     return next((s for s in map(shard_state, values) if s is not None), None)
 
 
+class ResumableTrainOrder:
+    """A data module's `state_dict` / `load_state_dict` for a training loader that draws a
+    `RankShard`: the order's position travels through these hooks as well as through the
+    loader's own state, because a loader built before the checkpoint is restored never gets the
+    loader's. `KTODataModule` and online KTO's `PromptDataModule` share them.
+
+    The data module sets `_train_loader` and `_train_shard` when it builds its training loader,
+    and applies `_restored_position` to the shard then; `workers_key` names its worker count.
+    """
+
+    workers_key = "data.batching.num_workers"
+    _train_loader: Any = None
+    _train_shard: RankShard | None = None
+    _restored_position: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training order's position at the last batch the train loader yielded."""
+        if self._train_loader is None:
+            return {}
+        position = shard_state(self._train_loader.state_dict())
+        return {} if position is None else {"train_order": position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order at a position `state_dict` saved."""
+        position = state_dict.get("train_order")
+        if position is None:
+            return
+        shard = self._train_shard
+        if shard is None:  # the usual case: train_dataloader() applies it
+            self._restored_position = dict(position)
+            return
+        if shard.drawn:
+            raise ConfigError(
+                "cannot resume mid-epoch: the training loader's worker processes began drawing "
+                "the epoch before the checkpoint was restored (a strategy that restores after "
+                "its setup builds the loader first); resume with "
+                f"{self.workers_key}=0, which does not change the order"
+            )
+        shard.load_state_dict(position)
+
+
 class ShardedEvalBatches(DistributedSampler[list[int]]):
     """One rank's validation batches, as lists of row indices; no row is repeated or left out.
 

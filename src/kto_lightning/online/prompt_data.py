@@ -30,7 +30,11 @@ from kto_lightning.data.config import TOY, Columns, Source, as_group
 from kto_lightning.data.preparing import preparing
 from kto_lightning.data.prompts import Prompt, checked_prompt
 from kto_lightning.data.sampler import EpochShuffleSampler
-from kto_lightning.data.sharding import RankShard, ShardedEvalBatches, shard_state
+from kto_lightning.data.sharding import (
+    RankShard,
+    ResumableTrainOrder,
+    ShardedEvalBatches,
+)
 from kto_lightning.data.splits import (
     DataPath,
     held_out_rows,
@@ -209,7 +213,7 @@ class _Batches(Dataset[list[PromptRow]]):
         return [self.rows[i] for i in indices]
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Prompts for online KTO, in batches of `PromptRow` (plain lists, no tensors).
 
     The training loader draws the offline data module's order (a seeded shuffle per epoch, each
@@ -324,29 +328,3 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=list,
             num_workers=self.num_workers,
         )
-
-    # As KTODataModule's (see data/datamodule.py): the position also travels through these
-    # hooks, because a loader built before the checkpoint is restored never gets the loader's.
-    def state_dict(self) -> dict[str, Any]:
-        """The training order's position at the last batch the train loader yielded."""
-        if self._train_loader is None:
-            return {}
-        position = shard_state(self._train_loader.state_dict())
-        return {} if position is None else {"train_order": position}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the training order at a position `state_dict` saved."""
-        position = state_dict.get("train_order")
-        if position is None:
-            return
-        shard = self._train_shard
-        if shard is None:  # the usual case: train_dataloader() applies it
-            self._restored_position = dict(position)
-            return
-        if shard.drawn:
-            raise ConfigError(
-                "cannot resume mid-epoch: the prompt loader's worker processes began drawing "
-                "the epoch before the checkpoint was restored; resume with num_workers=0, which "
-                "does not change the order"
-            )
-        shard.load_state_dict(position)
