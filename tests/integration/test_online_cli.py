@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from hydra.utils import instantiate
 
 from cli import train_in_process
@@ -51,10 +52,19 @@ def test_an_online_run_trains_on_its_own_samples_of_the_users_prompts(tmp_path: 
     result = train_in_process(
         *ONLINE, "data=local", f"data.source.path={tmp_path}/sums.jsonl",
         "reward=function", "reward.path=test_online_cli:vowel_share",
-        f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+        "callbacks.online_samples.every_n_steps=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
+    # The samples table at step 2: its 4 prompts' k=2 completions, each with its own reward.
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_2.jsonl"]
+    table = [json.loads(line) for line in (run / "samples" / "step_2.jsonl").open()]
+    assert len(table) == 4 * 2
+    assert {"step", "prompt", "completion", "reward", "label", "kept"} == set(table[0])
+    prompts = {row["prompt"] for row in sums(tmp_path)}
+    assert all(r["prompt"] in prompts for r in table)
+    rewards = vowel_share([], [r["completion"] for r in table], [])
+    assert [r["reward"] for r in table] == pytest.approx(rewards)
     columns = logged(run)
     assert {"train/online/reward_mean", "train/online/sample_share"} <= columns, columns
     assert {"val/online/reward_greedy", "val/online/reward_sampled"} <= columns, columns

@@ -1,4 +1,5 @@
-"""Callbacks: a table of generations for fixed validation prompts, each validation epoch."""
+"""Callbacks: a table of generations for fixed validation prompts, each validation epoch, and
+an online run's table of sampled completions every N steps."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.data.collate import left_padded
+from kto_lightning.errors import ConfigError
 from kto_lightning.runs.interrupts import stop_requested
 
 log = logging.getLogger(__name__)
@@ -125,3 +127,41 @@ class GenerationsTable(L.Callback):
                     "val/generations", "| prompt | generation |\n|---|---|\n" + text,
                     trainer.global_step,
                 )  # fmt: skip
+
+
+class OnlineSamples(L.Callback):
+    """Every `every_n_steps` optimizer steps of an online run, the step's draw as a table: each
+    sampled completion with its prompt, reward, label and whether it trained. Written on rank 0
+    (its own draw) to `<run dir>/samples/step_<N>.jsonl`, and as a W&B table when W&B logs.
+
+    Args:
+        every_n_steps: optimizer steps between tables; 0 writes none.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if type(every_n_steps) is not int or every_n_steps < 0:
+            raise ConfigError(
+                f"callbacks.online_samples.every_n_steps must be an integer >= 0, got "
+                f"{every_n_steps!r}"
+            )
+        self.every_n_steps = every_n_steps
+        self._written = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step, every = trainer.global_step, self.every_n_steps
+        draw = getattr(pl_module, "last_draw", None)
+        if not every or step % every or step == self._written or not draw:
+            return
+        self._written = step
+        if not trainer.is_global_zero:
+            return
+        rows = [{"step": step, **row} for row in draw]
+        folder = Path(trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        columns = ["step", "prompt", "completion", "reward", "label", "kept"]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                data = [[r[c] for c in columns] for r in rows]
+                logger.log_table(key="train/online/samples", columns=columns, data=data)
