@@ -33,12 +33,17 @@ format: ## Apply ruff fixes and formatting
 	ruff format src tests
 
 .PHONY: bench
-bench: ## Install TRL; steps against its KTOTrainer, data preparation, packed vs padded (~30 min, CPU); ARGS="--smoke"
+bench: ## Install TRL; steps against its KTOTrainer, data preparation, packed vs padded, online sampling (~35 min, CPU); ARGS="--smoke"
 	$(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/bench.py $(ARGS)
 	$(PYTHON) benchmarks/data_prep.py $(if $(filter --smoke,$(ARGS)),--rows 2000)
 	$(PYTHON) benchmarks/packing.py $(if $(filter --smoke,$(ARGS)),--steps 2)
+	$(if $(filter --smoke,$(ARGS)),,$(PYTHON) benchmarks/online_demo.py --seeds 1)
+
+.PHONY: bench-online
+bench-online: ## Online against offline KTO on the consistency task: held-out reward, sampling tokens/s and share of a step (~15 min, CPU)
+	$(PYTHON) benchmarks/online_demo.py $(ARGS)
 
 .PHONY: bench-data
 bench-data: ## Time data preparation alone: ours and TRL's, cold and warm cache; ARGS="--rows 200000 --skip-trl"

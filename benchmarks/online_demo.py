@@ -12,7 +12,8 @@ KTO runs then start from it, one epoch each, per seed:
 Each model (the SFT one and every KTO run's export) is then scored on the validation prompts,
 whose objects no training prompt has: the share of greedy replies, and of k=4 sampled replies at
 temperature 1 (seeded), that name the stated object. Prints a table (mean and spread over the
-seeds) with each run's wall time, and the online runs' sampling share of a step.
+seeds) with each run's wall time, and the online runs' sampling share of a step and sampled
+tokens/s (`make bench-online`).
 """
 
 from __future__ import annotations
@@ -76,12 +77,15 @@ def held_out_rewards(run_dir: Path, seed: int = 0) -> tuple[float, float]:
     return means[0], means[1]
 
 
-def sampling_share(run_dir: Path) -> float:
-    """The online run's mean share of a logged step spent sampling."""
+def sampling_figures(run_dir: Path) -> tuple[float, float]:
+    """The online run's mean share of a logged step spent sampling, and its sampled tokens/s."""
     with (run_dir / "csv" / "metrics.csv").open() as file:
-        shares = [float(r["train/online/sample_share"]) for r in csv.DictReader(file)
-                  if r.get("train/online/sample_share")]  # fmt: skip
-    return statistics.mean(shares) if shares else float("nan")
+        rows = [r for r in csv.DictReader(file) if r.get("train/online/sample_share")]
+    if not rows:
+        return float("nan"), float("nan")
+    share = statistics.mean(float(r["train/online/sample_share"]) for r in rows)
+    tokens = sum(float(r["train/online/completion_tokens"]) * PROMPTS_PER_STEP * K for r in rows)
+    return share, tokens / sum(float(r["train/online/sample_seconds"]) for r in rows)
 
 
 def spread(values: list[float]) -> str:
@@ -106,12 +110,12 @@ def main() -> None:
     start = ["model=from_run", f"model.run_dir={sft}", f"optimizer.lr={args.lr}",
              "trainer.max_epochs=1"]  # fmt: skip
     results: dict[str, list[tuple[float, float, float]]] = {"online": [], "offline": []}
-    shares = []
+    shares: list[tuple[float, float]] = []
     for seed in args.seeds:
         online = work / f"online_{seed}"
         seconds = train(online, *start, f"seed={seed}", "online=step", "reward=consistency")
         results["online"].append((*held_out_rewards(online), seconds))
-        shares.append(sampling_share(online))
+        shares.append(sampling_figures(online))
         offline = work / f"offline_{seed}"
         rows = PROMPTS_PER_STEP * K * STEPS
         seconds = train(offline, *start, f"seed={seed}", f"data.source.toy_rows={rows}")
@@ -125,7 +129,8 @@ def main() -> None:
         g, s, t = zip(*runs, strict=True)
         print(f"| + {name} KTO, 1 epoch | {spread(list(g))} | {spread(list(s))} | "
               f"{statistics.mean(t):.0f} s |")  # fmt: skip
-    print(f"online: sampling takes {statistics.mean(shares):.0%} of a step")
+    share, speed = (statistics.mean(values) for values in zip(*shares, strict=True))
+    print(f"online: sampling takes {share:.0%} of a step, at {speed:.0f} sampled tokens/s")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,20 @@ def test_the_documented_reward_function_trains_an_online_run(tmp_path: Path, mon
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/online/reward_greedy" in logged(tmp_path / "run")
+
+
+def same_for_all(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+    return [1.0] * len(completions)
+
+
+def test_draws_that_keep_nothing_are_skipped_and_said_so(tmp_path: Path) -> None:
+    # One reward for every completion: each prompt's group is all-equal, dropped by default.
+    result = train_in_process(
+        *ONLINE, "reward=function", "reward.path=test_online_cli:same_for_all",
+        "data=toy_consistency", "data.source.toy_rows=32", f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 of 3 training draws kept nothing to train on and were skipped" in (
+        result.stdout + result.stderr
+    )

@@ -292,6 +292,17 @@ class OnlineKTOModule(KTOModule):
             )
         ]
 
+    def on_train_end(self) -> None:
+        draws = self._batch_number() + 1
+        if self._skipped and self.trainer.is_global_zero:
+            log.warning(
+                "%d of %d training draws kept nothing to train on and were skipped (every "
+                "completion of a prompt scored alike, or ties dropped): try more samples "
+                "(online.sampling.k), a higher online.sampling.temperature, "
+                "online.labelling.rule=threshold, or a start model that gets some answers right",
+                self._skipped, draws,
+            )  # fmt: skip
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._batch_start
         self._online["step_seconds"] = seconds
