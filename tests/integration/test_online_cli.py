@@ -1,15 +1,22 @@
 """Online KTO through the command line (`online=step reward=...`): on a prompts file of the
 user's with a reference answer column, with a reward function of the user's by import path,
-and each one-line refusal."""
+each one-line refusal, and SIGTERM then resume."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
+from safetensors.torch import load_file
 
 from cli import train_in_process
 from conftest import FAST
@@ -132,3 +139,41 @@ def test_draws_that_keep_nothing_are_skipped_and_said_so(tmp_path: Path) -> None
     assert "3 of 3 training draws kept nothing to train on and were skipped" in (
         result.stdout + result.stderr
     )
+
+
+def test_sigterm_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path: Path) -> None:
+    args = [
+        *ONLINE, "trainer.limit_train_batches=1.0", "trainer.max_steps=40",
+        "trainer.limit_val_batches=0", "validate_before_training=false",
+        "callbacks.last_checkpoint.every_n_train_steps=2", "data=toy_consistency",
+        "data.source.toy_rows=256", "reward=function", "reward.path=test_online_cli:vowel_share",
+    ]  # fmt: skip
+    whole = train_in_process(*args, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    here = Path(__file__).parent  # the reward function's module, and the helpers it imports
+    path = os.pathsep.join([str(here), str(here.parent)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": path}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kto_lightning.train", *args, f"hydra.run.dir={stopped}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (stopped / "checkpoints" / "last.ckpt").exists():
+        assert process.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < deadline, "no checkpoint at step 2"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    checkpoint = stopped / "checkpoints" / "last.ckpt"
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= step < 40
+    resumed = train_in_process(
+        *args, f"resume={checkpoint}", f"hydra.run.dir={stopped}", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(tmp_path / "whole" / "hf_model" / "model.safetensors")
+    got = load_file(stopped / "hf_model" / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
