@@ -3,13 +3,13 @@ generation config with the tokenizer's pad and end-of-sequence ids."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from kto_lightning.core.logprobs import CausalLM
 from kto_lightning.errors import ConfigError
+from kto_lightning.models.generating import generation_config
 
 
 @dataclass(frozen=True)
@@ -43,23 +43,15 @@ class Sampling:
     def generation_config(
         self, model: CausalLM, tokenizer: PreTrainedTokenizerBase
     ) -> GenerationConfig:
-        """The model's own generation config (e.g. a repetition penalty it ships) with these
-        settings and the tokenizer's pad and end-of-sequence ids."""
-        base = getattr(model, "generation_config", None)
-        config = copy.deepcopy(base) if base is not None else GenerationConfig()
-        # A chat model may end its turn with a token other than the tokenizer's EOS; keep both.
-        eos = config.eos_token_id
-        eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
-        sample = self.temperature > 0
-        config.update(
+        """The model's own generation config with these settings and the tokenizer's pad and
+        end-of-sequence ids (`kto_lightning.models.generating.generation_config`)."""
+        return generation_config(
+            model,
             max_new_tokens=self.max_new_tokens,
-            do_sample=sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
             num_return_sequences=self.num_samples,
-            # Unset when greedy: transformers warns about sampling settings it will not use.
-            temperature=self.temperature if sample else None,
-            top_p=self.top_p if sample else None,
-            top_k=self.top_k if sample else None,  # 0 turns top-k off; None means 50
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(eos_ids) or None,
+            stop_ids=[tokenizer.eos_token_id],
         )
-        return config

@@ -13,7 +13,6 @@ reach `max_new_tokens`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from kto_lightning.core.logprobs import CausalLM, eval_mode
 from kto_lightning.data.collate import left_padded
 from kto_lightning.errors import ConfigError
 from kto_lightning.models.context import learned_positions
+from kto_lightning.models.generating import generation_config
 
 
 @dataclass(frozen=True)
@@ -161,28 +161,17 @@ class HFSampler:
         return cls(tokenizer.eos_token_id, tokenizer.pad_token_id, **settings)
 
     def generation_config(self, model: CausalLM) -> GenerationConfig:
-        """The model's own generation config with these settings and stop ids."""
-        base = getattr(model, "generation_config", None)
-        config = copy.deepcopy(base) if base is not None else GenerationConfig()
-        eos = config.eos_token_id
-        stops = {
-            *(eos if isinstance(eos, list) else [eos]),
-            self.eos_token_id,
-            *self.stop_token_ids,
-        }
-        sample = self.temperature > 0
-        config.update(
+        """The model's own generation config with these settings and stop ids (top-k off)."""
+        return generation_config(
+            model,
             max_new_tokens=self.max_new_tokens,
-            do_sample=sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=0,
             num_return_sequences=1,  # the prompts come repeated k times
-            # Unset when greedy: transformers warns about sampling settings it will not use.
-            temperature=self.temperature if sample else None,
-            top_p=self.top_p if sample else None,
-            top_k=0 if sample else None,  # 0 turns top-k off; None would mean 50
             pad_token_id=self._pad_id,
-            eos_token_id=sorted(stops - {None}),
+            stop_ids=[self.eos_token_id, *self.stop_token_ids],
         )
-        return config
 
     @property
     def _pad_id(self) -> int:
