@@ -27,7 +27,7 @@ from kto_lightning.online.prompt_data import PromptDataModule
 from kto_lightning.online.reward_model import RewardModel
 from kto_lightning.online.rewards import RewardFunction
 from kto_lightning.online.sampler import HFSampler
-from kto_lightning.training.online import OnlineKTOModule
+from kto_lightning.training.online import CACHE_REFUSED, OnlineKTOModule
 from kto_lightning.training.sft import SFTLoss
 
 log = logging.getLogger("kto_lightning")
@@ -88,11 +88,8 @@ def online_module(
     """`OnlineKTOModule` with its reference, sampler, reward function and labelling."""
     if not isinstance(loss_config, KTOLossConfig):
         raise ConfigError("online=step trains with loss=kto (or apo_zero_unpaired), not loss=sft")
-    if resolved_kind(cfg.reference.kind, policy) == "cache":
-        raise ConfigError(
-            "reference=cache holds log-probs of rows known before training; online KTO samples "
-            "its rows during training: use reference=copy, or adapter with LoRA"
-        )
+    if resolved_kind(cfg.reference.kind, policy) == "cache":  # before the provider is built
+        raise ConfigError(CACHE_REFUSED)
     # The batches are prompt rows that stay on the host (OnlineKTOModule.transfer_batch_to_device);
     # Lightning warns that the module's hook is the one used, which is the point.
     warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")

@@ -316,6 +316,10 @@ class KTOModule(PolicyModule):
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._train_on(batch)
+
+    def _train_on(self, batch: dict[str, Tensor]) -> Tensor:
+        """A training step on `batch`: its loss, with the step's metrics and health counted."""
         result = self._step(batch, "train")
         output, labels = result.output, batch["labels"]
         saturated = health.saturation_sums(

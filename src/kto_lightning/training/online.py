@@ -32,11 +32,10 @@ from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.common.distributed import all_reduce_sum, rank, world_size
-from kto_lightning.core import health
 from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.pairing import assign_kl_partners
-from kto_lightning.data.tokenize import Example, fit_beside
+from kto_lightning.data.tokenize import Example, fit_beside, render_prompt
 from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models.reference import CachedReference, ReferenceProvider
 from kto_lightning.online.labelling import Labelling, Labels
@@ -80,18 +79,27 @@ class Draw:
 
     Args:
         samples: the sampler's completions, each prompt's k together.
+        prompts: each completion's prompt as the reward function read it.
         texts: the completions as text.
         rewards: (N,) float32, one per completion.
         labels: which completions are desirable and which train.
         batch: the KTO batch of the kept completions (tensors on the CPU), None when it has
-            no row to train on.
+            no row to train on, or was not asked for.
     """
 
     samples: Samples
+    prompts: list[str]
     texts: list[str]
     rewards: Tensor
     labels: Labels
     batch: dict[str, Tensor] | None
+
+
+# Online rows are sampled during training; a cache holds log-probs of rows known before it.
+CACHE_REFUSED = (
+    "reference=cache holds log-probs of rows known before training; online KTO samples its rows "
+    "during training: use reference=copy, or adapter with LoRA"
+)
 
 
 def draw_seed(seed: int, split: str, batch_number: int, rank_: int) -> int:
@@ -141,10 +149,7 @@ class OnlineKTOModule(KTOModule):
         logprob_chunk_size: int = 256,
     ) -> None:
         if isinstance(reference, CachedReference):
-            raise ConfigError(
-                "reference=cache holds log-probs of rows known before training; online KTO "
-                "samples its rows during training: use reference=copy, or adapter with LoRA"
-            )
+            raise ConfigError(CACHE_REFUSED)
         loss, _ = loss_config.with_class_counts(1, 1)  # each step resolves its own weights
         super().__init__(policy, reference, loss, optimizer, scheduler, logprob_chunk_size)
         self.loss_config = loss_config
@@ -175,25 +180,28 @@ class OnlineKTOModule(KTOModule):
         # Prompt rows stay on the host: the sampler moves their ids, the step its own batch.
         return batch
 
-    def _prompt_text(self, prompt: str | list[dict[str, str]]) -> str:
-        """What the reward function reads as the prompt: a text prompt as it is, a conversation
-        rendered by the chat template (with the generation prompt)."""
-        if isinstance(prompt, str):
-            return prompt
-        text = self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+    def _shown(self, prompt: str | list[dict[str, str]]) -> str:
+        return prompt if isinstance(prompt, str) else render_prompt(self.tokenizer, prompt)
 
-    def draw(self, rows: Sequence[Prompted], sampler: Sampler, seed: int) -> Draw:
-        """Sample, score and label completions of `rows`; build the KTO batch of the kept."""
+    def draw(
+        self, rows: Sequence[Prompted], sampler: Sampler, seed: int, with_batch: bool = True
+    ) -> Draw:
+        """Sample, score and label completions of `rows`; with `with_batch`, build the KTO batch
+        of the kept ones.
+
+        The reward function reads a text prompt as it is, a conversation rendered by the chat
+        template with the generation prompt, each rendered once for its k completions.
+        """
         samples = sampler.sample(self.policy, [list(r.prompt_ids) for r in rows], seed)
         texts = samples.texts(self.tokenizer)
-        owners = [rows[i] for i in samples.prompt_index.tolist()]
-        prompts = [self._prompt_text(r.prompt) for r in owners]
+        shown = [self._shown(r.prompt) for r in rows]
+        index = samples.prompt_index.tolist()
+        owners = [rows[i] for i in index]
+        prompts = [shown[i] for i in index]
         rewards = score(self.reward, prompts, texts, [dict(r.fields) for r in owners])
         labels = self.labelling(rewards, sampler.k)
-        return Draw(samples, texts, rewards, labels, self._kto_batch(owners, samples, labels, seed))
+        batch = self._kto_batch(owners, samples, labels, seed) if with_batch else None
+        return Draw(samples, prompts, texts, rewards, labels, batch)
 
     def _kto_batch(
         self, owners: Sequence[Prompted], samples: Samples, labels: Labels, seed: int
@@ -230,7 +238,7 @@ class OnlineKTOModule(KTOModule):
     ) -> Tensor | None:
         seed = draw_seed(self.seed, "train", self._batch_number(), rank())
         drawn = self.draw(batch, self.sampler, seed)
-        self._remember(batch, drawn)
+        self._remember(drawn)
         counts = torch.tensor(
             [drawn.labels.n_desirable, drawn.labels.n_undesirable, drawn.batch is not None],
             device=self.device,
@@ -248,17 +256,9 @@ class OnlineKTOModule(KTOModule):
         for note in notes:
             log.debug("%s", note)  # a draw's ratio outside [1, 4/3] is expected, step to step
         assert drawn.batch is not None
-        kto_batch = self._to_device(drawn.batch)
-        result = self._step(kto_batch, "train")
-        output, labels = result.output, kto_batch["labels"]
-        saturated = health.saturation_sums(
-            output.rewards, labels, self.loss.beta * output.reference_point
-        )
-        step_sums = self._record_train_step(torch.cat([result.metric_sums, saturated]), len(labels))
-        self._health = health.update_counters(self._health, step_sums)
-        return result.loss
+        return self._train_on(self._to_device(drawn.batch))
 
-    def _remember(self, rows: Sequence[Prompted], drawn: Draw) -> None:
+    def _remember(self, drawn: Draw) -> None:
         """Keep the draw's figures for the step's metrics and its rows for the samples table."""
         samples, labels, rewards = drawn.samples, drawn.labels, drawn.rewards
         n = max(len(samples), 1)
@@ -273,17 +273,16 @@ class OnlineKTOModule(KTOModule):
             "sample_seconds": samples.seconds,
             "skipped_draws": float(self._skipped),
         }
-        owners = samples.prompt_index.tolist()
         self.last_draw = [
             {
-                "prompt": self._prompt_text(rows[owner].prompt),
+                "prompt": prompt,
                 "completion": text,
                 "reward": float(reward),
                 "label": bool(desirable),
                 "kept": bool(kept),
             }
-            for owner, text, reward, desirable, kept in zip(
-                owners,
+            for prompt, text, reward, desirable, kept in zip(
+                drawn.prompts,
                 drawn.texts,
                 rewards.tolist(),
                 labels.desirable.tolist(),
@@ -322,7 +321,8 @@ class OnlineKTOModule(KTOModule):
     def validation_step(self, batch: Sequence[Prompted], batch_idx: int) -> None:  # type: ignore[override]
         sums = torch.zeros(_VAL_FIELDS, dtype=torch.float64)
         if self.greedy_sampler is not None:
-            greedy = self.draw(batch, self.greedy_sampler, 0)  # greedy: the seed plays no part
+            # Greedy: the seed plays no part, and only the rewards are read.
+            greedy = self.draw(batch, self.greedy_sampler, 0, with_batch=False)
             sums[0], sums[1] = greedy.rewards.double().sum(), len(greedy.rewards)
         seed = draw_seed(self.seed, "validation", batch_idx, rank())
         drawn = self.draw(batch, self.sampler, seed)
