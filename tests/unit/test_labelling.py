@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from kto_lightning.errors import ConfigError, DataError
-from kto_lightning.online.labelling import Labels, class_weights, group_labels, threshold_labels
+from kto_lightning.online.labelling import (
+    Labelling,
+    Labels,
+    class_weights,
+    group_labels,
+    threshold_labels,
+)
 
 T, F = True, False
 # Three prompts, k = 3: means 2, 1/3 and 5 (the last group all equal).
@@ -153,3 +159,9 @@ def test_class_weights_warn_outside_the_recommended_range() -> None:
 def test_class_weights_refuse_a_draw_with_no_kept_row() -> None:
     with pytest.raises(DataError, match="every one of the 4 sampled completions was dropped"):
         class_weights(group_labels(torch.ones(4), k=2), "auto", 1.0)
+
+
+def test_the_group_rules_option_clash_stops_when_the_labelling_is_built() -> None:
+    with pytest.raises(ConfigError, match="equal_groups=keep keeps an all-equal group's rows"):
+        Labelling(rule="group", ties="drop", equal_groups="keep")
+    Labelling(rule="threshold", ties="drop", equal_groups="keep")  # the group options unused

@@ -111,6 +111,19 @@ def _check_option(key: str, value: str) -> str:
     return value
 
 
+def _check_group_options(ties: str, equal_groups: str) -> None:
+    """ConfigError for an option outside {drop, keep}, or for equal_groups=keep with ties=drop
+    (the group's rows are all ties, which that rule drops: the setting would do nothing)."""
+    _check_option("online.labelling.ties", ties)
+    _check_option("online.labelling.equal_groups", equal_groups)
+    if equal_groups == KEEP and ties == DROP:
+        raise ConfigError(
+            "online.labelling.equal_groups=keep keeps an all-equal group's rows as ties, which "
+            "online.labelling.ties=drop drops; set ties=keep to train on them as undesirable, "
+            "or equal_groups=drop"
+        )
+
+
 def threshold_labels(rewards: Tensor | Sequence[float], threshold: float) -> Labels:
     """A reward >= `threshold` is desirable, any other undesirable; every row is kept.
 
@@ -149,14 +162,7 @@ def group_labels(
         ValueError: k < 1, or a number of rewards that is not a multiple of k.
         DataError: a reward that is not a finite number.
     """
-    ties = _check_option("online.labelling.ties", ties)
-    equal_groups = _check_option("online.labelling.equal_groups", equal_groups)
-    if equal_groups == KEEP and ties == DROP:
-        raise ConfigError(
-            "online.labelling.equal_groups=keep keeps an all-equal group's rows as ties, which "
-            "online.labelling.ties=drop drops; set ties=keep to train on them as undesirable, "
-            "or equal_groups=drop"
-        )
+    _check_group_options(ties, equal_groups)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (completions per prompt) must be an integer >= 1, got {k!r}")
     values = _rewards(rewards)
@@ -232,6 +238,8 @@ class Labelling:
         check_number("online.labelling.threshold", self.threshold)
         _check_option("online.labelling.ties", self.ties)
         _check_option("online.labelling.equal_groups", self.equal_groups)
+        if self.rule == GROUP:  # when the run is built, not at its first step
+            _check_group_options(self.ties, self.equal_groups)
 
     def __call__(self, rewards: Tensor | Sequence[float], k: int) -> Labels:
         """The labels of one draw's rewards, the k completions of a prompt together."""
