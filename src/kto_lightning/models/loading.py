@@ -88,7 +88,7 @@ class Pretrained:
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         source = self.tokenizer_name_or_path or self.name_or_path
-        _check_reachable(
+        check_reachable(
             source,
             "model.tokenizer_name_or_path" if self.tokenizer_name_or_path else "model.name_or_path",
             needs="tokenizer",
@@ -102,7 +102,7 @@ class Pretrained:
         return ensure_pad_token(tokenizer)
 
     def load_policy(self) -> CausalLM:
-        _check_reachable(self.name_or_path, "model.name_or_path")
+        check_reachable(self.name_or_path, "model.name_or_path")
         kwargs: dict = {
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
@@ -229,7 +229,7 @@ def _check_folder(folder: Path, key: str, needs: str) -> None:
     )
 
 
-def _check_reachable(name_or_path: str, key: str, needs: str = "model") -> None:
+def check_reachable(name_or_path: str, key: str, needs: str = "model") -> None:
     """Fail at once, in one sentence, when a hub name is neither local, cached nor reachable, or
     a local folder lacks what `needs` ("model" or "tokenizer") is read from."""
     if Path(name_or_path).expanduser().exists():

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from kto_lightning.errors import ConfigError, ModelLoadError
-from kto_lightning.models.loading import _check_reachable, ensure_pad_token
+from kto_lightning.models.loading import check_reachable, ensure_pad_token
 
 KEY = "reward.name_or_path"  # how errors name where the reward model is read from
 
@@ -108,8 +108,8 @@ class RewardModel:
         return self._loaded
 
     def _read(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        _check_reachable(self.name_or_path, KEY)
-        _check_reachable(self.name_or_path, KEY, needs="tokenizer")
+        check_reachable(self.name_or_path, KEY)
+        check_reachable(self.name_or_path, KEY, needs="tokenizer")
         try:
             read_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
             model = AutoModelForSequenceClassification.from_pretrained(
