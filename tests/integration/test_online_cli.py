@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from cli import train_in_process
+from cli import command_in_process, train_in_process
 from conftest import FAST
 from kto_lightning.online.rewards import ExactMatch, RegexMatch
 
@@ -79,6 +79,11 @@ def test_an_online_run_trains_on_its_own_samples_of_the_users_prompts(tmp_path: 
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "hf_model" / "model.safetensors").is_file()
     assert f"path: {tmp_path}/sums.jsonl" in (run / ".hydra" / "config.yaml").read_text()
+    # evaluate scores labelled rows; the run's prompts have none, and it says so in one line.
+    evaluated = command_in_process("evaluate", f"ckpt_path={run}", cwd=tmp_path)
+    assert evaluated.returncode != 0
+    assert "this is an online KTO run (online=step): its data are prompts" in evaluated.stderr
+    assert "Traceback" not in evaluated.stderr
 
 
 def test_the_exact_and_regex_rewards_build_from_their_files(make_config, tmp_path: Path) -> None:

@@ -112,6 +112,12 @@ def scored_data(
     if run is None or not isinstance(run.get("data"), Mapping):
         return composed, None
     keys = [o.split("=", 1)[0].lstrip("+~").split("@")[0] for o in overrides]
+    if run.get("online") and not any(k == "data" or k.startswith("data.") for k in keys):
+        raise ConfigError(
+            "this is an online KTO run (online=step): its data are prompts, with no completions "
+            "or labels to score; its held-out rewards are val/online/* in its csv/metrics.csv. "
+            "To score labelled rows, name them: data=<group> or data.source.path=<file>"
+        )
     if "data" in keys:
         scored = composed
     else:
