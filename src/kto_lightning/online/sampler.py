@@ -1,9 +1,15 @@
 """The sampler: k completions of each prompt, drawn from the policy as it is at a step.
 
 One interface (`Sampler`), so that a faster backend can stand beside the Hugging Face one
-(`HFSampler`, `generate` with the KV cache). A draw depends only on (seed, model, prompts): the
-sampler seeds its own random streams and gives the caller's back untouched, so a resumed run
-draws again exactly what the interrupted one drew at the same step.
+(`HFSampler`, `generate` with the KV cache). Each prompt comes with its own seed, and its k
+completions depend only on (model, its token ids, its seed, the settings): not on the other
+prompts of the batch, their order, or any global random stream (none is read or moved). So a
+resumed run draws again what the interrupted one drew, and two ranks that each sample half of a
+batch draw what one process sampling all of it draws.
+
+The noise is counter-based (`gumbel_noise`): a hash of (row key, step, token id), added to the
+warped scores, and `generate` then takes the argmax (the Gumbel-max trick), which is a draw from
+softmax(scores).
 
 Completions end as training data ends one (data/tokenize.py): with the stop token that ended
 them (a text row's EOS, a chat turn's end-of-turn marker), or cut short without one when they
@@ -12,15 +18,22 @@ reach `max_new_tokens`.
 
 from __future__ import annotations
 
-import contextlib
+import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from kto_lightning.common.compile_stance import eager
 from kto_lightning.core.logprobs import CausalLM, eval_mode
@@ -66,31 +79,90 @@ class Sampler(Protocol):
         """Completions per prompt."""
         ...
 
-    def sample(self, model: CausalLM, prompt_ids: Sequence[Sequence[int]], seed: int) -> Samples:
+    def sample(
+        self, model: CausalLM, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int]
+    ) -> Samples:
         """`k` completions of each prompt (token ids, as training encodes a prompt), from `model`
-        as it is now, in eval mode and without gradients; the same seed, model and prompts give
-        the same samples, and the caller's random state is left as it was."""
+        as it is now, in eval mode and without gradients. `seeds` holds one seed per prompt
+        (ValueError when the counts differ): a prompt's completions depend only on the model,
+        its ids, its seed and the settings, not on the other prompts, their order, the device
+        or the global random state, which is neither read nor changed."""
         ...
 
 
-@contextlib.contextmanager
-def seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Inside the block the CPU's random stream and `device`'s start from `seed`; after it, both
-    are back where they were. Only `device` is touched among the accelerators: forking every
-    device's stream would start a context on each GPU of the machine."""
-    on_accelerator = device.type != "cpu"
-    index = device.index if device.index is not None else 0
-    devices = [index] if on_accelerator else []
-    with torch.random.fork_rng(devices, device_type=device.type if on_accelerator else None):
-        torch.random.default_generator.manual_seed(seed)
-        if on_accelerator:
-            module = torch.get_device_module(device.type)
-            generators = getattr(module, "default_generators", ())
-            if generators:  # CUDA, XPU: one generator per device
-                generators[index].manual_seed(seed)
-            else:  # MPS: one device
-                module.manual_seed(seed)
-        yield
+def _int64(value: int) -> int:
+    """`value` modulo 2**64, as the signed int64 with the same bits (a Python int of 2**63 or
+    more does not fit in a torch int64)."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser, elementwise on int64: a bijection of 64-bit words whose products
+    wrap modulo 2**64, alike on CPU and CUDA."""
+    return _mix64_(x.clone())
+
+
+def _mix64_(x: Tensor) -> Tensor:
+    """`mix64` in place: (B, V) words take a few passes over two buffers, not a new one per
+    operation (on CPU the fresh allocations cost more than the arithmetic)."""
+    shifted = torch.empty_like(x)
+    for bits, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        shifted &= (1 << (64 - bits)) - 1  # torch's >> is arithmetic: clear the copied sign
+        x ^= shifted
+        if factor is not None:
+            x *= factor
+    return x
+
+
+def row_keys(seeds: Sequence[int], k: int) -> Tensor:
+    """(len(seeds) * k,) int64: the key of sample j of prompt i, mixed from seeds[i] and j, in
+    the order the sampler lays rows out (each prompt's k together)."""
+    seed = torch.tensor([_int64(s) for s in seeds], dtype=torch.long)
+    return mix64(mix64(seed).repeat_interleave(k) + torch.arange(k).repeat(len(seeds)))
+
+
+def uniforms(keys: Tensor, step: int, vocab: int) -> Tensor:
+    """(B,) row keys -> (B, vocab) float64 uniforms in (0, 1), a pure function of (key, step,
+    token id): each row's step seeds a splitmix64 stream, whose token-id-th word gives u."""
+    stream = mix64(keys + _int64((step + 1) * _GOLDEN))  # (B,)
+    token = torch.arange(1, vocab + 1, device=keys.device) * _GOLDEN  # (V,), wraps
+    words = _mix64_(stream[:, None] + token)  # (B, V), a fresh buffer
+    top = words.bitwise_right_shift_(12).bitwise_and_((1 << 52) - 1)  # the top 52 bits
+    # (m + 0.5) / 2**52 lies in [2**-53, 1 - 2**-53], both exact in float64: never 0 or 1.
+    return top.double().add_(0.5).div_(2.0**52)
+
+
+def gumbel_noise(keys: Tensor, step: int, vocab: int) -> Tensor:
+    """(B, vocab) float64 Gumbel(0, 1) noise -log(-log(u)): argmax(scores + noise) is a draw
+    from softmax(scores). Float64, so that the noise reaches 36.7 and a token far below the
+    top keeps its (tiny) chance."""
+    return uniforms(keys, step, vocab).log_().neg_().log_().neg_()
+
+
+class GumbelNoise(LogitsProcessor):
+    """Adds each row's Gumbel noise (`gumbel_noise`) to the scores; run last, it turns greedy
+    `generate` into sampling. A -inf score (a token top-p removed) stays -inf.
+
+    Args:
+        keys: (B,) int64, one key per row of the batch (`row_keys`).
+        prompt_width: the padded prompt's width: the step is the number of tokens generated.
+    """
+
+    def __init__(self, keys: Tensor, prompt_width: int) -> None:
+        self.keys = keys
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.keys.device != scores.device:
+            self.keys = self.keys.to(scores.device)
+        step = input_ids.shape[1] - self.prompt_width
+        return scores + gumbel_noise(self.keys, step, scores.shape[1]).to(scores.dtype)
 
 
 def _first_stop(new_tokens: Tensor, stops: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,8 +179,12 @@ def _first_stop(new_tokens: Tensor, stops: Tensor) -> tuple[Tensor, Tensor]:
 class HFSampler:
     """Samples with Hugging Face `generate` (KV cache), all prompts' k samples as one batch.
 
-    The policy's own generation config lies underneath (e.g. a repetition penalty it ships), with
-    these settings on top; top-k is off.
+    `generate` runs greedy, and sampling is the Gumbel-max trick: after the policy's own
+    processors (its generation config lies underneath, e.g. a repetition penalty it ships) come
+    the temperature, top-p (below 1) and `GumbelNoise`, whose noise is a hash of (prompt's seed,
+    sample, step, token): HF's `multinomial` on the global random stream would tie a row's draw
+    to its batch. Top-k is off; sampling-only settings of the model's config (min_p, typical_p,
+    epsilon/eta cutoffs) are not applied, as greedy `generate` builds no warpers.
 
     Args:
         eos_token_id: the tokenizer's end-of-sequence id (see `from_tokenizer`).
@@ -161,38 +237,65 @@ class HFSampler:
         return cls(tokenizer.eos_token_id, tokenizer.pad_token_id, **settings)
 
     def generation_config(self, model: CausalLM) -> GenerationConfig:
-        """The model's own generation config with these settings and stop ids (top-k off)."""
+        """The model's own generation config, greedy, with these lengths and stop ids (the
+        sampling settings act through `logits_processors`)."""
         return generation_config(
             model,
             max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=0.0,
+            top_p=1.0,
             top_k=0,
             num_return_sequences=1,  # the prompts come repeated k times
             pad_token_id=self._pad_id,
             stop_ids=[self.eos_token_id, *self.stop_token_ids],
         )
 
+    def logits_processors(self, seeds: Sequence[int], prompt_width: int) -> LogitsProcessorList:
+        """Temperature, top-p and the seeds' Gumbel noise, for a batch of `len(seeds)` prompts
+        left-padded to `prompt_width`, each repeated k times; none at temperature 0 (greedy).
+
+        `generate` puts these after the processors it builds from the generation config (none
+        of the same types, as that config is greedy: a custom processor of a type it builds
+        would take that one's place instead)."""
+        if self.temperature == 0:
+            return LogitsProcessorList()
+        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(self.temperature)]
+        if self.top_p < 1:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        noise = GumbelNoise(row_keys(seeds, self.k), prompt_width)
+        return LogitsProcessorList([*warpers, noise])
+
     @property
     def _pad_id(self) -> int:
         return self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
 
-    def sample(self, model: CausalLM, prompt_ids: Sequence[Sequence[int]], seed: int) -> Samples:
+    def sample(
+        self, model: CausalLM, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int]
+    ) -> Samples:
         """`k` completions of each prompt, generated as one left-padded batch.
 
         The model runs in eval mode (no dropout) without gradients, and is put back in the mode
-        it was in afterwards, also when generation fails. The random streams are seeded with
-        `seed` inside and restored after (see `seeded`).
+        it was in afterwards, also when generation fails. No global random stream is read or
+        moved: a prompt's completions depend on its ids and seed alone (with the model and the
+        settings), wherever it stands in the batch and whichever prompts stand beside it.
 
         Args:
             model: the policy, a Hugging Face causal LM (or a peft model around one).
             prompt_ids: each prompt's token ids, as training encodes a prompt (BOS + tokens, or
                 the chat template's rendering with the generation prompt).
-            seed: the draw's seed, e.g. derived from the run's seed and the step.
+            seeds: one seed per prompt (int64 range; larger ints are taken modulo 2**64),
+                e.g. derived from the run's seed and the prompt's place in the run; unused at
+                temperature 0.
 
         Returns:
             `Samples`, each prompt's k completions together, prompt by prompt.
         """
+        seeds = [operator.index(s) for s in seeds]  # numpy and torch integers too
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(
+                f"sample got {len(seeds)} seeds for {len(prompt_ids)} prompts; give one seed "
+                "per prompt"
+            )
         if not prompt_ids:
             none = torch.zeros(0, dtype=torch.long)
             return Samples(none, [], none.bool(), 0.0)
@@ -204,14 +307,16 @@ class HFSampler:
         repeated = [ids for ids in prompt_ids for _ in range(self.k)]
         input_ids, attention_mask = left_padded(repeated, self._pad_id)
         config = self.generation_config(model)
+        processors = self.logits_processors(seeds, prompt_width=input_ids.shape[1])
         start = time.perf_counter()
         # Eager under compile.enabled: generating with a KV cache would compile every layer anew
         # (see kto_lightning.common.compile_stance.eager).
-        with seeded(device, seed), eval_mode(model), torch.no_grad(), eager():
+        with eval_mode(model), torch.no_grad(), eager():
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                logits_processor=processors,
             )  # (N, width + T); a row that stopped early is padded after its stop token
         new_tokens = output[:, input_ids.shape[1] :].cpu()
         seconds = time.perf_counter() - start
