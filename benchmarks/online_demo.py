@@ -5,8 +5,12 @@
 
 The SFT stage (`loss=sft data=toy_consistency`) trains the tiny model from a random init; both
 KTO runs then start from it, one epoch each, per seed:
-- online: `online=step reward=consistency`, every step samples k=4 completions of 16 prompts and
-  labels them with the task's verifier (the reply names the object the prompt stated);
+- online, step loop: `online=step reward=consistency`, every step samples k=4 completions of 16
+  prompts and labels them with the task's verifier (the reply names the object the prompt
+  stated);
+- online, round loop: `online=round`, 4 rounds of 500 prompts: each round samples and labels its
+  2,000 completions with the policy as it is at the round's start, then trains on them in 32
+  steps of 64 rows (the reference stays the SFT model);
 - offline: the task's own labelled rows, as many as the online run labels (125 steps x 64).
 
 Each model (the SFT one and every KTO run's export) is then scored on the validation prompts,
@@ -34,6 +38,7 @@ from kto_lightning.models import FromRun
 from kto_lightning.online.prompt_data import PromptDataModule
 from kto_lightning.online.rewards import ConsistencyVerifier, score
 from kto_lightning.online.sampler import HFSampler
+from kto_lightning.training.online import draw_seed
 
 TASK = ["data=toy_consistency", "trainer.enable_progress_bar=false", "progress.every_n_steps=0"]
 PROMPTS_PER_STEP, K, STEPS = 16, 4, 125  # the online run: data.source.toy_rows=2000, one epoch
@@ -69,7 +74,8 @@ def held_out_rewards(run_dir: Path, seed: int = 0) -> tuple[float, float]:
         HFSampler.from_tokenizer(tokenizer, k=1, temperature=0.0, max_new_tokens=64),
         HFSampler.from_tokenizer(tokenizer, k=K, temperature=1.0, max_new_tokens=64),
     ):
-        samples = sampler.sample(policy, [r.prompt_ids for r in rows], seed)
+        seeds = [draw_seed(seed, "held_out", r.index) for r in rows]
+        samples = sampler.sample(policy, [r.prompt_ids for r in rows], seeds)
         owners = [rows[i] for i in samples.prompt_index.tolist()]
         prompts = [str(r.prompt) for r in owners]
         rewards = score(verifier, prompts, samples.texts(tokenizer), [r.fields for r in owners])
@@ -107,18 +113,31 @@ def main() -> None:
         seconds = train(sft, "loss=sft", "optimizer.lr=1e-3", "trainer.max_epochs=10",
                         "model.weights=null")  # fmt: skip
         print(f"SFT: {seconds:.0f} s")
-    start = ["model=from_run", f"model.run_dir={sft}", f"optimizer.lr={args.lr}",
-             "trainer.max_epochs=1"]  # fmt: skip
-    results: dict[str, list[tuple[float, float, float]]] = {"online": [], "offline": []}
+    start = ["model=from_run", f"model.run_dir={sft}", f"optimizer.lr={args.lr}"]
+    results: dict[str, list[tuple[float, float, float]]] = {
+        "online (step loop)": [], "online (round loop, 4 rounds)": [], "offline": [],
+    }  # fmt: skip
     shares: list[tuple[float, float]] = []
     for seed in args.seeds:
         online = work / f"online_{seed}"
-        seconds = train(online, *start, f"seed={seed}", "online=step", "reward=consistency")
-        results["online"].append((*held_out_rewards(online), seconds))
+        seconds = train(
+            online, *start, "trainer.max_epochs=1", f"seed={seed}", "online=step",
+            "reward=consistency",
+        )  # fmt: skip
+        results["online (step loop)"].append((*held_out_rewards(online), seconds))
         shares.append(sampling_figures(online))
+        rounds = work / f"rounds_{seed}"
+        seconds = train(
+            rounds, *start, f"seed={seed}", "online=round", "reward=consistency",
+            f"online.round.prompts={PROMPTS_PER_STEP * STEPS // 4}", "trainer.max_epochs=4",
+            f"data.batching.batch_size={PROMPTS_PER_STEP * K}",
+        )  # fmt: skip
+        results["online (round loop, 4 rounds)"].append((*held_out_rewards(rounds), seconds))
         offline = work / f"offline_{seed}"
         rows = PROMPTS_PER_STEP * K * STEPS
-        seconds = train(offline, *start, f"seed={seed}", f"data.source.toy_rows={rows}")
+        seconds = train(
+            offline, *start, "trainer.max_epochs=1", f"seed={seed}", f"data.source.toy_rows={rows}"
+        )
         results["offline"].append((*held_out_rewards(offline), seconds))
     greedy, sampled = held_out_rewards(sft)
     print(f"\nheld-out prompts (unseen objects), seeds {args.seeds}, lr {args.lr}; {work}")
@@ -127,7 +146,7 @@ def main() -> None:
     print(f"| SFT (start) | {greedy:.3f} | {sampled:.3f} | |")
     for name, runs in results.items():
         g, s, t = zip(*runs, strict=True)
-        print(f"| + {name} KTO, 1 epoch | {spread(list(g))} | {spread(list(s))} | "
+        print(f"| + {name} KTO | {spread(list(g))} | {spread(list(s))} | "
               f"{statistics.mean(t):.0f} s |")  # fmt: skip
     share, speed = (statistics.mean(values) for values in zip(*shares, strict=True))
     print(f"online: sampling takes {share:.0%} of a step, at {speed:.0f} sampled tokens/s")

@@ -64,7 +64,10 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
         # integration/test_online_cli.py.
         assert get_object(section._target_) is not None
     elif group == "online":
-        assert set(section) == {"sampling", "labelling"}  # built by test_online_cli.py
+        # Run through the command line by test_online_cli.py (step), test_online_round.py and
+        # test_online_ddp.py (both).
+        assert section.loop == name
+        assert set(section) == {"loop", "sampling", "labelling", *(["round"] * (name == "round"))}
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):
         assert section._target_ == "kto_lightning.models.Pretrained"
     elif group == "model" and OmegaConf.is_missing(section, "run_dir"):

@@ -34,6 +34,7 @@ MAX_LENGTH = 160
 class Row:
     prompt_ids: list[int]
     prompt: str
+    index: int
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,7 +47,8 @@ def prompt_rows(tokenizer, n: int, split: str = "train") -> list[Row]:
     rows = consistency_rows(n, split=split, seed=0)
     encode = functools.partial(tokenizer, add_special_tokens=False)
     return [
-        Row([tokenizer.bos_token_id, *encode(r["prompt"])["input_ids"]], r["prompt"]) for r in rows
+        Row([tokenizer.bos_token_id, *encode(r["prompt"])["input_ids"]], r["prompt"], i)
+        for i, r in enumerate(rows)
     ]
 
 
@@ -89,7 +91,7 @@ def trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> L.Trainer:
 def test_a_draw_labels_its_completions_and_trains_the_kept_ones(rule: str) -> None:
     module = make_module(Labelling(rule=rule, threshold=0.5), k=4)
     rows = prompt_rows(module.tokenizer, 3)
-    drawn = module.draw(rows, module.sampler, seed=1)
+    drawn = module.draw(rows, module.sampler, "train/0", pairs_seed=1)
     rewards = [float(len(t) % 2 == 0) for t in drawn.texts]
     assert drawn.rewards.tolist() == rewards
     if rule == "threshold":
@@ -117,9 +119,9 @@ def test_a_draw_labels_its_completions_and_trains_the_kept_ones(rule: str) -> No
 def test_the_same_seed_draws_the_same_completions_and_another_seed_others() -> None:
     module = make_module()
     rows = prompt_rows(module.tokenizer, 4)
-    first, again = (module.draw(rows, module.sampler, seed=3).texts for _ in range(2))
+    first, again = (module.draw(rows, module.sampler, "train/3").texts for _ in range(2))
     assert first == again
-    assert module.draw(rows, module.sampler, seed=4).texts != first
+    assert module.draw(rows, module.sampler, "train/4").texts != first
 
 
 def test_training_moves_the_policy_on_its_own_samples_and_logs_the_draws(tmp_path: Path) -> None:

@@ -26,14 +26,18 @@ from kto_lightning.online.labelling import Labelling
 from kto_lightning.online.prompt_data import PromptDataModule
 from kto_lightning.online.reward_model import RewardModel
 from kto_lightning.online.rewards import RewardFunction
+from kto_lightning.online.round_data import RoundDataModule
 from kto_lightning.online.sampler import HFSampler
 from kto_lightning.training.online import CACHE_REFUSED, OnlineKTOModule
+from kto_lightning.training.online_round import REFERENCES, RoundKTOModule
 from kto_lightning.training.sft import SFTLoss
 
 log = logging.getLogger("kto_lightning")
 
 # The reward model's dtype under the trainer's precision: it scores as the policy computes.
 _PRECISION_DTYPE = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16"}
+
+LOOPS = ("step", "round")
 
 
 def _settings(node: DictConfig, key: str) -> dict[str, Any]:
@@ -43,10 +47,11 @@ def _settings(node: DictConfig, key: str) -> dict[str, Any]:
 
 
 def online_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataModule:
-    """The prompts of an online run, read with the `data` group's keys (see the module)."""
+    """The prompts of an online run, read with the `data` group's keys (see the module); the
+    `round` loop's also count its rounds' steps."""
     data = cfg.data
-    return PromptDataModule(
-        tokenizer,
+    settings: dict[str, Any] = dict(
+        tokenizer=tokenizer,
         source=_settings(data.source, "data.source"),
         columns=_settings(data.columns, "data.columns"),
         prompts_per_step=data.batching.batch_size,
@@ -54,6 +59,23 @@ def online_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         seed=cfg.seed,
         num_workers=data.batching.num_workers,
     )
+    if _loop(cfg) == "step":
+        return PromptDataModule(**settings)
+    rounds = cfg.online.round
+    return RoundDataModule(
+        prompts_per_round=rounds.prompts,
+        k=cfg.online.sampling.k,
+        rows_per_step=data.batching.batch_size,
+        sample_batch_size=rounds.sample_batch_size,
+        **settings,
+    )
+
+
+def _loop(cfg: DictConfig) -> str:
+    loop = str(cfg.online.get("loop", "step"))
+    if loop not in LOOPS:
+        raise ConfigError(f"online.loop must be one of {LOOPS}, got {loop!r}")
+    return loop
 
 
 def _sampler(tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any]) -> HFSampler:
@@ -93,29 +115,42 @@ def online_module(
     # The batches are prompt rows that stay on the host (OnlineKTOModule.transfer_batch_to_device);
     # Lightning warns that the module's hook is the one used, which is the point.
     warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
-    # A step whose draw has nothing to train on returns None on purpose (skipped_draws counts it).
-    warnings.filterwarnings("ignore", message="`training_step` returned `None`")
     online = cfg.online
     sampling = _settings(online.sampling, "online.sampling")
     sampler = _sampler(tokenizer, sampling)
     greedy = _sampler(tokenizer, {**sampling, "k": 1, "temperature": 0.0})
     labelling = Labelling(**_settings(online.labelling, "online.labelling"))
-    spec = instantiate(cfg.reference)
-    reference = build_provider(
-        spec, policy, tokenizer, datamodule, cfg.logprob_chunk_size,
-        needs_kl_rows=loss_config.needs_kl_rows, precision=cfg.trainer.precision,
-        deferred=True, sharded=False,
-    )  # fmt: skip
-    log.info("%s", reference_note(spec.kind, reference, policy))
+    loop = _loop(cfg)
+    refresh = False
+    if loop == "round":
+        refresh = str(online.round.reference) == "refresh"
+        if str(online.round.reference) not in REFERENCES:
+            raise ConfigError(
+                f"online.round.reference must be one of {REFERENCES}, got "
+                f"{online.round.reference!r}"
+            )
+    reference = None
+    if refresh:  # the round-start policy's log-probs: computed by the policy, no second model
+        log.info("reference: the policy at each round's start (online.round.reference=refresh)")
+    else:
+        spec = instantiate(cfg.reference)
+        reference = build_provider(
+            spec, policy, tokenizer, datamodule, cfg.logprob_chunk_size,
+            needs_kl_rows=loss_config.needs_kl_rows, precision=cfg.trainer.precision,
+            deferred=True, sharded=False,
+        )  # fmt: skip
+        log.info("%s", reference_note(spec.kind, reference, policy))
     log.info(
-        "online KTO: %d prompts a step, k=%d completions each (temperature %g, top_p %g, at "
-        "most %d new tokens), labelled by %s",
-        datamodule.prompts_per_step, sampler.k, sampler.temperature, sampler.top_p,
+        "online KTO (%s loop): %d prompts a %s, k=%d completions each (temperature %g, top_p %g, "
+        "at most %d new tokens), labelled by %s",
+        loop,
+        datamodule.round_size() if isinstance(datamodule, RoundDataModule)
+        else datamodule.prompts_per_step,
+        "round" if loop == "round" else "step", sampler.k, sampler.temperature, sampler.top_p,
         sampler.max_new_tokens, labelling.rule,
     )  # fmt: skip
-    return OnlineKTOModule(
+    parts: dict[str, Any] = dict(
         policy=policy,
-        reference=reference,
         loss_config=loss_config,
         optimizer=instantiate(cfg.optimizer),
         tokenizer=tokenizer,
@@ -128,3 +163,9 @@ def online_module(
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         logprob_chunk_size=cfg.logprob_chunk_size,
     )
+    if loop == "round":
+        return RoundKTOModule(
+            reference=reference, round_reference=str(online.round.reference), **parts
+        )
+    assert reference is not None
+    return OnlineKTOModule(reference=reference, **parts)

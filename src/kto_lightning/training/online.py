@@ -4,14 +4,17 @@ Each training batch is prompts. The step draws k completions of each from the po
 that step, scores them with the reward function, labels them, and trains on them with the same
 KTO step as offline rows (`KTOModule`):
 
-    prompts -> sampler (eval mode, seeded by the run's seed and the batch's number)
+    prompts -> sampler (eval mode, each prompt seeded by the run's seed, the epoch and its row)
             -> reward function (one float per completion, checked: online/rewards.score)
             -> labelling (threshold or group) -> class weights from the drawn counts (eq. 8)
-            -> KL rows: each completion beside another prompt's (data/pairing.py)
+            -> KL rows: each completion beside another prompt's, paired over all ranks' draws
+               (data/pairing.py)
             -> the KTO step, backward, optimizer
 
-A draw depends only on the run's seed, the batch's position in the run and the rank: a run
-resumed from a checkpoint draws exactly what the interrupted run drew at the same batch.
+A prompt's completions depend only on the run's seed, the epoch and the prompt's row, and the KL
+pairs on the whole batch of all ranks: a run resumed from a checkpoint draws exactly what the
+interrupted run drew at the same batch, and 2 ranks of b prompts each draw and train on what one
+process of 2b prompts does (each rank's loss is normalised by the counts of all ranks).
 Validation draws for its held-out prompts a greedy completion and k sampled ones, and reports
 their mean rewards beside the KTO metrics of the sampled ones.
 """
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.common.distributed import all_reduce_sum, rank, world_size
+from kto_lightning.common.distributed import all_reduce_sum, gather_objects, rank, world_size
 from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.data.collate import KTOCollator
 from kto_lightning.data.pairing import assign_kl_partners
@@ -60,7 +63,8 @@ _VAL_FIELDS = 4
 
 class Prompted(Protocol):
     """What the module reads of a prompt row: its token ids (as training encodes the prompt),
-    the prompt itself (text or a conversation) and its fields (what the reward function reads).
+    the prompt itself (text or a conversation), its fields (what the reward function reads) and
+    its index in its split (what seeds its completions).
     """
 
     @property
@@ -71,6 +75,9 @@ class Prompted(Protocol):
 
     @property
     def fields(self) -> dict[str, Any]: ...
+
+    @property
+    def index(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,9 @@ class Draw:
         texts: the completions as text.
         rewards: (N,) float32, one per completion.
         labels: which completions are desirable and which train.
-        batch: the KTO batch of the kept completions (tensors on the CPU), None when it has
-            no row to train on, or was not asked for.
+        batch: the KTO batch (tensors on the CPU) of the kept completions, or drawn across ranks
+            of this rank's share of all ranks' kept ones; None when it has no row to train on,
+            or was not asked for.
     """
 
     samples: Samples
@@ -102,10 +110,11 @@ CACHE_REFUSED = (
 )
 
 
-def draw_seed(seed: int, split: str, batch_number: int, rank_: int) -> int:
-    """A draw's seed from the run's seed, the split, the batch's number in the run and the rank:
-    the same four numbers, the same draw (a resumed run draws again what was drawn)."""
-    digest = hashlib.sha256(f"{seed}/{split}/{batch_number}/{rank_}".encode()).digest()
+def draw_seed(seed: int, key: str, row: int) -> int:
+    """A prompt's seed from the run's seed, the draw's key ("train/<epoch>", "validation",
+    "round/<n>") and the prompt's row in its split: the same three, the same completions, whatever
+    the batch, the rank or the number of ranks (a resumed run draws again what was drawn)."""
+    digest = hashlib.sha256(f"{seed}/{key}/{row}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
@@ -125,7 +134,7 @@ class OnlineKTOModule(KTOModule):
         reward: the reward function (online/rewards.py).
         labelling: how rewards become labels.
         max_length: `data.lengths.max_length`: a prompt and its completion together.
-        seed: the run's seed; with the batch's number and the rank, it seeds each draw.
+        seed: the run's seed; with the epoch and a prompt's row, it seeds the prompt's draw.
         scheduler: a partial schedule; None for none.
         logprob_chunk_size: rows of the LM head computed at once when scoring completions.
     """
@@ -165,8 +174,11 @@ class OnlineKTOModule(KTOModule):
         self.last_draw: list[dict[str, Any]] = []  # the last training draw, row by row
         self._online: dict[str, float] = {}  # the last training draw's figures
         self._skipped = 0  # training draws with nothing to train on, this run
+        self._trained_since_step = False  # a batch trained since the last optimizer step
         self._batch_start = 0.0
         self._val_online: Tensor | None = None
+        # Validation's sampled completions get the KTO metrics too (a reference scores them).
+        self.validates_kto = True
 
     def on_fit_start(self) -> None:
         # A reward model scores on the policy's device, once the strategy has placed it.
@@ -184,15 +196,23 @@ class OnlineKTOModule(KTOModule):
         return prompt if isinstance(prompt, str) else render_prompt(self.tokenizer, prompt)
 
     def draw(
-        self, rows: Sequence[Prompted], sampler: Sampler, seed: int, with_batch: bool = True
+        self,
+        rows: Sequence[Prompted],
+        sampler: Sampler,
+        key: str,
+        pairs_seed: int | None = None,
+        across_ranks: bool = False,
     ) -> Draw:
-        """Sample, score and label completions of `rows`; with `with_batch`, build the KTO batch
-        of the kept ones.
+        """Sample, score and label completions of `rows`, each prompt seeded by `key` and its
+        row (`draw_seed`); with `pairs_seed`, build the KTO batch of the kept ones, their KL
+        partners drawn with that seed among all ranks' completions when `across_ranks` (every
+        rank must then draw at the same time), else among this rank's.
 
         The reward function reads a text prompt as it is, a conversation rendered by the chat
         template with the generation prompt, each rendered once for its k completions.
         """
-        samples = sampler.sample(self.policy, [list(r.prompt_ids) for r in rows], seed)
+        seeds = [draw_seed(self.seed, key, r.index) for r in rows]
+        samples = sampler.sample(self.policy, [list(r.prompt_ids) for r in rows], seeds)
         texts = samples.texts(self.tokenizer)
         shown = [self._shown(r.prompt) for r in rows]
         index = samples.prompt_index.tolist()
@@ -200,31 +220,70 @@ class OnlineKTOModule(KTOModule):
         prompts = [shown[i] for i in index]
         rewards = score(self.reward, prompts, texts, [dict(r.fields) for r in owners])
         labels = self.labelling(rewards, sampler.k)
-        batch = self._kto_batch(owners, samples, labels, seed) if with_batch else None
+        batch = None
+        if pairs_seed is not None:
+            examples = self._examples(owners, samples.completion_ids, labels)
+            keys = [(r.index, j % sampler.k) for j, r in enumerate(owners)]
+            rows = self._training_rows(
+                examples, keys, labels.keep.tolist(), pairs_seed, across_ranks
+            )
+            batch = self.collator(rows) if rows else None
         return Draw(samples, prompts, texts, rewards, labels, batch)
 
-    def _kto_batch(
-        self, owners: Sequence[Prompted], samples: Samples, labels: Labels, seed: int
-    ) -> dict[str, Tensor] | None:
-        examples = [
+    def _examples(
+        self, owners: Sequence[Prompted], completions: Sequence[list[int]], labels: Labels
+    ) -> list[Example]:
+        """One training row per completion, cut to fit beside its prompt."""
+        return [
             Example(list(r.prompt_ids), fit_beside(len(r.prompt_ids), c, self.max_length), bool(d))
-            for r, c, d in zip(
-                owners, samples.completion_ids, labels.desirable.tolist(), strict=True
-            )
+            for r, c, d in zip(owners, completions, labels.desirable.tolist(), strict=True)
         ]
+
+    def _training_rows(
+        self,
+        examples: list[Example],
+        keys: Sequence[tuple[int, int]],
+        keep: Sequence[bool],
+        seed: int,
+        across_ranks: bool,
+    ) -> list[Example]:
+        """The kept rows this rank trains on, each with its KL partner drawn (with `seed`) among
+        all completions, kept or not: with `across_ranks`, all ranks' completions, whose kept
+        rows are then dealt out to the ranks in turn; else this rank's own. None at all when
+        there are fewer than 2 different completions to pair.
+
+        The completions are ordered by their keys (the prompt's row, the sample's number), so
+        the pairs and the deal do not depend on how the prompts were split over ranks: one
+        process trains on the rows that all ranks together do.
+        """
+        mine = [
+            (key, e.prompt_ids, e.completion_ids, e.label, kept)
+            for key, e, kept in zip(keys, examples, keep, strict=True)
+        ]
+        ranks = gather_objects(mine) if across_ranks else [mine]
+        entries = sorted(
+            (
+                (key, r, i, *rest)
+                for r, rows in enumerate(ranks)
+                for i, (key, *rest) in enumerate(rows)
+            ),
+            key=lambda entry: entry[:3],  # ties: a prompt padded into the batch twice
+        )
+        rows = [Example(prompt, completion, label) for *_, prompt, completion, label, _ in entries]
         if self.loss.needs_kl_rows:
-            try:  # partners among all of the draw's completions, kept or not
-                examples = assign_kl_partners(examples, self.max_length, seed)
+            try:
+                rows = assign_kl_partners(rows, self.max_length, seed)
             except DataError:  # fewer than 2 different completions: no unrelated one
-                return None
-        kept = [examples[i] for i in labels.kept_index.tolist()]
-        return self.collator(kept) if kept else None
+                return []
+        kept = [row for row, entry in zip(rows, entries, strict=True) if entry[-1]]
+        return kept[rank() :: world_size()] if across_ranks else kept
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
     def _batch_number(self) -> int:
-        """The training batch's number in the run (0-based), restored with a checkpoint."""
+        """The training batch's number in the run (0-based), restored with a checkpoint: the
+        same on every rank, and the same for one process as for several."""
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.total.ready) - 1
 
     # ---------------------------------------------------------------- training
@@ -232,12 +291,13 @@ class OnlineKTOModule(KTOModule):
         super().on_train_batch_start(batch, batch_idx)
         self._batch_start = time.perf_counter()
 
-    # A batch of prompt rows, not of tensors; None skips the batch (see below).
+    # A batch of prompt rows, not of tensors.
     def training_step(  # type: ignore[override]
         self, batch: Sequence[Prompted], batch_idx: int
-    ) -> Tensor | None:
-        seed = draw_seed(self.seed, "train", self._batch_number(), rank())
-        drawn = self.draw(batch, self.sampler, seed)
+    ) -> Tensor:
+        key = f"train/{self.current_epoch}"
+        pairs_seed = draw_seed(self.seed, f"{key}/pairs", self._batch_number())
+        drawn = self.draw(batch, self.sampler, key, pairs_seed, across_ranks=True)
         self._remember(drawn)
         counts = torch.tensor(
             [drawn.labels.n_desirable, drawn.labels.n_undesirable, drawn.batch is not None],
@@ -247,16 +307,46 @@ class OnlineKTOModule(KTOModule):
         if ranks_with_rows < world_size():
             # A rank with nothing to train on cannot join the step's collectives: every rank
             # skips this batch (counted in train/online/skipped_draws).
-            self._skipped += 1
-            self._online["skipped_draws"] = float(self._skipped)
-            # No step metrics: the logs and progress lines show no previous step's as this one's.
-            self._step_sums, self._step_values = None, None
-            return None
+            return self._skip()
         self.loss, notes = self.loss_config.with_class_counts(int(n_desirable), int(n_undesirable))
         for note in notes:
             log.debug("%s", note)  # a draw's ratio outside [1, 4/3] is expected, step to step
         assert drawn.batch is not None
+        self._trained_since_step = True
         return self._train_on(self._to_device(drawn.batch))
+
+    def _skip(self) -> Tensor:
+        """A batch with nothing to train on, on every rank: counted, and no step's metrics (the
+        logs show no previous step's as this one's).
+
+        Lightning refuses a step that returns None under DDP. A zero loss over every trainable
+        weight runs the backward (and its gradient reduction) with no gradient, and
+        `optimizer_step` drops the update when no batch of its window trained: the same as one
+        process skipping the batch.
+        """
+        self._skipped += 1
+        self._online["skipped_draws"] = float(self._skipped)
+        self._step_sums, self._step_values = None, None
+        zero = torch.zeros((), device=self.device)
+        return sum((p.sum() * 0.0 for p in self.policy.parameters() if p.requires_grad), zero)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        def closure() -> Any:
+            result = optimizer_closure() if optimizer_closure is not None else None
+            if not self._trained_since_step:  # every batch of the window was skipped
+                for group in optimizer.param_groups:
+                    for parameter in group["params"]:
+                        parameter.grad = None  # an optimizer passes over a weight without one
+            return result
+
+        optimizer.step(closure=closure)
+        self._trained_since_step = False
 
     def _remember(self, drawn: Draw) -> None:
         """Keep the draw's figures for the step's metrics and its rows for the samples table."""
@@ -322,10 +412,13 @@ class OnlineKTOModule(KTOModule):
         sums = torch.zeros(_VAL_FIELDS, dtype=torch.float64)
         if self.greedy_sampler is not None:
             # Greedy: the seed plays no part, and only the rewards are read.
-            greedy = self.draw(batch, self.greedy_sampler, 0, with_batch=False)
+            greedy = self.draw(batch, self.greedy_sampler, "validation")
             sums[0], sums[1] = greedy.rewards.double().sum(), len(greedy.rewards)
-        seed = draw_seed(self.seed, "validation", batch_idx, rank())
-        drawn = self.draw(batch, self.sampler, seed)
+        # Validation batches differ in number across ranks: KL pairs within this rank's draw.
+        pairs_seed = draw_seed(self.seed, "validation/pairs", batch_idx)
+        drawn = self.draw(
+            batch, self.sampler, "validation", pairs_seed if self.validates_kto else None
+        )
         sums[2], sums[3] = drawn.rewards.double().sum(), len(drawn.rewards)
         assert self._val_online is not None
         self._val_online += sums.to(self.device)
@@ -339,4 +432,9 @@ class OnlineKTOModule(KTOModule):
                 self.log(VAL_METRICS[0], greedy / n_greedy, sync_dist=False)
             if n_sampled:
                 self.log(VAL_METRICS[1], sampled / n_sampled, sync_dist=False)
+        # The KTO metrics of the sampled completions are reduced over ranks: only when every
+        # rank's draws kept some (a rank without would not join the reduction).
+        held = torch.tensor([int(self._val_metric_sums is not None)], device=self.device)
+        if int(all_reduce_sum(held).item()) < world_size():
+            self._val_metric_sums = None
         super().on_validation_epoch_end()
