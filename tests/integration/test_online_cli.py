@@ -78,6 +78,15 @@ def test_an_online_run_trains_on_its_own_samples_of_the_users_prompts(tmp_path: 
     assert "validation greedy reward" in result.stdout + result.stderr
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "hf_model" / "model.safetensors").is_file()
+    # Each step's "auto" weights balance that step's draw: so do the run's (eq. 8, ratio 1).
+    balance = class_balance(run)
+    assert balance["status"] == "ok" and balance["value"].startswith("1 ("), balance
+
+
+def class_balance(run: Path) -> dict:
+    """The health report's eq. 8 check of the run."""
+    report = json.loads((run / "health.json").read_text())
+    return next(c for c in report["checks"] if c["name"].startswith("class balance"))
     assert f"path: {tmp_path}/sums.jsonl" in (run / ".hydra" / "config.yaml").read_text()
     # evaluate scores labelled rows; the run's prompts have none, and it says so in one line.
     evaluated = command_in_process("evaluate", f"ckpt_path={run}", cwd=tmp_path)

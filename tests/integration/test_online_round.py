@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
-from test_online_cli import ONLINE, sums
+from test_online_cli import ONLINE, class_balance, sums
 
 from cli import train_in_process
 from kto_lightning.core.losses import KTOLossConfig
@@ -164,6 +164,8 @@ def test_sigkill_mid_round_then_resume_through_the_cli_ends_with_the_uninterrupt
     ]  # fmt: skip
     whole = train_in_process(*args, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    balance = class_balance(tmp_path / "whole")  # each round's "auto" weights: the run's too
+    assert balance["status"] == "ok" and balance["value"].startswith("1 ("), balance
     killed = tmp_path / "killed"
     here = Path(__file__).parent  # the reward function's module, and the helpers it imports
     env = {

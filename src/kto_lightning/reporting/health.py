@@ -99,14 +99,20 @@ class RunHealth(L.Callback):
             self.observe(trainer.global_step, pl_module.step_metrics(), trainer)
 
     def finish(
-        self, values: Mapping[str, float], step: int, loss: KTOLoss, trainer: Any = None
+        self,
+        values: Mapping[str, float],
+        step: int,
+        loss: KTOLoss,
+        trainer: Any = None,
+        weights: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
-        """The report at the end of the run, from its last training step's values."""
+        """The report at the end of the run, from its last training step's values; `weights`
+        are the class weights the run's rows trained with (the loss's when None)."""
         self.observe(step, values, trainer, can_stop=False)
         self.report = health_report(
             HealthCounts.from_metrics(values),
             self.margins,
-            (loss.desirable_weight, loss.undesirable_weight),
+            weights or (loss.desirable_weight, loss.undesirable_weight),
             has_reference_point=loss.reference_estimator != "zero",
             patience=self.patience,
             stopped=self.stopped,
@@ -117,10 +123,11 @@ class RunHealth(L.Callback):
         if not isinstance(pl_module, KTOModule):
             return  # SFT: no reference point, no classes
         start = time.perf_counter()
-        values = pl_module.step_metrics()  # the last step's, read once here if not yet
+        values = pl_module.last_trained_metrics()  # read once here if not yet
         if not values:
             return  # no training step ran
-        report = self.finish(values, trainer.global_step, pl_module.loss, trainer)
+        weights = pl_module.trained_class_weights()
+        report = self.finish(values, trainer.global_step, pl_module.loss, trainer, weights)
         if trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / HEALTH_FILE
             path.write_text(json.dumps(report, indent=2) + "\n")

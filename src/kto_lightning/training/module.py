@@ -264,6 +264,16 @@ class KTOModule(PolicyModule):
         self.reference.eval()
         return self
 
+    def last_trained_metrics(self) -> dict[str, float]:
+        """The metrics of the run's last step that trained (with the run's health counters),
+        for the end-of-run report: the last step's."""
+        return self.step_metrics()
+
+    def trained_class_weights(self) -> tuple[float, float]:
+        """(lambda_D, lambda_U) the run's rows trained with, for the health report's eq. 8
+        check: the loss's (online KTO resolves them per draw)."""
+        return self.loss.desirable_weight, self.loss.undesirable_weight
+
     def metrics_of(self, sums: Tensor) -> dict[str, Tensor]:
         # A training step's sums carry the saturated rows after the metric sums (core.health).
         metrics = metrics_from_sums(sums[: len(FIELDS)])

@@ -175,10 +175,45 @@ class OnlineKTOModule(KTOModule):
         self._online: dict[str, float] = {}  # the last training draw's figures
         self._skipped = 0  # training draws with nothing to train on, this run
         self._trained_since_step = False  # a batch trained since the last optimizer step
+        # lambda_D * n_D, n_D, lambda_U * n_U, n_U over the rows trained, all ranks: the class
+        # weights the run trained with, for the health report (they change draw to draw).
+        self._class_sums = [0.0, 0.0, 0.0, 0.0]
+        # The step sums and values of the last step that trained, kept when a later one skips.
+        self._last_trained: tuple[Tensor, dict[str, float] | None] | None = None
         self._batch_start = 0.0
         self._val_online: Tensor | None = None
         # Validation's sampled completions get the KTO metrics too (a reference scores them).
         self.validates_kto = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["online_class_sums"] = list(self._class_sums)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._class_sums = list(checkpoint.get("online_class_sums", self._class_sums))
+
+    def count_trained(self, n_desirable: int, n_undesirable: int) -> None:
+        """Count a step's rows (all ranks) under the loss's class weights of that step."""
+        loss, sums = self.loss, self._class_sums
+        sums[0] += loss.desirable_weight * n_desirable
+        sums[1] += n_desirable
+        sums[2] += loss.undesirable_weight * n_undesirable
+        sums[3] += n_undesirable
+
+    def last_trained_metrics(self) -> dict[str, float]:
+        """The last step's metrics, or when it was skipped the last step's that trained."""
+        if self._step_sums is None and self._last_trained is not None:
+            self._step_sums, self._step_values = self._last_trained
+        return self.step_metrics()
+
+    def trained_class_weights(self) -> tuple[float, float]:
+        """The class weights averaged over the rows trained with them: lambda_D * n_D summed
+        over the run equals the mean lambda_D times the run's n_D, as eq. 8 reads it."""
+        weighted_d, n_d, weighted_u, n_u = self._class_sums
+        if not n_d or not n_u:
+            return super().trained_class_weights()
+        return weighted_d / n_d, weighted_u / n_u
 
     def on_fit_start(self) -> None:
         # A reward model scores on the policy's device, once the strategy has placed it.
@@ -312,6 +347,7 @@ class OnlineKTOModule(KTOModule):
         for note in notes:
             log.debug("%s", note)  # a draw's ratio outside [1, 4/3] is expected, step to step
         assert drawn.batch is not None
+        self.count_trained(int(n_desirable), int(n_undesirable))
         self._trained_since_step = True
         return self._train_on(self._to_device(drawn.batch))
 
@@ -326,6 +362,8 @@ class OnlineKTOModule(KTOModule):
         """
         self._skipped += 1
         self._online["skipped_draws"] = float(self._skipped)
+        if self._step_sums is not None:
+            self._last_trained = (self._step_sums, self._step_values)
         self._step_sums, self._step_values = None, None
         zero = torch.zeros((), device=self.device)
         return sum((p.sum() * 0.0 for p in self.policy.parameters() if p.requires_grad), zero)

@@ -109,10 +109,12 @@ class Round:
     def n_undesirable(self) -> int:
         return len(self.labels) - sum(self.labels)
 
-    def step_rows(self, step: int, steps: int) -> list[int]:
-        """The rows step `step` of `steps` trains on this rank: its share of the step's slice."""
+    def step_rows(self, step: int, steps: int, all_ranks: bool = False) -> list[int]:
+        """The rows step `step` of `steps` trains on this rank: its share of the step's slice
+        (`all_ranks`: the whole slice)."""
         n = len(self.order)  # spread evenly: no step is empty while there are `steps` rows
-        return self.order[step * n // steps : (step + 1) * n // steps][rank() :: world_size()]
+        rows = self.order[step * n // steps : (step + 1) * n // steps]
+        return rows if all_ranks else rows[rank() :: world_size()]
 
     def example(self, i: int) -> Example:
         return Example(
@@ -277,12 +279,16 @@ class RoundKTOModule(OnlineKTOModule):
         if self._held != number:
             self._hold(drawn)
         step = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready) - 1
-        rows = drawn.step_rows(step, self._data.steps_per_round())
+        steps = self._data.steps_per_round()
+        rows = drawn.step_rows(step, steps)
         self._remember_rows(drawn, rows)
         has_rows = torch.tensor([int(len(rows) > 0)], device=self.device)
         if int(all_reduce_sum(has_rows).item()) < world_size():
             # A rank without rows cannot join the step's collectives: every rank skips it.
             return self._skip()
+        everyone = drawn.step_rows(step, steps, all_ranks=True)
+        n_desirable = sum(drawn.labels[i] for i in everyone)
+        self.count_trained(n_desirable, len(everyone) - n_desirable)
         self._trained_since_step = True
         batch = self.collator([drawn.example(i) for i in rows])
         return self._train_on(self._to_device(batch))
