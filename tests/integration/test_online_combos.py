@@ -1,6 +1,7 @@
-"""Online KTO (`online=step`) through the command line with the options users combine it with:
-LoRA with the adapter reference, bf16-mixed, gradient accumulation and W&B offline in one run;
-and a multirun sweep that scores each job by the held-out greedy reward. Both on a prompts file
+"""Online KTO through the command line with the options users combine it with: LoRA with the
+adapter reference, bf16-mixed, gradient accumulation and W&B offline in one run, of the step loop
+and of the round loop (with the refreshed reference); and a multirun sweep that scores each job
+by the held-out greedy reward. Both on a prompts file
 of the user's (sums) with a reward function of the user's (vowel_share, by import path)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
@@ -22,6 +24,7 @@ from test_wandb import _records
 from cli import command_in_process, train_in_process
 from kto_lightning.cli.rebuilding import seeded_policy
 from kto_lightning.runs.checkpointing import RUN_CONFIG_KEY
+from kto_lightning.training.online_round import ROUND_KEY
 
 USERS_DATA = ["data=local", "reward=function", "reward.path=test_online_cli:vowel_share"]
 LORA = ["reference=adapter", "+model.lora={r: 4, lora_alpha: 8, target_modules: all-linear}"]
@@ -78,7 +81,17 @@ def wandb_history(run: Path) -> dict[str, list[float]]:
     return history
 
 
-def test_online_lora_bf16_accumulation_and_wandb_offline_in_one_run(tmp_path: Path) -> None:
+LOOPS = {
+    "step": [],
+    # 8 prompts a round, k = 2, 4 rows a step: a round is the 4 batches.
+    "round_refresh": ["online=round", "online.round.prompts=8", "online.round.reference=refresh"],
+}
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_online_lora_bf16_accumulation_and_wandb_offline_in_one_run(
+    tmp_path: Path, loop: str
+) -> None:
     sums(tmp_path)
     run = tmp_path / "run"
     wandb_env = {
@@ -93,7 +106,7 @@ def test_online_lora_bf16_accumulation_and_wandb_offline_in_one_run(tmp_path: Pa
         "train", *ONLINE, *USERS_DATA, f"data.source.path={tmp_path}/sums.jsonl", *LORA,
         "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
         "trainer.limit_train_batches=4", "logger=wandb", "logger.wandb.offline=true",
-        f"+callbacks.linear_dtypes={probe}", f"hydra.run.dir={run}",
+        f"+callbacks.linear_dtypes={probe}", *LOOPS[loop], f"hydra.run.dir={run}",
         cwd=tmp_path, env=wandb_env, unset=["WANDB_API_KEY"],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -101,6 +114,7 @@ def test_online_lora_bf16_accumulation_and_wandb_offline_in_one_run(tmp_path: Pa
     # Accumulation: 4 training batches, one optimizer step every 2 of them.
     checkpoint = last_checkpoint(run)
     assert checkpoint["global_step"] == 2
+    assert (ROUND_KEY in checkpoint) == (loop != "step")
     rows = metrics(run)
     trained = [row for row in rows if row.get("train/loss")]
     assert [int(row["step"]) for row in trained] == [1, 2]
