@@ -11,9 +11,13 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from kto_lightning.cli.config_files import config_dir
+from kto_lightning.cli.run_build import build
+from kto_lightning.cli.run_fit import train
 from kto_lightning.cli.schemas import BUILDS, check
 from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.models import FromRun, Pretrained, TinyLlama
+from kto_lightning.training.online import OnlineKTOModule
+from kto_lightning.training.online_round import RoundKTOModule
 from kto_lightning.training.sft import SFTLoss
 
 GROUPS = sorted(p.name for p in config_dir().iterdir() if p.is_dir())
@@ -64,10 +68,9 @@ def test_group_file_composes_and_resolves(make_config, group: str, name: str) ->
         # integration/test_online_cli.py.
         assert get_object(section._target_) is not None
     elif group == "online":
-        # Run through the command line by test_online_cli.py (step), test_online_round.py and
-        # test_online_ddp.py (both).
         assert section.loop == name
         assert set(section) == {"loop", "sampling", "labelling", *(["round"] * (name == "round"))}
+        _train_online(make_config, name)
     elif group == "model" and OmegaConf.is_missing(section, "name_or_path"):
         assert section._target_ == "kto_lightning.models.Pretrained"
     elif group == "model" and OmegaConf.is_missing(section, "run_dir"):
@@ -129,3 +132,22 @@ def test_model_file_sets_its_learning_rate(make_config) -> None:
 def test_config_folder_is_packaged_with_the_wheel() -> None:
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert '"conf" = "kto_lightning/conf"' in pyproject
+
+
+def _train_online(make_config, name: str) -> None:
+    """An online loop's file runs: built with the consistency task and its verifier, its own
+    module trains two steps (the command line runs it in test_online_cli.py,
+    test_online_round.py and test_online_ddp.py)."""
+    cfg = make_config(
+        f"online={name}", "reward=consistency", "data=toy_consistency",
+        "data.source.toy_rows=40", "data.batching.batch_size=2", "online.sampling.k=2",
+        "online.sampling.max_new_tokens=8", *(["online.round.prompts=2"] * (name == "round")),
+        "online.labelling.rule=threshold",  # a random model's replies all score 0: keep them
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "validate_before_training=false", "callbacks=none", "~callbacks.model_checkpoint",
+        "export.enabled=false",
+    )  # fmt: skip
+    run = build(cfg)
+    assert type(run.module) is (RoundKTOModule if name == "round" else OnlineKTOModule)
+    train(cfg, run=run)
+    assert run.trainer.global_step == 2 and run.module._skipped == 0

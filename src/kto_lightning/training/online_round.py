@@ -178,7 +178,9 @@ class RoundKTOModule(OnlineKTOModule):
         main = torch.tensor(drawn.main, dtype=torch.float32, device=self.device)
         kl = torch.tensor(drawn.kl, dtype=torch.float32, device=self.device)
         reference.hold(main, kl if self.loss.needs_kl_rows else None)
-        self.loss, _ = self.loss_config.with_class_counts(drawn.n_desirable, drawn.n_undesirable)
+        if drawn.labels:  # a round that kept nothing trains nothing: its steps are skipped
+            counts = drawn.n_desirable, drawn.n_undesirable
+            self.loss, _ = self.loss_config.with_class_counts(*counts)
         self._held = drawn.number
 
     def draw_round(self, number: int) -> Round:
