@@ -300,6 +300,13 @@ class PromptDataModule(ResumableTrainOrder, L.LightningDataModule):
         """Batches of training prompts in the seeded order of the epoch, this rank's share."""
         assert self.train_rows is not None, "call setup() first"
         order = EpochShuffleSampler(len(self.train_rows), seed=self.seed)
+        return self.resumable_loader(_Rows(self.train_rows), order, self.prompts_per_step)
+
+    def resumable_loader(
+        self, items: Dataset[Any], order: EpochShuffleSampler, batch_size: int
+    ) -> StatefulDataLoader:
+        """A training loader of lists of `items` in `order`, this rank's share of it (a
+        `RankShard`), starting at a restored position and keeping its own for the next."""
         shard = RankShard(order, *self._ranks())
         if self._restored_position is not None:
             shard.load_state_dict(self._restored_position)
@@ -308,8 +315,8 @@ class PromptDataModule(ResumableTrainOrder, L.LightningDataModule):
             # torchdata 0.11 calls torch.set_vital, which this torch deprecates: noise, not ours.
             warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
             loader = StatefulDataLoader(
-                _Rows(self.train_rows),
-                batch_size=self.prompts_per_step,
+                items,
+                batch_size=batch_size,
                 sampler=shard,
                 collate_fn=list,
                 num_workers=self.num_workers,

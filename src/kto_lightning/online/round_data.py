@@ -14,14 +14,13 @@ the module's checkpoint). Validation prompts come as in the `step` loop.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kto_lightning.data.sampler import EpochShuffleSampler
-from kto_lightning.data.sharding import RankShard
 from kto_lightning.errors import ConfigError
 from kto_lightning.online.prompt_data import PromptDataModule, PromptRow
 
@@ -84,17 +83,20 @@ class RoundDataModule(PromptDataModule):
         """A round's steps, this rank's share (each rank takes every step): the numbers
         0 .. steps - 1, resumable mid-round."""
         steps = self.steps_per_round()
-        world, rank = self._ranks()
+        world, _ = self._ranks()
         # Each rank takes positions rank, rank + world, ...: world copies of each step number.
-        shard = RankShard(EpochShuffleSampler(steps * world, seed=self.seed), world, rank)
-        if self._restored_position is not None:
-            shard.load_state_dict(self._restored_position)
-            self._restored_position = None
-        with warnings.catch_warnings():
-            # torchdata 0.11 calls torch.set_vital, which this torch deprecates: noise, not ours.
-            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
-            loader = StatefulDataLoader(
-                list(range(steps * world)), batch_size=1, sampler=shard, collate_fn=list
-            )
-        self._train_shard, self._train_loader = shard, loader
-        return loader
+        order = EpochShuffleSampler(steps * world, seed=self.seed)
+        return self.resumable_loader(_Steps(steps * world), order, 1)
+
+
+class _Steps(Dataset[int]):
+    """Item i is i: the round loop's loader counts steps, the module holds the rows."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index

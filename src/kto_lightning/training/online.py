@@ -259,10 +259,10 @@ class OnlineKTOModule(KTOModule):
         if pairs_seed is not None:
             examples = self._examples(owners, samples.completion_ids, labels)
             keys = [(r.index, j % sampler.k) for j, r in enumerate(owners)]
-            rows = self._training_rows(
+            trained = self._training_rows(
                 examples, keys, labels.keep.tolist(), pairs_seed, across_ranks
             )
-            batch = self.collator(rows) if rows else None
+            batch = self.collator(trained) if trained else None
         return Draw(samples, prompts, texts, rewards, labels, batch)
 
     def _examples(
@@ -291,26 +291,20 @@ class OnlineKTOModule(KTOModule):
         the pairs and the deal do not depend on how the prompts were split over ranks: one
         process trains on the rows that all ranks together do.
         """
-        mine = [
-            (key, e.prompt_ids, e.completion_ids, e.label, kept)
-            for key, e, kept in zip(keys, examples, keep, strict=True)
-        ]
+        mine = list(zip(keys, examples, keep, strict=True))
         ranks = gather_objects(mine) if across_ranks else [mine]
         entries = sorted(
-            (
-                (key, r, i, *rest)
-                for r, rows in enumerate(ranks)
-                for i, (key, *rest) in enumerate(rows)
-            ),
+            ((key, r, i, example, kept) for r, rows in enumerate(ranks)
+             for i, (key, example, kept) in enumerate(rows)),
             key=lambda entry: entry[:3],  # ties: a prompt padded into the batch twice
-        )
-        rows = [Example(prompt, completion, label) for *_, prompt, completion, label, _ in entries]
+        )  # fmt: skip
+        paired = [example for *_, example, _ in entries]
         if self.loss.needs_kl_rows:
             try:
-                rows = assign_kl_partners(rows, self.max_length, seed)
+                paired = assign_kl_partners(paired, self.max_length, seed)
             except DataError:  # fewer than 2 different completions: no unrelated one
                 return []
-        kept = [row for row, entry in zip(rows, entries, strict=True) if entry[-1]]
+        kept = [row for row, (*_, keep_it) in zip(paired, entries, strict=True) if keep_it]
         return kept[rank() :: world_size()] if across_ranks else kept
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -125,7 +125,7 @@ class Round:
 class RoundKTOModule(OnlineKTOModule):
     """Train `policy` with KTO in rounds: sample a round's completions, train one pass on them.
 
-    Args (besides `OnlineKTOModule`'s):
+    Args (by keyword; besides `OnlineKTOModule`'s):
         reference: the initial policy's provider; unused (None may be given) with
             `round_reference="refresh"`.
         round_reference: "initial" (the reference stays the initial policy) or "refresh" (each
@@ -136,7 +136,7 @@ class RoundKTOModule(OnlineKTOModule):
 
     def __init__(
         self,
-        *args: Any,
+        *,
         reference: ReferenceProvider | None,
         round_reference: str = "initial",
         **kwargs: Any,
@@ -144,7 +144,7 @@ class RoundKTOModule(OnlineKTOModule):
         if round_reference not in REFERENCES:
             raise ValueError(f"online.round.reference must be one of {REFERENCES}")
         initial = reference if round_reference == "initial" else None
-        super().__init__(*args, reference=RoundReference(initial), **kwargs)
+        super().__init__(reference=RoundReference(initial), **kwargs)
         self.refresh = round_reference == "refresh"
         # No model gives the round-start policy's log-probs of validation's rows: with refresh,
         # validation reports the held-out rewards alone.
@@ -166,7 +166,7 @@ class RoundKTOModule(OnlineKTOModule):
     # ---------------------------------------------------------------- the round
     @property
     def _data(self) -> RoundDataModule:
-        datamodule = self.trainer.datamodule
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning
         assert isinstance(datamodule, RoundDataModule), "the round loop reads a RoundDataModule"
         return datamodule
 
