@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ from torch import Tensor
 from kto_lightning.common.distributed import all_reduce_sum, gather_objects, rank, world_size
 from kto_lightning.core.logprobs import batch_logprobs, eval_mode
 from kto_lightning.data.pairing import assign_kl_partners
-from kto_lightning.data.tokenize import Example
+from kto_lightning.data.tokenize import Example, fit_beside
 from kto_lightning.errors import DataError
 from kto_lightning.models.reference import ReferenceProvider
 from kto_lightning.online.round_data import RoundDataModule
@@ -72,6 +72,22 @@ class RoundReference(ReferenceProvider):
         index = batch["index"].to(self.main.device)
         kl = self.kl[index] if needs_kl_rows and self.kl is not None else None
         return self.main[index], kl
+
+
+class Sampled(NamedTuple):
+    """One completion of a round as the rank that drew it hands it to all: its key (the
+    prompt's row, the sample's number), ids, the prompt and completion as the reward function
+    read them, its reward and labels, and whether a stop token ended it."""
+
+    key: tuple[int, int]
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    shown: str
+    text: str
+    reward: float
+    desirable: bool
+    keep: bool
+    stopped: bool
 
 
 @dataclass
@@ -188,7 +204,7 @@ class RoundKTOModule(OnlineKTOModule):
         reference log-probs (every rank calls it at once; all get the same round)."""
         data, start = self._data, time.perf_counter()
         key = f"round/{number}"
-        mine: list[tuple[Any, ...]] = []
+        mine: list[Sampled] = []
         sampled = 0.0
         prompts = data.round_prompts(number)
         for first in range(0, len(prompts), data.sample_batch_size):
@@ -196,17 +212,21 @@ class RoundKTOModule(OnlineKTOModule):
             drawn = self.draw(rows, self.sampler, key)
             sampled += drawn.samples.seconds
             index = drawn.samples.prompt_index.tolist()
+            labels = drawn.labels
             for j, (i, completion) in enumerate(
                 zip(index, drawn.samples.completion_ids, strict=True)
             ):
-                mine.append((
-                    (rows[i].index, j % self.sampler.k), list(rows[i].prompt_ids), completion,
+                row = rows[i]
+                mine.append(Sampled(
+                    (row.index, j % self.sampler.k), list(row.prompt_ids),
+                    fit_beside(len(row.prompt_ids), completion, self.max_length),
                     drawn.prompts[j], drawn.texts[j], float(drawn.rewards[j]),
-                    bool(drawn.labels.desirable[j]), bool(drawn.labels.keep[j]),
+                    bool(labels.desirable[j]), bool(labels.keep[j]),
                     bool(drawn.samples.stopped[j]),
                 ))  # fmt: skip
-        entries = sorted((e for rows in gather_objects(mine) for e in rows), key=lambda e: e[0])
-        examples = [Example(e[1], list(e[2][: self.max_length - len(e[1])]), e[6]) for e in entries]
+        # All ranks' completions in the order of (prompt row, sample): the same on every rank.
+        entries = sorted((e for rows in gather_objects(mine) for e in rows), key=lambda e: e.key)
+        examples = [Example(e.prompt_ids, e.completion_ids, e.desirable) for e in entries]
         if self.loss.needs_kl_rows:
             try:  # partners among all of the round's completions, kept or not
                 examples = assign_kl_partners(
@@ -214,18 +234,18 @@ class RoundKTOModule(OnlineKTOModule):
                 )
             except DataError:  # fewer than 2 different completions
                 examples = []
-        kept = [i for i, e in enumerate(entries) if e[7]] if examples else []
+        kept = [i for i, e in enumerate(entries) if e.keep] if examples else []
         generator = torch.Generator().manual_seed(draw_seed(self.seed, f"{key}/order", 0))
         order = torch.randperm(len(kept), generator=generator).tolist()
-        rewards = torch.tensor([e[5] for e in entries])
+        rewards = torch.tensor([e.reward for e in entries])
         n = max(len(entries), 1)
         figures = {
             "reward_mean": float(rewards.mean()) if len(entries) else math.nan,
             "reward_std": float(rewards.std(unbiased=False)) if len(entries) else math.nan,
-            "desirable_share": sum(entries[i][6] for i in kept) / max(len(kept), 1),
+            "desirable_share": sum(entries[i].desirable for i in kept) / max(len(kept), 1),
             "kept_share": len(kept) / n,
-            "completion_tokens": sum(len(e[2]) for e in entries) / n,
-            "stopped_share": sum(e[8] for e in entries) / n,
+            "completion_tokens": sum(len(e.completion_ids) for e in entries) / n,
+            "stopped_share": sum(e.stopped for e in entries) / n,
             "sample_seconds": sampled,
             "round": float(number),
         }
@@ -238,8 +258,8 @@ class RoundKTOModule(OnlineKTOModule):
             [examples[i].kl_completion_ids for i in kept],
             [examples[i].label for i in kept],
             main, kl, order,
-            [entries[i][3] for i in kept], [entries[i][4] for i in kept],
-            [entries[i][5] for i in kept], figures,
+            [entries[i].shown for i in kept], [entries[i].text for i in kept],
+            [entries[i].reward for i in kept], figures,
         )  # fmt: skip
 
     @torch.no_grad()
