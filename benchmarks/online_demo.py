@@ -8,8 +8,8 @@ KTO runs then start from it, one epoch each, per seed:
 - online, step loop: `online=step reward=consistency`, every step samples k=4 completions of 16
   prompts and labels them with the task's verifier (the reply names the object the prompt
   stated);
-- online, round loop: `online=round`, 4 rounds of 500 prompts: each round samples and labels its
-  2,000 completions with the policy as it is at the round's start, then trains on them in 32
+- online, round loop: `online=round`, 16 rounds of 125 prompts: each round samples and labels
+  its 500 completions with the policy as it is at the round's start, then trains on them in 8
   steps of 64 rows (the reference stays the SFT model);
 - offline: the task's own labelled rows, as many as the online run labels (125 steps x 64).
 
@@ -42,6 +42,7 @@ from kto_lightning.training.online import draw_seed
 
 TASK = ["data=toy_consistency", "trainer.enable_progress_bar=false", "progress.every_n_steps=0"]
 PROMPTS_PER_STEP, K, STEPS = 16, 4, 125  # the online run: data.source.toy_rows=2000, one epoch
+ROUNDS = 16  # the round loop's, over as many prompts: 8 steps a round
 
 
 def train(run_dir: Path, *args: str) -> float:
@@ -115,7 +116,7 @@ def main() -> None:
         print(f"SFT: {seconds:.0f} s")
     start = ["model=from_run", f"model.run_dir={sft}", f"optimizer.lr={args.lr}"]
     results: dict[str, list[tuple[float, float, float]]] = {
-        "online (step loop)": [], "online (round loop, 4 rounds)": [], "offline": [],
+        "online (step loop)": [], "online (round loop, 16 rounds)": [], "offline": [],
     }  # fmt: skip
     shares: list[tuple[float, float]] = []
     for seed in args.seeds:
@@ -129,10 +130,11 @@ def main() -> None:
         rounds = work / f"rounds_{seed}"
         seconds = train(
             rounds, *start, f"seed={seed}", "online=round", "reward=consistency",
-            f"online.round.prompts={PROMPTS_PER_STEP * STEPS // 4}", "trainer.max_epochs=4",
+            f"online.round.prompts={PROMPTS_PER_STEP * STEPS // ROUNDS}",
+            f"trainer.max_epochs={ROUNDS}",
             f"data.batching.batch_size={PROMPTS_PER_STEP * K}",
         )  # fmt: skip
-        results["online (round loop, 4 rounds)"].append((*held_out_rewards(rounds), seconds))
+        results["online (round loop, 16 rounds)"].append((*held_out_rewards(rounds), seconds))
         offline = work / f"offline_{seed}"
         rows = PROMPTS_PER_STEP * K * STEPS
         seconds = train(

@@ -5,6 +5,7 @@ or is the round-start policy; a run resumed mid-round trains what the interrupte
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -83,12 +84,13 @@ class StepRecord(Callback):
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, list[str]]] = []
-        self.rewards: list[float] = []
+        self.rewards: list[list[float]] = []  # each step's mean rewards, of each class it has
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.rows.append((module.current_epoch, [r["completion"] for r in module.last_draw]))
-        values = module.step_metrics()
-        self.rewards.append(float(values.get("train/rewards/chosen", float("nan"))))
+        values = module.step_metrics()  # a step may hold one class only: the other is NaN
+        rewards = [values.get(f"train/rewards/{kind}", math.nan) for kind in ("chosen", "rejected")]
+        self.rewards.append([r for r in rewards if not math.isnan(r)])
 
 
 @pytest.mark.parametrize("reference", ["initial", "refresh"])
@@ -107,20 +109,27 @@ def test_a_round_trains_once_on_each_kept_row_against_its_reference(
     trained = [text for epoch, texts in record.rows if epoch == 1 for text in texts]
     assert sorted(trained) == sorted(drawn.texts)
     assert len(drawn.texts) == len(drawn.labels) == len(drawn.main) > 0
+    # Every kept row in one step, a prompt's completions in the same one.
+    steps = [drawn.step_rows(step, 6, all_ranks=True) for step in range(6)]
+    assert sorted(i for rows in steps for i in rows) == list(range(len(drawn.labels)))
+    prompts = [{tuple(drawn.prompt_ids[i]) for i in rows} for rows in steps]
+    assert sum(len(p) for p in prompts) == len(set().union(*prompts))
     # Eq. 8 over the round's kept rows.
     if drawn.n_desirable and drawn.n_undesirable:
         loss = module.loss
         assert loss.desirable_weight * drawn.n_desirable == pytest.approx(
             loss.undesirable_weight * drawn.n_undesirable
         )
-    # The second round's first step: a refreshed reference is the policy as it is then, so the
-    # chosen rows' rewards are 0; the initial reference is a trained round behind.
-    first_of_round_2 = record.rewards[6]
+    # The first step: the policy is the reference, so every reward is 0. The second round's
+    # first step: a refreshed reference is the policy as it is then, so the rewards are 0
+    # again; the initial reference is a trained round behind.
+    first_of_round_1, first_of_round_2 = record.rewards[0], record.rewards[6]
+    assert first_of_round_1 and first_of_round_2
+    assert first_of_round_1 == pytest.approx([0.0] * len(first_of_round_1), abs=1e-6)
     if reference == "refresh":
-        assert first_of_round_2 == pytest.approx(0.0, abs=1e-6)
-        assert record.rewards[0] == pytest.approx(0.0, abs=1e-6)
+        assert first_of_round_2 == pytest.approx([0.0] * len(first_of_round_2), abs=1e-6)
     else:
-        assert abs(first_of_round_2) > 1e-4
+        assert max(abs(r) for r in first_of_round_2) > 1e-4
 
 
 def test_rounds_draw_seeded_shares_of_the_prompts(tmp_path: Path) -> None:

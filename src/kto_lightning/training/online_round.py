@@ -6,9 +6,10 @@ completion for the KL rows; the round then trains one pass over the kept rows:
 
     round n's prompts (online/round_data.py) -> each rank samples its share, in batches
         -> all ranks' completions, in the order of (prompt row, sample): labels, KL pairs,
-           class weights from the round's counts (eq. 8), a seeded order of the kept rows
+           class weights from the round's counts (eq. 8), a seeded order of the prompts
         -> the reference log-probs of every kept row, each rank scoring its share
-        -> steps 0 .. S-1: step s trains the s-th S-th of the order, each rank its share
+        -> steps 0 .. S-1: step s trains the kept rows of the s-th S-th of the prompts (a
+           prompt's completions side by side, as in a step-loop batch), each rank its share
 
 The reference is the initial policy (`reference: initial`: a frozen copy, or the policy with its
 adapters off), or the policy as it was at the round's start (`refresh`: then no second model is
@@ -98,7 +99,7 @@ class Round:
         number: the round (the training epoch).
         prompt_ids, completion_ids, kl_completion_ids, labels: the kept rows, row i's index i.
         main, kl: the reference log-probs of row i's completion and of its KL row.
-        order: the rows in the order the round trains them.
+        order: the kept rows grouped by prompt, the groups in the order the round trains them.
         shown, texts, rewards: row i's prompt and completion as the reward function read them,
             and its reward (the samples table).
         figures: the round's draw, as train/online/* logs it.
@@ -111,7 +112,7 @@ class Round:
     labels: list[bool]
     main: list[float]
     kl: list[float]
-    order: list[int]
+    order: list[list[int]]
     shown: list[str]
     texts: list[str]
     rewards: list[float]
@@ -128,8 +129,11 @@ class Round:
     def step_rows(self, step: int, steps: int, all_ranks: bool = False) -> list[int]:
         """The rows step `step` of `steps` trains on this rank: its share of the step's slice
         (`all_ranks`: the whole slice)."""
-        n = len(self.order)  # spread evenly: no step is empty while there are `steps` rows
-        rows = self.order[step * n // steps : (step + 1) * n // steps]
+        order = self.order
+        if len(order) < steps:  # fewer prompts kept than steps: spread their rows instead
+            order = [[i] for group in order for i in group]
+        n = len(order)  # spread evenly over the steps
+        rows = [i for group in order[step * n // steps : (step + 1) * n // steps] for i in group]
         return rows if all_ranks else rows[rank() :: world_size()]
 
     def example(self, i: int) -> Example:
@@ -235,8 +239,14 @@ class RoundKTOModule(OnlineKTOModule):
             except DataError:  # fewer than 2 different completions
                 examples = []
         kept = [i for i, e in enumerate(entries) if e.keep] if examples else []
+        # A prompt's kept completions train side by side (their shared tokens' gradients cancel
+        # within a step, as in the step loop); the prompts in a seeded order.
+        groups: dict[int, list[int]] = {}
+        for position, i in enumerate(kept):
+            groups.setdefault(entries[i].key[0], []).append(position)
         generator = torch.Generator().manual_seed(draw_seed(self.seed, f"{key}/order", 0))
-        order = torch.randperm(len(kept), generator=generator).tolist()
+        shuffled = torch.randperm(len(groups), generator=generator).tolist()
+        order = [list(groups.values())[g] for g in shuffled]
         rewards = torch.tensor([e.reward for e in entries])
         n = max(len(entries), 1)
         figures = {
