@@ -38,7 +38,7 @@ from kto_lightning.models import FromRun
 from kto_lightning.online.prompt_data import PromptDataModule
 from kto_lightning.online.rewards import ConsistencyVerifier, score
 from kto_lightning.online.sampler import HFSampler
-from kto_lightning.training.online import draw_seed
+from kto_lightning.training.online_draws import draw_seed
 
 TASK = ["data=toy_consistency", "trainer.enable_progress_bar=false", "progress.every_n_steps=0"]
 PROMPTS_PER_STEP, K, STEPS = 16, 4, 125  # the online run: data.source.toy_rows=2000, one epoch

@@ -115,6 +115,9 @@ def online_module(
     # The batches are prompt rows that stay on the host (OnlineKTOModule.transfer_batch_to_device);
     # Lightning warns that the module's hook is the one used, which is the point.
     warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
+    # A round of fewer steps than trainer.log_every_n_steps: Lightning warns that the epoch logs
+    # nothing, but it counts the logging interval over the run's steps, not the epoch's.
+    warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
     online = cfg.online
     sampling = _settings(online.sampling, "online.sampling")
     sampler = _sampler(tokenizer, sampling)

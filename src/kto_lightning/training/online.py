@@ -21,31 +21,35 @@ their mean rewards beside the KTO metrics of the sampled ones.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 
-from kto_lightning.common.distributed import all_reduce_sum, gather_objects, rank, world_size
+from kto_lightning.common.distributed import all_reduce_sum, world_size
 from kto_lightning.core.losses import KTOLossConfig
 from kto_lightning.data.collate import KTOCollator
-from kto_lightning.data.pairing import assign_kl_partners
-from kto_lightning.data.tokenize import Example, fit_beside, render_prompt
-from kto_lightning.errors import ConfigError, DataError
+from kto_lightning.data.tokenize import render_prompt
+from kto_lightning.errors import ConfigError
 from kto_lightning.models.reference import CachedReference, ReferenceProvider
-from kto_lightning.online.labelling import Labelling, Labels
+from kto_lightning.online.labelling import Labelling
 from kto_lightning.online.reward_model import RewardModel
 from kto_lightning.online.rewards import RewardFunction, score
-from kto_lightning.online.sampler import Sampler, Samples
+from kto_lightning.online.sampler import Sampler
 from kto_lightning.training.module import KTOModule
+from kto_lightning.training.online_draws import (
+    Draw,
+    Prompted,
+    deal_training_rows,
+    draw_seed,
+    training_examples,
+)
 
 log = logging.getLogger("kto_lightning")
 
@@ -61,61 +65,11 @@ VAL_METRICS = ("val/online/reward_greedy", "val/online/reward_sampled")
 _VAL_FIELDS = 4
 
 
-class Prompted(Protocol):
-    """What the module reads of a prompt row: its token ids (as training encodes the prompt),
-    the prompt itself (text or a conversation), its fields (what the reward function reads) and
-    its index in its split (what seeds its completions).
-    """
-
-    @property
-    def prompt_ids(self) -> Sequence[int]: ...
-
-    @property
-    def prompt(self) -> str | list[dict[str, str]]: ...
-
-    @property
-    def fields(self) -> dict[str, Any]: ...
-
-    @property
-    def index(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One draw of a batch: its completions, their rewards and labels, and its training rows.
-
-    Args:
-        samples: the sampler's completions, each prompt's k together.
-        prompts: each completion's prompt as the reward function read it.
-        texts: the completions as text.
-        rewards: (N,) float32, one per completion.
-        labels: which completions are desirable and which train.
-        batch: the KTO batch (tensors on the CPU) of the kept completions, or drawn across ranks
-            of this rank's share of all ranks' kept ones; None when it has no row to train on,
-            or was not asked for.
-    """
-
-    samples: Samples
-    prompts: list[str]
-    texts: list[str]
-    rewards: Tensor
-    labels: Labels
-    batch: dict[str, Tensor] | None
-
-
 # Online rows are sampled during training; a cache holds log-probs of rows known before it.
 CACHE_REFUSED = (
     "reference=cache holds log-probs of rows known before training; online KTO samples its rows "
     "during training: use reference=copy, or adapter with LoRA"
 )
-
-
-def draw_seed(seed: int, key: str, row: int) -> int:
-    """A prompt's seed from the run's seed, the draw's key ("train/<epoch>", "validation",
-    "round/<n>") and the prompt's row in its split: the same three, the same completions, whatever
-    the batch, the rank or the number of ranks (a resumed run draws again what was drawn)."""
-    digest = hashlib.sha256(f"{seed}/{key}/{row}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)
 
 
 class OnlineKTOModule(KTOModule):
@@ -257,55 +211,16 @@ class OnlineKTOModule(KTOModule):
         labels = self.labelling(rewards, sampler.k)
         batch = None
         if pairs_seed is not None:
-            examples = self._examples(owners, samples.completion_ids, labels)
-            keys = [(r.index, j % sampler.k) for j, r in enumerate(owners)]
-            trained = self._training_rows(
-                examples, keys, labels.keep.tolist(), pairs_seed, across_ranks
+            examples = training_examples(
+                owners, samples.completion_ids, labels.desirable.tolist(), self.max_length
             )
+            keys = [(r.index, j % sampler.k) for j, r in enumerate(owners)]
+            trained = deal_training_rows(
+                examples, keys, labels.keep.tolist(), pairs_seed, self.max_length,
+                self.loss.needs_kl_rows, across_ranks,
+            )  # fmt: skip
             batch = self.collator(trained) if trained else None
         return Draw(samples, prompts, texts, rewards, labels, batch)
-
-    def _examples(
-        self, owners: Sequence[Prompted], completions: Sequence[list[int]], labels: Labels
-    ) -> list[Example]:
-        """One training row per completion, cut to fit beside its prompt."""
-        return [
-            Example(list(r.prompt_ids), fit_beside(len(r.prompt_ids), c, self.max_length), bool(d))
-            for r, c, d in zip(owners, completions, labels.desirable.tolist(), strict=True)
-        ]
-
-    def _training_rows(
-        self,
-        examples: list[Example],
-        keys: Sequence[tuple[int, int]],
-        keep: Sequence[bool],
-        seed: int,
-        across_ranks: bool,
-    ) -> list[Example]:
-        """The kept rows this rank trains on, each with its KL partner drawn (with `seed`) among
-        all completions, kept or not: with `across_ranks`, all ranks' completions, whose kept
-        rows are then dealt out to the ranks in turn; else this rank's own. None at all when
-        there are fewer than 2 different completions to pair.
-
-        The completions are ordered by their keys (the prompt's row, the sample's number), so
-        the pairs and the deal do not depend on how the prompts were split over ranks: one
-        process trains on the rows that all ranks together do.
-        """
-        mine = list(zip(keys, examples, keep, strict=True))
-        ranks = gather_objects(mine) if across_ranks else [mine]
-        entries = sorted(
-            ((key, r, i, example, kept) for r, rows in enumerate(ranks)
-             for i, (key, example, kept) in enumerate(rows)),
-            key=lambda entry: entry[:3],  # ties: a prompt padded into the batch twice
-        )  # fmt: skip
-        paired = [example for *_, example, _ in entries]
-        if self.loss.needs_kl_rows:
-            try:
-                paired = assign_kl_partners(paired, self.max_length, seed)
-            except DataError:  # fewer than 2 different completions: no unrelated one
-                return []
-        kept = [row for row, (*_, keep_it) in zip(paired, entries, strict=True) if keep_it]
-        return kept[rank() :: world_size()] if across_ranks else kept
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: tensor.to(self.device) for name, tensor in batch.items()}

@@ -36,7 +36,8 @@ from kto_lightning.data.tokenize import Example, fit_beside
 from kto_lightning.errors import DataError
 from kto_lightning.models.reference import ReferenceProvider
 from kto_lightning.online.round_data import RoundDataModule
-from kto_lightning.training.online import OnlineKTOModule, draw_seed
+from kto_lightning.training.online import OnlineKTOModule
+from kto_lightning.training.online_draws import draw_seed
 
 # A round as a checkpoint holds it (module.on_save_checkpoint).
 ROUND_KEY = "online_round"
