@@ -81,18 +81,18 @@ def test_an_online_run_trains_on_its_own_samples_of_the_users_prompts(tmp_path: 
     # Each step's "auto" weights balance that step's draw: so do the run's (eq. 8, ratio 1).
     balance = class_balance(run)
     assert balance["status"] == "ok" and balance["value"].startswith("1 ("), balance
-
-
-def class_balance(run: Path) -> dict:
-    """The health report's eq. 8 check of the run."""
-    report = json.loads((run / "health.json").read_text())
-    return next(c for c in report["checks"] if c["name"].startswith("class balance"))
     assert f"path: {tmp_path}/sums.jsonl" in (run / ".hydra" / "config.yaml").read_text()
     # evaluate scores labelled rows; the run's prompts have none, and it says so in one line.
     evaluated = command_in_process("evaluate", f"ckpt_path={run}", cwd=tmp_path)
     assert evaluated.returncode != 0
     assert "this is an online KTO run (online=step): its data are prompts" in evaluated.stderr
     assert "Traceback" not in evaluated.stderr
+
+
+def class_balance(run: Path) -> dict:
+    """The health report's eq. 8 check of the run."""
+    report = json.loads((run / "health.json").read_text())
+    return next(c for c in report["checks"] if c["name"].startswith("class balance"))
 
 
 def test_the_exact_and_regex_rewards_build_from_their_files(make_config, tmp_path: Path) -> None:
