@@ -16,16 +16,8 @@ from kto_lightning.data.prompts import prompt_ids
 from kto_lightning.errors import ConfigError
 from kto_lightning.models.byte_tokenizer import byte_level_tokenizer
 from kto_lightning.models.tiny import TinyLlama
-from kto_lightning.online.sampler import (
-    GumbelNoise,
-    HFSampler,
-    Sampler,
-    Samples,
-    gumbel_noise,
-    mix64,
-    row_keys,
-    uniforms,
-)
+from kto_lightning.online.noise import GumbelNoise, gumbel_noise, mix64, row_keys, uniforms
+from kto_lightning.online.sampler import HFSampler, Sampler, Samples
 
 TOKENIZER = byte_level_tokenizer()
 # Different lengths, so that the batch is padded on the left.
