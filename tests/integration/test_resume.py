@@ -136,6 +136,12 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, whole) -
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     _wait_for_a_checkpoint(process, stopped)
+    # Not at the step the period saved (5): a signal there saves that same step. Step 6's row
+    # reaches metrics.csv during step 7.
+    deadline = time.monotonic() + 120
+    while 6 not in _train_rows_if_any(stopped):
+        assert process.poll() is None and time.monotonic() < deadline, "no row of step 6"
+        time.sleep(0.01)
     saved_before = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
