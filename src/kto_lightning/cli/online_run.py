@@ -29,7 +29,7 @@ from kto_lightning.online.rewards import RewardFunction
 from kto_lightning.online.round_data import RoundDataModule
 from kto_lightning.online.sampler import HFSampler
 from kto_lightning.training.online import CACHE_REFUSED, OnlineKTOModule
-from kto_lightning.training.online_round import REFERENCES, RoundKTOModule
+from kto_lightning.training.online_round import RoundKTOModule, checked_reference
 from kto_lightning.training.sft import SFTLoss
 
 log = logging.getLogger("kto_lightning")
@@ -124,14 +124,9 @@ def online_module(
     greedy = _sampler(tokenizer, {**sampling, "k": 1, "temperature": 0.0})
     labelling = Labelling(**_settings(online.labelling, "online.labelling"))
     loop = _loop(cfg)
-    refresh = False
-    if loop == "round":
-        refresh = str(online.round.reference) == "refresh"
-        if str(online.round.reference) not in REFERENCES:
-            raise ConfigError(
-                f"online.round.reference must be one of {REFERENCES}, got "
-                f"{online.round.reference!r}"
-            )
+    # Checked before the provider is built: `refresh` holds no second model.
+    round_reference = checked_reference(online.round.reference) if loop == "round" else None
+    refresh = round_reference == "refresh"
     reference = None
     if refresh:  # the round-start policy's log-probs: computed by the policy, no second model
         log.info("reference: the policy at each round's start (online.round.reference=refresh)")
@@ -167,8 +162,7 @@ def online_module(
         logprob_chunk_size=cfg.logprob_chunk_size,
     )
     if loop == "round":
-        return RoundKTOModule(
-            reference=reference, round_reference=str(online.round.reference), **parts
-        )
+        assert round_reference is not None
+        return RoundKTOModule(reference=reference, round_reference=round_reference, **parts)
     assert reference is not None
     return OnlineKTOModule(reference=reference, **parts)

@@ -33,7 +33,7 @@ from kto_lightning.common.distributed import all_reduce_sum, gather_objects, ran
 from kto_lightning.core.logprobs import batch_logprobs, eval_mode
 from kto_lightning.data.pairing import assign_kl_partners
 from kto_lightning.data.tokenize import Example, fit_beside
-from kto_lightning.errors import DataError
+from kto_lightning.errors import ConfigError, DataError
 from kto_lightning.models.reference import ReferenceProvider
 from kto_lightning.online.round_data import RoundDataModule
 from kto_lightning.training.online import OnlineKTOModule
@@ -43,6 +43,13 @@ from kto_lightning.training.online_draws import draw_seed
 ROUND_KEY = "online_round"
 
 REFERENCES = ("initial", "refresh")
+
+
+def checked_reference(value: object) -> str:
+    """`online.round.reference` when it is one of REFERENCES; ConfigError naming the key else."""
+    if value not in REFERENCES:
+        raise ConfigError(f"online.round.reference must be one of {REFERENCES}, got {value!r}")
+    return str(value)
 
 
 class RoundReference(ReferenceProvider):
@@ -162,8 +169,7 @@ class RoundKTOModule(OnlineKTOModule):
         round_reference: str = "initial",
         **kwargs: Any,
     ) -> None:
-        if round_reference not in REFERENCES:
-            raise ValueError(f"online.round.reference must be one of {REFERENCES}")
+        round_reference = checked_reference(round_reference)
         initial = reference if round_reference == "initial" else None
         super().__init__(reference=RoundReference(initial), **kwargs)
         self.refresh = round_reference == "refresh"
