@@ -15,7 +15,6 @@ DeepSpeed restore after setup), whose RankShard draws nothing before the first b
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,11 +215,6 @@ class KTODataModule(ResumableTrainOrder, L.LightningDataModule):
         return order.label_counts()
 
     # ------------------------------------------------------------------ loaders
-    def _ranks(self) -> tuple[int, int]:
-        """(world size, this process's rank)."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def _epoch_order(self) -> EpochSampler:
         assert self.train_set is not None, "call setup() first"
         batch_size = self.batching.batch_size
@@ -242,24 +236,15 @@ class KTODataModule(ResumableTrainOrder, L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None, "call setup() first"
         self._pad_for_the_device()
-        shard = RankShard(self._epoch_order(), *self._ranks())
-        if self._restored_position is not None:
-            shard.load_state_dict(self._restored_position)
-            self._restored_position = None
         batch_size = self.batching.batch_size
-        with warnings.catch_warnings():
-            # torchdata 0.11 calls torch.set_vital, which this torch deprecates: noise, not ours.
-            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
-            loader = StatefulDataLoader(
-                self.train_set,
-                batch_size=batch_size,
-                sampler=shard,
-                collate_fn=self.collator,
-                num_workers=self.batching.num_workers,
-                drop_last=len(self.train_set) > batch_size,
-            )
-        self._train_shard, self._train_loader = shard, loader
-        return loader
+        return self.resumable_loader(
+            self.train_set,
+            self._epoch_order(),
+            batch_size,
+            self.collator,
+            self.batching.num_workers,
+            drop_last=len(self.train_set) > batch_size,
+        )
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"

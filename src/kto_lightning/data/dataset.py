@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
 
 import datasets
 import numpy as np
@@ -11,6 +12,17 @@ from torch.utils.data import Dataset
 
 from kto_lightning.data.rows import arrow_column
 from kto_lightning.data.tokenize import Example, fit_beside
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Rows(Protocol[T_co]):
+    """What `BatchesOf` reads of its rows: their count, and row i."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> T_co: ...
 
 
 class KTODataset(Dataset):
@@ -62,15 +74,15 @@ class KTODataset(Dataset):
         return [self[i] for i in range(len(self))]
 
 
-class BatchesOf(Dataset):
+class BatchesOf(Dataset[list[T]], Generic[T]):
     """``BatchesOf(rows)[[i, j]]`` is ``[rows[i], rows[j]]``: for a loader whose sampler yields
-    whole batches (ShardedEvalBatches)."""
+    whole batches (ShardedEvalBatches). `rows`: a KTODataset, or online KTO's prompt rows."""
 
-    def __init__(self, rows: KTODataset) -> None:
+    def __init__(self, rows: Rows[T]) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, indices: list[int]) -> list[Example]:
+    def __getitem__(self, indices: list[int]) -> list[T]:
         return [self.rows[i] for i in indices]

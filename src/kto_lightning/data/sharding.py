@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kto_lightning.data.sampler import EpochSampler
 from kto_lightning.errors import ConfigError, DataError
@@ -104,19 +106,55 @@ def shard_state(loader_state: Any) -> dict[str, int] | None:
 
 
 class ResumableTrainOrder:
-    """A data module's `state_dict` / `load_state_dict` for a training loader that draws a
-    `RankShard`: the order's position travels through these hooks as well as through the
+    """A data module's training loader over a `RankShard` of an order, and its `state_dict` /
+    `load_state_dict`: the order's position travels through these hooks as well as through the
     loader's own state, because a loader built before the checkpoint is restored never gets the
     loader's. `KTODataModule` and online KTO's `PromptDataModule` share them.
 
-    The data module sets `_train_loader` and `_train_shard` when it builds its training loader,
-    and applies `_restored_position` to the shard then; `workers_key` names its worker count.
+    `resumable_loader` builds the loader and applies a restored position to its shard;
+    `workers_key` names the data module's worker count. The data module is a LightningDataModule
+    (`trainer` is set once a trainer runs it).
     """
 
     workers_key = "data.batching.num_workers"
+    trainer: Any
     _train_loader: Any = None
     _train_shard: RankShard | None = None
     _restored_position: dict[str, int] | None = None
+
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, this process's rank)."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def resumable_loader(
+        self,
+        items: Dataset[Any],
+        order: EpochSampler,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        num_workers: int,
+        drop_last: bool = False,
+    ) -> StatefulDataLoader:
+        """The training loader: batches of `items` in `order`, this rank's share of it, starting
+        at a restored position and keeping its own for the next checkpoint."""
+        shard = RankShard(order, *self._ranks())
+        if self._restored_position is not None:
+            shard.load_state_dict(self._restored_position)
+            self._restored_position = None
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, which this torch deprecates: noise, not ours.
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            loader = StatefulDataLoader(
+                items,
+                batch_size=batch_size,
+                sampler=shard,
+                collate_fn=collate_fn,
+                num_workers=num_workers,
+                drop_last=drop_last,
+            )
+        self._train_shard, self._train_loader = shard, loader
+        return loader
 
     def state_dict(self) -> dict[str, Any]:
         """The training order's position at the last batch the train loader yielded."""

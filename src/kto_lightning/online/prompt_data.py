@@ -14,7 +14,6 @@ resumable mid-epoch.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from kto_lightning.data.config import TOY, Columns, Source, as_group
+from kto_lightning.data.dataset import BatchesOf
 from kto_lightning.data.preparing import preparing
 from kto_lightning.data.prompts import Prompt, checked_prompt
 from kto_lightning.data.sampler import EpochShuffleSampler
@@ -200,19 +200,6 @@ class _Rows(Dataset[PromptRow]):
         return self.rows[index]
 
 
-class _Batches(Dataset[list[PromptRow]]):
-    """Prompt rows for a DataLoader whose sampler yields whole batches (ShardedEvalBatches)."""
-
-    def __init__(self, rows: list[PromptRow]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, indices: list[int]) -> list[PromptRow]:
-        return [self.rows[i] for i in indices]
-
-
 class PromptDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Prompts for online KTO, in batches of `PromptRow` (plain lists, no tensors).
 
@@ -291,45 +278,20 @@ class PromptDataModule(ResumableTrainOrder, L.LightningDataModule):
         generations table reads of a data module."""
         return self.val_rows or []
 
-    def _ranks(self) -> tuple[int, int]:
-        """(world size, this process's rank)."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def train_dataloader(self) -> StatefulDataLoader:
         """Batches of training prompts in the seeded order of the epoch, this rank's share."""
         assert self.train_rows is not None, "call setup() first"
         order = EpochShuffleSampler(len(self.train_rows), seed=self.seed)
-        return self.resumable_loader(_Rows(self.train_rows), order, self.prompts_per_step)
-
-    def resumable_loader(
-        self, items: Dataset[Any], order: EpochShuffleSampler, batch_size: int
-    ) -> StatefulDataLoader:
-        """A training loader of lists of `items` in `order`, this rank's share of it (a
-        `RankShard`), starting at a restored position and keeping its own for the next."""
-        shard = RankShard(order, *self._ranks())
-        if self._restored_position is not None:
-            shard.load_state_dict(self._restored_position)
-            self._restored_position = None
-        with warnings.catch_warnings():
-            # torchdata 0.11 calls torch.set_vital, which this torch deprecates: noise, not ours.
-            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
-            loader = StatefulDataLoader(
-                items,
-                batch_size=batch_size,
-                sampler=shard,
-                collate_fn=list,
-                num_workers=self.num_workers,
-            )
-        self._train_shard, self._train_loader = shard, loader
-        return loader
+        return self.resumable_loader(
+            _Rows(self.train_rows), order, self.prompts_per_step, list, self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Batches of validation prompts, in order; each is validated once across ranks."""
         assert self.val_rows is not None, "call setup() first"
         sampler = ShardedEvalBatches(len(self.val_rows), self.prompts_per_step, *self._ranks())
         return DataLoader(
-            _Batches(self.val_rows),
+            BatchesOf(self.val_rows),
             batch_size=None,  # the sampler yields whole batches
             sampler=sampler,
             collate_fn=list,

@@ -86,7 +86,7 @@ class RoundDataModule(PromptDataModule):
         world, _ = self._ranks()
         # Each rank takes positions rank, rank + world, ...: world copies of each step number.
         order = EpochShuffleSampler(steps * world, seed=self.seed)
-        return self.resumable_loader(_Steps(steps * world), order, 1)
+        return self.resumable_loader(_Steps(steps * world), order, 1, list, self.num_workers)
 
 
 class _Steps(Dataset[int]):
